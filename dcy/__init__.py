@@ -1,0 +1,55 @@
+"""dcy: service discovery for asyncio Python services, on HashiCorp Consul.
+
+Long-lived blocking-query watches shared per query, resolution by name (HTTP API and Consul
+DNS), self-registration that survives agent restarts. Everything public is listed in
+``__all__``; modules starting with an underscore are private.
+"""
+
+from dcy._config import ConsulConfig
+from dcy._consul import AgentInfo, ConsulAPI, HttpConsul, QueryResult
+from dcy._dcy import Dcy
+from dcy._dns import DnsResolver, DnsTarget
+from dcy._errors import (
+    AclDenied,
+    ConsulError,
+    ConsulUnavailable,
+    DcyError,
+    InvalidName,
+    LookupFailed,
+    NoHealthyInstances,
+    ServiceNotFound,
+)
+from dcy._query import Check, Instance, ServiceQuery
+from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
+from dcy._resolve import Lookup
+from dcy._watch import Snapshot, Subscription, WatchOptions
+
+__all__ = [
+    "AclDenied",
+    "AgentInfo",
+    "Check",
+    "ConsulAPI",
+    "ConsulConfig",
+    "ConsulError",
+    "ConsulUnavailable",
+    "Dcy",
+    "DcyError",
+    "DnsResolver",
+    "DnsTarget",
+    "HttpCheck",
+    "HttpConsul",
+    "Instance",
+    "InvalidName",
+    "Lookup",
+    "LookupFailed",
+    "NoHealthyInstances",
+    "QueryResult",
+    "Registration",
+    "ServiceNotFound",
+    "ServiceQuery",
+    "Snapshot",
+    "Subscription",
+    "TcpCheck",
+    "TtlCheck",
+    "WatchOptions",
+]

@@ -1,0 +1,228 @@
+"""``Dcy``: one connection to the local Consul agent and everything built on it.
+
+    async with Dcy() as dcy:                      # CONSUL_HTTP_ADDR & co., or arguments
+        await dcy.register("worker", 9002)        # stays registered until exit
+        worker = await dcy.pick("worker")         # from a shared, long-lived watch
+        async with dcy.subscribe("worker") as updates:
+            async for snapshot in updates: ...
+
+Nothing happens at import or construction; ``__aenter__`` asks the agent who it is (retrying
+for at most ``connect_timeout`` seconds, then ConsulUnavailable) and starts the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from dcy._config import ConsulConfig
+from dcy._consul import AgentInfo, ConsulAPI, HttpConsul
+from dcy._dns import DnsResolver
+from dcy._errors import ConsulError, ConsulUnavailable
+from dcy._query import Instance
+from dcy._register import MIN_DEREGISTER_AFTER, CheckKind, CheckSpec, Registration, define_service
+from dcy._resolve import Lookup, Resolver, Strategy
+from dcy._specs import CatalogServicesSpec, HealthServiceSpec
+from dcy._watch import Callback, Subscription, WatchEngine, WatchOptions
+
+log = logging.getLogger("dcy")
+
+
+class Dcy:
+    """A client of the local Consul agent. Use as ``async with Dcy(...) as dcy``."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        token: str | None = None,
+        token_file: str | None = None,
+        ca_file: str | None = None,
+        ca_path: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        tls_server_name: str | None = None,
+        verify: bool | None = None,
+        connect_timeout: float = 10.0,
+        watch_options: WatchOptions | None = None,
+        lookup_idle_timeout: float = 600.0,
+        api: ConsulAPI | None = None,
+    ) -> None:
+        """Arguments win over the environment (see ``ConsulConfig.from_env``). ``api``
+        replaces the HTTP seam, e.g. with ``dcy.testing.FakeConsul``."""
+        self.config = ConsulConfig.from_env(
+            address,
+            token=token,
+            token_file=token_file,
+            ca_file=ca_file,
+            ca_path=ca_path,
+            client_cert=client_cert,
+            client_key=client_key,
+            tls_server_name=tls_server_name,
+            verify=verify,
+        )
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
+        self._connect_timeout = connect_timeout
+        self._watch_options = watch_options or WatchOptions()
+        self._lookup_idle_timeout = lookup_idle_timeout
+        self._given_api = api
+        self._api: ConsulAPI | None = None
+        self._engine: WatchEngine | None = None
+        self._resolver: Resolver | None = None
+        self._dns: DnsResolver | None = None
+        self._registrations: list[Registration] = []
+        self.agent: AgentInfo | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def __aenter__(self) -> Dcy:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        api = self._given_api or HttpConsul(self.config)
+        try:
+            self.agent = await self._ask_agent(api)
+        except BaseException:
+            if self._given_api is None:
+                await api.aclose()
+            raise
+        self._api = api
+        self._engine = WatchEngine(api, self._watch_options)
+        self._resolver = Resolver(
+            self._engine, domain=self.agent.domain, idle_timeout=self._lookup_idle_timeout
+        )
+
+    async def _ask_agent(self, api: ConsulAPI) -> AgentInfo:
+        deadline = time.monotonic() + self._connect_timeout
+        failures = 0
+        while True:
+            try:
+                return await api.agent_info()
+            except ConsulUnavailable as exc:
+                failures += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConsulUnavailable(
+                        f"no Consul agent answered at {self.config.address} within "
+                        f"{self._connect_timeout:g}s: {exc}",
+                        address=self.config.address,
+                    ) from exc
+                await asyncio.sleep(min(self._watch_options.backoff(failures), remaining))
+
+    async def aclose(self) -> None:
+        """Deregister what this client registered, stop every watch, close connections."""
+        for registration in reversed(self._registrations):
+            try:
+                await registration.deregister()
+            except (ConsulError, ConsulUnavailable) as exc:
+                log.warning("could not deregister %s: %s", registration.service_id, exc)
+        self._registrations.clear()
+        if self._resolver is not None:
+            await self._resolver.aclose()
+        if self._engine is not None:
+            await self._engine.aclose()
+        if self._api is not None and self._given_api is None:
+            await self._api.aclose()
+        self._api = self._engine = self._resolver = None
+
+    # -- parts -------------------------------------------------------------------------------
+    @property
+    def api(self) -> ConsulAPI:
+        if self._api is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        return self._api
+
+    @property
+    def engine(self) -> WatchEngine:
+        if self._engine is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        return self._engine
+
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        return self._resolver
+
+    @property
+    def dns(self) -> DnsResolver:
+        """A DNS resolver pointed at this agent's DNS port and domain."""
+        if self._dns is None:
+            if self.agent is None:
+                raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+            self._dns = DnsResolver(
+                self.agent.dns_address, self.agent.dns_port, domain=self.agent.domain
+            )
+        return self._dns
+
+    # -- resolution --------------------------------------------------------------------------
+    async def lookup(self, name: str, *, timeout: float | None = None) -> Lookup:
+        """Instances matching ``name`` plus freshness (``stale``, ``age``)."""
+        return await self.resolver.lookup(name, timeout=timeout)
+
+    async def instances(self, name: str, *, timeout: float | None = None) -> tuple[Instance, ...]:
+        """Instances matching ``name`` (default: passing). May be empty; never emptied
+        because Consul is unreachable."""
+        return await self.resolver.instances(name, timeout=timeout)
+
+    async def pick(self, name: str, strategy: Strategy = "round_robin") -> Instance:
+        """One instance of ``name``: round-robin (default) or random, from the cache."""
+        return await self.resolver.pick(name, strategy)
+
+    def pick_nowait(self, name: str, strategy: Strategy = "round_robin") -> Instance:
+        """``pick`` for synchronous code, once ``name`` has been resolved."""
+        return self.resolver.pick_nowait(name, strategy)
+
+    def subscribe(self, name: str, callback: Callback | None = None) -> Subscription[Any]:
+        """Snapshots of every instance of ``name`` (all states) as they change: pass a
+        callback (sync or async), or iterate the subscription with ``async for``."""
+        query = self.resolver.parse(name)
+        spec = HealthServiceSpec(query.name, query.tag, query.datacenter)
+        return self.engine.subscribe(spec, callback)
+
+    def subscribe_services(
+        self, callback: Callback | None = None, *, datacenter: str | None = None
+    ) -> Subscription[Any]:
+        """Snapshots of the catalog's service names (name → tags) as they change."""
+        return self.engine.subscribe(CatalogServicesSpec(datacenter), callback)
+
+    # -- registration ------------------------------------------------------------------------
+    async def register(
+        self,
+        name: str,
+        port: int,
+        *,
+        address: str | None = None,
+        service_id: str | None = None,
+        tags: Iterable[str] = (),
+        meta: Mapping[str, str] | None = None,
+        check: CheckSpec | CheckKind | None = "http",
+        deregister_after: float = MIN_DEREGISTER_AFTER,
+    ) -> Registration:
+        """Register an instance and keep it registered; deregistered on ``aclose``.
+
+        Invalid arguments raise ValueError before anything reaches Consul."""
+        if self.agent is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        definition = define_service(
+            name,
+            port,
+            agent=self.agent,
+            address=address,
+            service_id=service_id,
+            tags=tags,
+            meta=meta,
+            check=check,
+            deregister_after=deregister_after,
+        )
+        registration = Registration(definition, self.api, self.engine)
+        await registration.start()
+        self._registrations.append(registration)
+        return registration

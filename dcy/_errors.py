@@ -1,0 +1,62 @@
+"""The exceptions dcy raises.
+
+    DcyError
+    ├── ConsulUnavailable       the agent could not be reached or did not answer in time
+    ├── ConsulError             the agent answered, but with an error (bad request, 5xx)
+    │   └── AclDenied           the token is missing or lacks a permission (HTTP 403)
+    └── LookupFailed            a name could not be resolved to an instance
+        ├── ServiceNotFound     Consul knows no instance of the service at all
+        └── NoHealthyInstances  instances exist, none in the wanted health states
+
+Invalid arguments (a malformed name, a port out of range) raise ``ValueError`` before anything
+reaches Consul; ``InvalidName`` is that ``ValueError`` for names and queries.
+
+Errors of the layers below (aiohttp, py-consul, dnspython) never escape: they are mapped here at
+the boundary with ``raise ... from exc``, so the original stays on ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class DcyError(Exception):
+    """Base of every error dcy raises on purpose."""
+
+
+class ConsulUnavailable(DcyError):
+    """The Consul agent could not be reached, or did not answer within the allowed time."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class ConsulError(DcyError):
+    """Consul answered with an error."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AclDenied(ConsulError):
+    """Consul refused the request for lack of an ACL permission (HTTP 403)."""
+
+
+class LookupFailed(DcyError):
+    """A service name could not be resolved to an instance."""
+
+    def __init__(self, message: str, *, query: str) -> None:
+        super().__init__(message)
+        self.query = query
+
+
+class ServiceNotFound(LookupFailed):
+    """Consul has no instance of this service in any health state."""
+
+
+class NoHealthyInstances(LookupFailed):
+    """The service has instances, but none in the requested health states."""
+
+
+class InvalidName(ValueError):
+    """A service name or query that cannot be parsed; the message quotes the input."""

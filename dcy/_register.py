@@ -1,0 +1,266 @@
+"""Self-registration: a service announces itself, stays announced, and leaves cleanly.
+
+A :class:`Registration` registers once, then keeps a watch (through the engine) on its own
+entry in the local agent. When the agent forgets it — a restarted dev agent, an operator's
+deregister — the watch sees it gone and registers again. A TTL check gets a heartbeat task.
+Every check carries ``DeregisterCriticalServiceAfter``, so a crashed process that never said
+goodbye disappears from the catalog on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dcy._consul import AgentInfo, ConsulAPI
+from dcy._errors import ConsulError, DcyError
+from dcy._query import validate_service_name
+from dcy._specs import AgentServiceSpec
+from dcy._watch import Snapshot, Subscription, WatchEngine
+
+log = logging.getLogger("dcy.register")
+
+# Consul's reaper runs every 30s and refuses values under one minute.
+MIN_DEREGISTER_AFTER = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCheck:
+    """Consul GETs ``url`` (default ``http://<address>:<port><path>``); 2xx passing, 429
+    warning, anything else critical."""
+
+    path: str = "/health"
+    url: str | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCheck:
+    """Consul opens a TCP connection to ``address:port``; connected means passing."""
+
+    interval: float = 5.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TtlCheck:
+    """The service itself reports; a heartbeat every ttl/3 keeps it passing while the
+    process lives."""
+
+    ttl: float = 10.0
+
+
+CheckSpec = HttpCheck | TcpCheck | TtlCheck
+CheckKind = Literal["http", "tcp", "ttl"]
+_CHECK_KINDS: dict[str, CheckSpec] = {"http": HttpCheck(), "tcp": TcpCheck(), "ttl": TtlCheck()}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDefinition:
+    """A validated registration, ready to send; build with :func:`define_service`."""
+
+    service_id: str
+    name: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    meta: Mapping[str, str]
+    check: CheckSpec | None
+    deregister_after: float
+    payload: Mapping[str, Any] = field(compare=False)
+
+    @property
+    def check_id(self) -> str:
+        return f"service:{self.service_id}"
+
+
+def define_service(
+    name: str,
+    port: int,
+    *,
+    agent: AgentInfo,
+    address: str | None = None,
+    service_id: str | None = None,
+    tags: Iterable[str] = (),
+    meta: Mapping[str, str] | None = None,
+    check: CheckSpec | CheckKind | None = "http",
+    deregister_after: float = MIN_DEREGISTER_AFTER,
+) -> ServiceDefinition:
+    """Validate every argument and build the agent's registration payload.
+
+    Raises ValueError (InvalidName for names) before anything reaches Consul."""
+    validate_service_name(name)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r} for service {name!r}: use an int in 1-65535")
+    if isinstance(check, str):
+        if check not in _CHECK_KINDS:
+            raise ValueError(
+                f"unknown check type {check!r} for service {name!r}: use http, tcp, ttl or None"
+            )
+        check = _CHECK_KINDS[check]
+    elif check is not None and not isinstance(check, HttpCheck | TcpCheck | TtlCheck):
+        raise ValueError(f"unknown check {check!r}: use HttpCheck, TcpCheck, TtlCheck or None")
+    if not math.isfinite(deregister_after) or deregister_after < MIN_DEREGISTER_AFTER:
+        raise ValueError(
+            f"deregister_after={deregister_after!r}: Consul needs at least "
+            f"{MIN_DEREGISTER_AFTER:.0f} seconds"
+        )
+    tag_tuple = tuple(tags)
+    if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tag_tuple):
+        raise ValueError(f"tags must be non-empty strings, got {tags!r}")
+    meta_dict = dict(meta or {})
+    for key, value in meta_dict.items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise ValueError(f"meta must map non-empty strings to strings, got {key!r}: {value!r}")
+    host = address or agent.node_address or "127.0.0.1"
+    sid = service_id or f"{name}-{agent.node_name}-{port}"
+    payload: dict[str, Any] = {
+        "ID": sid,
+        "Name": name,
+        "Address": host,
+        "Port": port,
+        "Tags": list(tag_tuple),
+        "Meta": meta_dict,
+    }
+    if check is not None:
+        payload["Check"] = _check_payload(check, name, sid, host, port, deregister_after)
+    return ServiceDefinition(
+        sid, name, host, port, tag_tuple, meta_dict, check, deregister_after, payload
+    )
+
+
+def _check_payload(
+    check: CheckSpec, name: str, sid: str, host: str, port: int, deregister_after: float
+) -> dict[str, Any]:
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    common: dict[str, Any] = {
+        "CheckID": f"service:{sid}",
+        "DeregisterCriticalServiceAfter": _duration(deregister_after),
+    }
+    if isinstance(check, HttpCheck):
+        url = check.url or f"http://{hostport}{check.path}"
+        return common | {
+            "Name": f"{name} HTTP {check.path if check.url is None else url}",
+            "Notes": f"GET {url} every {_duration(check.interval)}: 2xx means ready to serve,"
+            " anything else takes this instance out of rotation",
+            "HTTP": url,
+            "Interval": _duration(check.interval),
+            "Timeout": _duration(check.timeout),
+        }
+    if isinstance(check, TcpCheck):
+        return common | {
+            "Name": f"{name} TCP {hostport}",
+            "Notes": f"TCP connect to {hostport} every {_duration(check.interval)}",
+            "TCP": hostport,
+            "Interval": _duration(check.interval),
+            "Timeout": _duration(check.timeout),
+        }
+    return common | {
+        "Name": f"{name} heartbeat",
+        "Notes": f"The process reports every {_duration(check.ttl / 3)}; silent for "
+        f"{_duration(check.ttl)} means it is gone or hung",
+        "TTL": _duration(check.ttl),
+        # Passing from the start: the first heartbeat follows at once, and a fresh
+        # instance should not flap through critical.
+        "Status": "passing",
+    }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms"
+
+
+class Registration:
+    """A registered instance. Keeps itself registered until :meth:`deregister`."""
+
+    def __init__(self, definition: ServiceDefinition, api: ConsulAPI, engine: WatchEngine) -> None:
+        self.definition = definition
+        self._api = api
+        self._engine = engine
+        self._keeper: Subscription[str | None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        self.registrations = 0
+        self._ttl_status = ("passing", "alive")
+
+    @property
+    def service_id(self) -> str:
+        return self.definition.service_id
+
+    async def start(self) -> None:
+        await self._register()
+        self._keeper = self._engine.subscribe(
+            AgentServiceSpec(self.service_id), self._on_agent_entry
+        )
+        if isinstance(self.definition.check, TtlCheck):
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat(self.definition.check.ttl / 3), name=f"dcy-heartbeat:{self.service_id}"
+            )
+
+    async def _register(self) -> None:
+        await self._api.register_service(self.definition.payload)
+        self.registrations += 1
+        if self.registrations > 1:
+            log.warning("re-registered %s: the agent had forgotten it", self.service_id)
+
+    async def _on_agent_entry(self, snapshot: Snapshot[str | None]) -> None:
+        if snapshot.value is None and not snapshot.stale and not self._closed:
+            try:
+                await self._register()
+            except DcyError as exc:
+                # The keeper's watch polls an absent service, so the next attempt follows.
+                log.warning("cannot re-register %s yet: %s", self.service_id, exc)
+
+    async def _beat(self, every: float) -> None:
+        while True:
+            status, output = self._ttl_status
+            try:
+                await self._api.update_ttl(self.definition.check_id, status, output)
+            except ConsulError as exc:
+                if exc.status == 404 or "unknown check" in str(exc).lower():
+                    await self._reregister_quietly()
+                else:
+                    log.warning("heartbeat of %s refused: %s", self.service_id, exc)
+            except DcyError as exc:
+                log.debug("heartbeat of %s failed: %s", self.service_id, exc)
+            await asyncio.sleep(every)
+
+    async def _reregister_quietly(self) -> None:
+        try:
+            await self._register()
+        except DcyError as exc:
+            log.warning("cannot re-register %s yet: %s", self.service_id, exc)
+
+    async def set_status(
+        self, status: Literal["passing", "warning", "critical"], output: str = ""
+    ) -> None:
+        """Report a TTL check's state now (and keep reporting it with each heartbeat)."""
+        if not isinstance(self.definition.check, TtlCheck):
+            raise ValueError(f"{self.service_id} has no TTL check to report to")
+        if status not in ("passing", "warning", "critical"):
+            raise ValueError(f"invalid status {status!r}: use passing, warning or critical")
+        self._ttl_status = (status, output)
+        await self._api.update_ttl(self.definition.check_id, status, output)
+
+    async def deregister(self) -> None:
+        """Stop keeping the registration alive, then remove it from the agent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        if self._keeper is not None:
+            await self._keeper.aclose()
+        await self._api.deregister_service(self.service_id)
+
+    async def __aenter__(self) -> Registration:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.deregister()

@@ -1,0 +1,335 @@
+"""The watch engine: the one place in dcy that reads from Consul.
+
+One blocking-query loop per distinct query (a :class:`WatchSpec`), shared by every consumer in
+the process, publishing immutable :class:`Snapshot` objects. Rules, after Consul's "blocking
+queries" documentation (https://developer.hashicorp.com/consul/api-docs/features/blocking):
+
+* an answer with the index we already had means nothing changed: nobody is woken;
+* an index that went backwards resets the loop (next query non-blocking, index 0); an index of
+  0 or less is treated as 1, so a buggy answer cannot turn the loop into a busy loop;
+* ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
+* at most one query per ``min_interval`` per loop, whatever Consul answers;
+* on errors: jittered exponential backoff, capped, retrying forever. Consumers keep the last
+  good snapshot, marked stale; nothing is ever replaced by an empty answer we did not get.
+
+Consumers are woken through their own mailbox (latest snapshot wins) and their own task, so a
+slow or failing subscriber never delays the loop or the others. There are no locks: the loop
+is the only writer and runs on the event loop, like every reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+from dcy._consul import ConsulAPI, Index, QueryResult
+from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, DcyError
+
+log = logging.getLogger("dcy.watch")
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchOptions:
+    """Tuning of every loop of an engine. Times in seconds."""
+
+    wait: float = 60.0
+    min_interval: float = 0.01
+    backoff_base: float = 0.1
+    backoff_cap: float = 5.0
+    first_answer_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("wait", "backoff_base", "backoff_cap", "first_answer_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.min_interval < 0:
+            raise ValueError(f"min_interval must not be negative, got {self.min_interval!r}")
+
+    def backoff(self, failures: int) -> float:
+        """Delay before retry number ``failures`` (1-based): exponential, capped, jittered."""
+        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(Generic[T]):
+    """The result of a query as last seen. ``stale`` is set while Consul cannot be reached;
+    ``value`` then stays the last good one."""
+
+    value: T
+    index: Index
+    contacted_at: float  # time.time() of the last successful answer
+    stale: bool = False
+    error: str | None = None
+
+    @property
+    def age(self) -> float:
+        """Seconds since Consul last confirmed this value."""
+        return max(0.0, time.time() - self.contacted_at)
+
+
+class WatchSpec(Protocol[T_co]):
+    """What one loop asks Consul. Specs are hashable: equal specs share one loop."""
+
+    def __hash__(self) -> int: ...
+
+    async def fetch(self, api: ConsulAPI, index: Index, wait: float) -> QueryResult: ...
+
+    def decode(self, body: Any) -> T_co: ...
+
+
+Callback = Callable[[Snapshot[Any]], Awaitable[None] | None]
+
+
+class Subscription(Generic[T]):
+    """A consumer of one watch: a callback run in its own task, or an async iterator.
+
+    Its mailbox keeps only the newest snapshot, so a slow consumer skips intermediate states
+    instead of queueing them. It is given the current snapshot first, if there is one.
+    """
+
+    def __init__(self, watch: Watch[T], callback: Callback | None) -> None:
+        self.watch = watch
+        self._callback = callback
+        self._latest: Snapshot[T] | None = None
+        self._pending = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        if callback is not None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._deliver(), name=f"dcy-subscriber:{watch.spec}"
+            )
+
+    def offer(self, snapshot: Snapshot[T]) -> None:
+        """Called by the loop: never awaits, never runs user code."""
+        self._latest = snapshot
+        self._pending.set()
+
+    async def _deliver(self) -> None:
+        assert self._callback is not None
+        while not self._closed:
+            snapshot = await self._next()
+            try:
+                result = self._callback(snapshot)
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("subscriber of %s failed; it stays subscribed", self.watch.spec)
+
+    async def _next(self) -> Snapshot[T]:
+        await self._pending.wait()
+        self._pending.clear()
+        assert self._latest is not None
+        return self._latest
+
+    def __aiter__(self) -> AsyncIterator[Snapshot[T]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Snapshot[T]]:
+        while not self._closed:
+            yield await self._next()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.watch._unsubscribe(self)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> Subscription[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@dataclass(eq=False)
+class Watch(Generic[T]):
+    """One blocking-query loop and its consumers. Create through :meth:`WatchEngine.acquire`."""
+
+    spec: WatchSpec[T]
+    engine: WatchEngine
+    snapshot: Snapshot[T] | None = None
+    queries: int = 0
+    users: int = 0
+    last_error: DcyError | None = None
+    _subscribers: list[Subscription[T]] = field(default_factory=list)
+    _answered: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"dcy-watch:{self.spec}"
+        )
+
+    async def first(self, timeout: float | None = None) -> Snapshot[T]:
+        """The current snapshot, waiting for Consul's first answer if there is none yet.
+
+        Raises ConsulUnavailable after ``timeout`` without an answer, and an ACL or request
+        error at once (waiting cannot fix those)."""
+        if self.snapshot is not None:
+            return self.snapshot
+        limit = self.engine.options.first_answer_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while self.snapshot is None:
+            if isinstance(self.last_error, ConsulError):
+                raise self.last_error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConsulUnavailable(
+                    f"no answer from Consul for {self.spec} within {limit:g}s"
+                    + (f": {self.last_error}" if self.last_error else "")
+                ) from self.last_error
+            self._answered.clear()
+            try:
+                await asyncio.wait_for(self._answered.wait(), remaining)
+            except TimeoutError:
+                continue
+        return self.snapshot
+
+    def _add_subscriber(self, callback: Callback | None) -> Subscription[T]:
+        subscription = Subscription(self, callback)
+        self._subscribers.append(subscription)
+        if self.snapshot is not None:
+            subscription.offer(self.snapshot)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription[T]) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+            self.engine.release(self)
+
+    def _publish(self, snapshot: Snapshot[T]) -> None:
+        self.snapshot = snapshot
+        for subscriber in tuple(self._subscribers):
+            subscriber.offer(snapshot)
+
+    async def _run(self) -> None:
+        options = self.engine.options
+        api = self.engine.api
+        index: Index = 0
+        failures = 0
+        last_start = float("-inf")
+        while True:
+            pause = last_start + options.min_interval - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last_start = time.monotonic()
+            self.queries += 1
+            try:
+                result = await self.spec.fetch(api, index, options.wait)
+                index = self._accept(result, index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self._fail(exc)
+                await asyncio.sleep(options.backoff(failures))
+                continue
+            failures = 0
+
+    def _accept(self, result: QueryResult, index: Index) -> Index:
+        """Publish an answer if it changed anything; return the index of the next query."""
+        now = time.time()
+        previous = self.snapshot
+        new_index = result.index
+        if isinstance(new_index, int) and new_index <= 0:
+            new_index = 1
+        self.last_error = None
+        if previous is not None and new_index == index:
+            # Same index: the wait ran out without a change. Note the contact, wake nobody
+            # unless this answer ends an outage.
+            self.snapshot = replace(previous, contacted_at=now, stale=False, error=None)
+            if previous.stale:
+                self._publish(self.snapshot)
+            self._answered.set()
+            return index
+        value = self.spec.decode(result.body)
+        snapshot = Snapshot(value, new_index, now)
+        if previous is None or previous.stale or previous.value != value:
+            self._publish(snapshot)
+        else:
+            self.snapshot = snapshot
+        self._answered.set()
+        if isinstance(new_index, int) and isinstance(index, int) and new_index < index:
+            log.info("index of %s went backwards (%s → %s): resetting", self.spec, index, new_index)
+            return 0
+        return new_index
+
+    def _fail(self, exc: Exception) -> None:
+        error = exc if isinstance(exc, DcyError) else ConsulError(f"unexpected answer: {exc!r}")
+        if not isinstance(exc, DcyError):
+            log.exception("watch of %s got an unusable answer", self.spec)
+        else:
+            log.debug("watch of %s failed: %s", self.spec, exc)
+        if isinstance(exc, AclDenied) and self.snapshot is None:
+            log.warning("watch of %s: %s", self.spec, exc)
+        self.last_error = error
+        self._answered.set()
+        if self.snapshot is not None and not self.snapshot.stale:
+            self._publish(replace(self.snapshot, stale=True, error=str(error)))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for subscriber in tuple(self._subscribers):
+            await subscriber.aclose()
+
+
+class WatchEngine:
+    """Owns every loop of one process (one per distinct spec) and the seam they share."""
+
+    def __init__(self, api: ConsulAPI, options: WatchOptions | None = None) -> None:
+        self.api = api
+        self.options = options or WatchOptions()
+        self._watches: dict[Hashable, Watch[Any]] = {}
+        self._closed = False
+
+    def acquire(self, spec: WatchSpec[T]) -> Watch[T]:
+        """The watch for ``spec``, started if new; pair with :meth:`release` (subscriptions
+        release themselves)."""
+        if self._closed:
+            raise RuntimeError("the watch engine is closed")
+        watch = self._watches.get(spec)
+        if watch is None:
+            watch = Watch(spec, self)
+            self._watches[spec] = watch
+            watch.start()
+        watch.users += 1
+        return watch
+
+    def subscribe(self, spec: WatchSpec[T], callback: Callback | None = None) -> Subscription[T]:
+        """Subscribe to ``spec``'s snapshots; the loop lives as long as a subscriber does."""
+        return self.acquire(spec)._add_subscriber(callback)
+
+    def release(self, watch: Watch[Any]) -> None:
+        watch.users -= 1
+        if watch.users <= 0 and self._watches.get(watch.spec) is watch:
+            del self._watches[watch.spec]
+            if watch._task is not None:
+                watch._task.cancel()
+
+    @property
+    def watches(self) -> tuple[Watch[Any], ...]:
+        return tuple(self._watches.values())
+
+    async def aclose(self) -> None:
+        self._closed = True
+        watches = list(self._watches.values())
+        self._watches.clear()
+        await asyncio.gather(*(w.stop() for w in watches), return_exceptions=True)

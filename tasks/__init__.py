@@ -1,0 +1,7 @@
+"""Build and run automation (`inv --list`): the thor script of the original system."""
+
+from invoke import Collection
+
+from tasks import run
+
+namespace = Collection.from_module(run)

@@ -1,0 +1,367 @@
+"""Real Consul and NSQ processes on free ports, for integration tests and benchmarks.
+
+Every process gets its own ports, data folder and node name, so any number run beside each
+other and beside the dev system of ``scripts/up`` (which owns 8500, 8600, 4150, ...). Only
+processes started here are ever stopped here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.build import require_binary
+
+
+class HarnessError(RuntimeError):
+    """A real process could not be started or did not become ready."""
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free for both TCP and UDP on 127.0.0.1 right now."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                udp.close()
+                tcp.close()
+                continue
+            held += [tcp, udp]
+            ports.append(port)
+        return ports
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def http_json(url: str, *, token: str | None = None, timeout: float = 2.0) -> Any:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("X-Consul-Token", token)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+@dataclass
+class ManagedProcess:
+    """One child process with its log file; stop() ends it and only it."""
+
+    argv: list[str]
+    log_path: Path
+    env: Mapping[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(self.env) if self.env is not None else None,
+                # Own process group: a Ctrl-C in the terminal must not reach it before the
+                # test's own teardown does.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_until(ready: Any, proc: ManagedProcess, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if not proc.running:
+            raise HarnessError(
+                f"{what} exited early (code {proc.process.returncode if proc.process else '?'})"
+                f"; log tail:\n{proc.log_tail()}"
+            )
+        try:
+            if ready():
+                return
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            last_error = exc
+        time.sleep(0.05)
+    raise HarnessError(
+        f"{what} not ready after {timeout:.0f}s (last error: {last_error}); log tail:\n"
+        f"{proc.log_tail()}"
+    )
+
+
+def _looks_like_port_clash(log: str) -> bool:
+    return "address already in use" in log.lower()
+
+
+@dataclass
+class ConsulAgent:
+    """A real ``consul agent -dev`` on free ports: datacenter, node name and DNS domain ``sd``.
+
+    ``hcl`` adds agent configuration (ACL, TLS, ...); ``token`` is what the harness itself uses
+    to ask whether the agent is ready. A dev agent keeps its state in memory, so restart()
+    gives an agent that forgot every registration, exactly like a restarted dev system.
+    """
+
+    workdir: Path
+    datacenter: str = "dc1"
+    node_name: str = ""
+    hcl: list[str] = field(default_factory=list)
+    token: str | None = None
+    https: bool = False
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: ManagedProcess | None = None
+
+    PORT_NAMES = ("http", "dns", "serf_lan", "serf_wan", "server", "grpc", "grpc_tls", "https")
+
+    def __post_init__(self) -> None:
+        if not self.node_name:
+            self.node_name = f"node-{self.datacenter}-{os.getpid()}-{id(self) % 100000}"
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def http_port(self) -> int:
+        return self.ports["http"]
+
+    @property
+    def dns_port(self) -> int:
+        return self.ports["dns"]
+
+    @property
+    def http_addr(self) -> str:
+        """``host:port`` as CONSUL_HTTP_ADDR takes it."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_addr}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://127.0.0.1:{self.ports['https']}"
+
+    @property
+    def serf_wan_addr(self) -> str:
+        return f"127.0.0.1:{self.ports['serf_wan']}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _argv(self) -> list[str]:
+        p = self.ports
+        argv = [
+            str(require_binary("consul")),
+            "agent",
+            "-dev",
+            "-node",
+            self.node_name,
+            "-datacenter",
+            self.datacenter,
+            "-domain",
+            "sd",
+            "-bind",
+            "127.0.0.1",
+            "-client",
+            "127.0.0.1",
+            "-http-port",
+            str(p["http"]),
+            "-dns-port",
+            str(p["dns"]),
+            "-serf-lan-port",
+            str(p["serf_lan"]),
+            "-serf-wan-port",
+            str(p["serf_wan"]),
+            "-server-port",
+            str(p["server"]),
+            "-grpc-port",
+            str(p["grpc"]),
+            "-grpc-tls-port",
+            str(p["grpc_tls"]),
+            "-log-level",
+            "info",
+        ]
+        if self.https:
+            argv += ["-hcl", f"ports {{ https = {p['https']} }}"]
+        for snippet in self.hcl:
+            argv += ["-hcl", snippet]
+        return argv
+
+    def start(self, timeout: float = 60.0) -> ConsulAgent:
+        """Start (or restart) the agent and wait until it has a leader and lists its node."""
+        for attempt in range(3):
+            if not self.ports or attempt:
+                self.ports = dict(
+                    zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True)
+                )
+            self.proc = ManagedProcess(self._argv(), self.workdir / f"consul-{self.node_name}.log")
+            self.proc.spawn()
+            try:
+                _wait_until(self._ready, self.proc, f"consul agent {self.node_name}", timeout)
+                return self
+            except HarnessError:
+                clash = _looks_like_port_clash(self.proc.log_tail(200))
+                self.proc.stop()
+                if not clash or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _ready(self) -> bool:
+        leader = http_json(f"{self.url}/v1/status/leader", token=self.token)
+        if not leader:
+            return False
+        nodes = http_json(f"{self.url}/v1/catalog/nodes", token=self.token)
+        return any(n.get("Node") == self.node_name for n in nodes or [])
+
+    def restart(self, timeout: float = 60.0) -> ConsulAgent:
+        """Stop and start on the same ports: a dev agent comes back with empty state."""
+        self.stop()
+        return self.start(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.running
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.proc.log_tail(lines) if self.proc else "(never started)"
+
+    def api(self, path: str) -> Any:
+        """GET a Consul HTTP API path (``/v1/...``) and decode its JSON."""
+        return http_json(f"{self.url}{path}", token=self.token)
+
+
+@dataclass
+class NsqCluster:
+    """One nsqlookupd and one nsqd pointing at it, on free ports, data in ``workdir``."""
+
+    workdir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    lookupd: ManagedProcess | None = None
+    nsqd: ManagedProcess | None = None
+
+    @property
+    def lookupd_http(self) -> str:
+        return f"127.0.0.1:{self.ports['lookupd_http']}"
+
+    @property
+    def lookupd_tcp(self) -> str:
+        return f"127.0.0.1:{self.ports['lookupd_tcp']}"
+
+    @property
+    def nsqd_http(self) -> str:
+        return f"127.0.0.1:{self.ports['nsqd_http']}"
+
+    @property
+    def nsqd_tcp(self) -> str:
+        return f"127.0.0.1:{self.ports['nsqd_tcp']}"
+
+    def start(self, timeout: float = 30.0) -> NsqCluster:
+        names = ("lookupd_tcp", "lookupd_http", "nsqd_tcp", "nsqd_http")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.lookupd = ManagedProcess(
+            [
+                str(require_binary("nsqlookupd")),
+                f"--tcp-address={self.lookupd_tcp}",
+                f"--http-address={self.lookupd_http}",
+                "--broadcast-address=127.0.0.1",
+            ],
+            self.workdir / "nsqlookupd.log",
+        )
+        self.lookupd.spawn()
+        _wait_until(lambda: _ping(self.lookupd_http), self.lookupd, "nsqlookupd", timeout)
+        self.start_nsqd(timeout)
+        return self
+
+    def start_nsqd(self, timeout: float = 30.0) -> None:
+        """Start (or start again) nsqd on its ports with its data folder kept."""
+        data = self.workdir / "nsqd-data"
+        data.mkdir(parents=True, exist_ok=True)
+        self.nsqd = ManagedProcess(
+            [
+                str(require_binary("nsqd")),
+                f"--tcp-address={self.nsqd_tcp}",
+                f"--http-address={self.nsqd_http}",
+                f"--lookupd-tcp-address={self.lookupd_tcp}",
+                "--broadcast-address=127.0.0.1",
+                f"--data-path={data}",
+            ],
+            self.workdir / "nsqd.log",
+        )
+        self.nsqd.spawn()
+        _wait_until(lambda: _ping(self.nsqd_http), self.nsqd, "nsqd", timeout)
+
+    def stop(self) -> None:
+        for proc in (self.nsqd, self.lookupd):
+            if proc is not None:
+                proc.stop()
+
+
+def _ping(hostport: str) -> bool:
+    with urllib.request.urlopen(f"http://{hostport}/ping", timeout=1) as response:
+        return bool(response.status == 200)
+
+
+@contextlib.contextmanager
+def consul_agent(workdir: Path, **kwargs: Any) -> Iterator[ConsulAgent]:
+    agent = ConsulAgent(workdir, **kwargs)
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
+@contextlib.contextmanager
+def nsq_cluster(workdir: Path) -> Iterator[NsqCluster]:
+    cluster = NsqCluster(workdir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
