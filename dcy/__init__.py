@@ -18,6 +18,7 @@ from dcy._errors import (
     LookupFailed,
     NoHealthyInstances,
     ServiceNotFound,
+    TlsError,
 )
 from dcy._query import Check, Instance, ServiceQuery
 from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
@@ -50,6 +51,7 @@ __all__ = [
     "Snapshot",
     "Subscription",
     "TcpCheck",
+    "TlsError",
     "TtlCheck",
     "WatchOptions",
 ]

@@ -25,7 +25,7 @@ import consul.base
 from consul.exceptions import Timeout as PyConsulTimeout
 
 from dcy._config import ConsulConfig
-from dcy._errors import AclDenied, ConsulError, ConsulUnavailable
+from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, TlsError
 
 Index = int | str
 
@@ -178,6 +178,12 @@ class HttpConsul:
                 f"Consul at {self.config.address} did not answer {method} {path} within "
                 f"{timeout:.0f}s",
                 address=self.config.address,
+            ) from exc
+        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
+            raise TlsError(
+                f"TLS with Consul at {self.config.address} failed: {exc}. Check CONSUL_CACERT "
+                "(the CA that signed the agent's certificate), CONSUL_TLS_SERVER_NAME and the "
+                "client certificate"
             ) from exc
         except (aiohttp.ClientError, OSError, PyConsulTimeout) as exc:
             raise ConsulUnavailable(

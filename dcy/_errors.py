@@ -2,6 +2,7 @@
 
     DcyError
     ├── ConsulUnavailable       the agent could not be reached or did not answer in time
+    ├── TlsError                the agent's certificate (or ours) was refused: not transient
     ├── ConsulError             the agent answered, but with an error (bad request, 5xx)
     │   └── AclDenied           the token is missing or lacks a permission (HTTP 403)
     └── LookupFailed            a name could not be resolved to an instance
@@ -28,6 +29,12 @@ class ConsulUnavailable(DcyError):
     def __init__(self, message: str, *, address: str | None = None) -> None:
         super().__init__(message)
         self.address = address
+
+
+class TlsError(DcyError):
+    """The TLS handshake with the agent failed (unknown CA, wrong name, bad client cert).
+
+    Retrying does not help, so this is raised at once instead of waiting for a timeout."""
 
 
 class ConsulError(DcyError):

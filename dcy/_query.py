@@ -49,6 +49,9 @@ class ServiceQuery:
     @classmethod
     def parse(cls, text: str, *, domain: str = "sd") -> ServiceQuery:
         """Parse any of the forms in this module's docstring; raise InvalidName otherwise."""
+        # Checked before the cache: an unhashable argument would raise TypeError there.
+        if not isinstance(text, str):
+            raise InvalidName(f"a service name must be a string, not {type(text).__name__}")
         return _parse_cached(text, domain)
 
     @property
@@ -70,8 +73,6 @@ class ServiceQuery:
 
 @lru_cache(maxsize=4096)
 def _parse_cached(text: str, domain: str) -> ServiceQuery:
-    if not isinstance(text, str):
-        raise InvalidName(f"a service name must be a string, not {type(text).__name__}")
     stripped = text.strip()
     if not stripped:
         raise InvalidName("empty service name")
@@ -118,7 +119,8 @@ def _parse_dns_form(text: str, domain: str) -> ServiceQuery | None:
         return None
     at = len(labels) - 1 - labels[::-1].index("service")
     before, after = labels[:at], labels[at + 1 :]
-    if len(after) > 1 or not 1 <= len(before) <= 2 or not all(map(_DNS_LABEL.match, before)):
+    labels_ok = all(map(_DNS_LABEL.fullmatch, before + after))
+    if len(after) > 1 or not 1 <= len(before) <= 2 or not labels_ok:
         raise InvalidName(
             f"malformed DNS service name {text!r}: expected [tag.]name.service[.dc]{suffix}"
         )
@@ -133,7 +135,8 @@ def _parse_dns_form(text: str, domain: str) -> ServiceQuery | None:
 
 def validate_service_name(name: str) -> str:
     """A name to register: a DNS label, so ``<name>.service.sd`` resolves."""
-    if not isinstance(name, str) or not _REGISTRABLE.match(name):
+    # fullmatch: "$" would also match before a trailing newline.
+    if not isinstance(name, str) or not _REGISTRABLE.fullmatch(name):
         raise InvalidName(
             f"invalid service name {name!r}: use 1-63 letters, digits and dashes, "
             "not starting or ending with a dash (it must work as a DNS label)"

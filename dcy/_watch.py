@@ -178,14 +178,16 @@ class Watch(Generic[T]):
     async def first(self, timeout: float | None = None) -> Snapshot[T]:
         """The current snapshot, waiting for Consul's first answer if there is none yet.
 
-        Raises ConsulUnavailable after ``timeout`` without an answer, and an ACL or request
-        error at once (waiting cannot fix those)."""
+        Raises ConsulUnavailable after ``timeout`` without an answer, and any other error
+        (ACL, TLS, a refused request) at once: waiting cannot fix those."""
         if self.snapshot is not None:
             return self.snapshot
         limit = self.engine.options.first_answer_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while self.snapshot is None:
-            if isinstance(self.last_error, ConsulError):
+            if self.last_error is not None and not isinstance(
+                self.last_error, ConsulUnavailable
+            ):
                 raise self.last_error
             remaining = deadline - time.monotonic()
             if remaining <= 0:

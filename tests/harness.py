@@ -365,3 +365,52 @@ def nsq_cluster(workdir: Path) -> Iterator[NsqCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+async def eventually(
+    predicate: Any, *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; return that.
+
+    Tests wait for conditions, never for fixed times; the timeout only bounds a failure."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last value: {last!r})")
+
+
+class HealthServer:
+    """A real aiohttp server with a /health endpoint whose answer a test can flip."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.port = 0
+        self._runner: Any = None
+
+    async def start(self) -> HealthServer:
+        from aiohttp import web
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(status=200 if self.healthy else 503, text="ok")
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
