@@ -44,7 +44,8 @@ SERVICE = "bench-propagation"
 SERVICE_ID = f"{SERVICE}-1"
 CHECK_ID = ttl_check_id(SERVICE_ID)
 IDLE = 0.03
-WARMUP = 5
+WARMUP = 2
+BLOCK = 25
 CHANGE_TIMEOUT = 5.0
 
 
@@ -128,10 +129,12 @@ def _status(checks: list[dict[str, Any]]) -> str:
 
 async def measure(
     agent: ConsulAgent, session: aiohttp.ClientSession, watcher: Watcher, changes: int
-) -> list[float]:
-    """Seconds from just before each PUT to the watcher seeing its effect."""
+) -> tuple[list[float], list[float]]:
+    """Seconds from just before each PUT to the watcher seeing its effect, and the PUTs' own
+    round trips (the agent's share)."""
     tracker = Tracker()
-    samples: list[float] = []
+    latencies: list[float] = []
+    round_trips: list[float] = []
     status = "passing"
     async with watcher(agent, tracker):
         for i in range(WARMUP + changes):
@@ -139,14 +142,16 @@ async def measure(
             arrived = tracker.expect(status)
             started = time.perf_counter()
             await put(session, f"/v1/agent/check/update/{CHECK_ID}", {"Status": status})
+            answered = time.perf_counter()
             done = await asyncio.wait_for(arrived, CHANGE_TIMEOUT)
             if i >= WARMUP:
-                samples.append(done - started)
+                latencies.append(done - started)
+                round_trips.append(answered - started)
             await asyncio.sleep(IDLE)
     # Leave the check passing for the next watcher.
     if status != "passing":
         await put(session, f"/v1/agent/check/update/{CHECK_ID}", {"Status": "passing"})
-    return samples
+    return latencies, round_trips
 
 
 def _ms(samples: list[float], pct: float) -> float:
@@ -154,15 +159,20 @@ def _ms(samples: list[float], pct: float) -> float:
 
 
 async def run(agent: ConsulAgent, quick: bool) -> dict[str, float | int]:
-    changes = 30 if quick else 250
+    blocks = 2 if quick else 10
+    watchers: dict[str, Watcher] = {"dcy": dcy_watcher, "raw": raw_watcher}
+    latencies: dict[str, list[float]] = {label: [] for label in watchers}
+    round_trips: list[float] = []
     async with agent_session(agent) as session:
         await register(session, SERVICE, SERVICE_ID, 21000, ttl_check=True)
-        phases: dict[str, Watcher] = {"dcy": dcy_watcher, "raw": raw_watcher}
-        results: dict[str, list[float]] = {}
-        for label, watcher in phases.items():
-            note(f"{label}: {changes} changes")
-            results[label] = await measure(agent, session, watcher, changes)
-    dcy_samples, raw_samples = results["dcy"], results["raw"]
+        # Alternating blocks, so a slow spell of the machine falls on both sides alike.
+        for block in range(blocks):
+            note(f"block {block + 1}/{blocks}: {BLOCK} changes each for {', '.join(watchers)}")
+            for label, watcher in watchers.items():
+                block_latencies, block_round_trips = await measure(agent, session, watcher, BLOCK)
+                latencies[label] += block_latencies
+                round_trips += block_round_trips
+    dcy_samples, raw_samples = latencies["dcy"], latencies["raw"]
     return {
         "changes": len(dcy_samples),
         "p50_ms": _ms(dcy_samples, 50),
@@ -171,6 +181,8 @@ async def run(agent: ConsulAgent, quick: bool) -> dict[str, float | int]:
         "raw_longpoll_p50_ms": _ms(raw_samples, 50),
         "raw_longpoll_p99_ms": _ms(raw_samples, 99),
         "raw_longpoll_max_ms": _ms(raw_samples, 100),
+        "put_roundtrip_p50_ms": _ms(round_trips, 50),
+        "put_roundtrip_p99_ms": _ms(round_trips, 99),
     }
 
 

@@ -11,6 +11,7 @@ from dcy._dcy import Dcy
 from dcy._dns import DnsResolver, DnsTarget
 from dcy._errors import (
     AclDenied,
+    AllInstancesFailed,
     ConsulError,
     ConsulUnavailable,
     DcyError,
@@ -20,14 +21,22 @@ from dcy._errors import (
     ServiceNotFound,
     TlsError,
 )
+from dcy._health_events import HealthWatch, Transition
+from dcy._http import HttpClient
+from dcy._kv import KV
+from dcy._leader import LEADER_PREFIX, Leadership
 from dcy._query import Check, Instance, ServiceQuery
 from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
 from dcy._resolve import Lookup
+from dcy._specs import KeyValue
 from dcy._watch import Snapshot, Subscription, WatchOptions
 
 __all__ = [
+    "KV",
+    "LEADER_PREFIX",
     "AclDenied",
     "AgentInfo",
+    "AllInstancesFailed",
     "Check",
     "ConsulAPI",
     "ConsulConfig",
@@ -37,10 +46,14 @@ __all__ = [
     "DcyError",
     "DnsResolver",
     "DnsTarget",
+    "HealthWatch",
     "HttpCheck",
+    "HttpClient",
     "HttpConsul",
     "Instance",
     "InvalidName",
+    "KeyValue",
+    "Leadership",
     "Lookup",
     "LookupFailed",
     "NoHealthyInstances",
@@ -52,6 +65,7 @@ __all__ = [
     "Subscription",
     "TcpCheck",
     "TlsError",
+    "Transition",
     "TtlCheck",
     "WatchOptions",
 ]

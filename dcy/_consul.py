@@ -13,6 +13,7 @@ endpoints block on a content ``hash`` instead (``X-Consul-ContentHash``). Both t
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 from collections.abc import Mapping
@@ -81,6 +82,23 @@ class ConsulAPI(Protocol):
         """``GET /v1/catalog/services``: service name → tags."""
         ...
 
+    async def catalog_nodes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        """``GET /v1/catalog/nodes``: every node with its address and meta."""
+        ...
+
+    async def catalog_node(
+        self,
+        node: str,
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        """``GET /v1/catalog/node/<node>``: one node and its services; body None if unknown."""
+        ...
+
     async def agent_service(
         self, service_id: str, *, index: Index = "", wait: float | None = None
     ) -> QueryResult:
@@ -92,6 +110,84 @@ class ConsulAPI(Protocol):
     async def deregister_service(self, service_id: str) -> None: ...
 
     async def update_ttl(self, check_id: str, status: str, output: str = "") -> None: ...
+
+    async def kv_get(
+        self,
+        key: str,
+        *,
+        recurse: bool = False,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        """``GET /v1/kv/<key>``: a list of entries (``Key``, ``Value`` as bytes, ``Flags``,
+        ``Session``, ``ModifyIndex``, ``CreateIndex``, ``LockIndex``), every key under the
+        prefix with ``recurse``; body None when nothing matches (404)."""
+        ...
+
+    async def kv_put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        cas: int | None = None,
+        acquire: str | None = None,
+        release: str | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        """``PUT /v1/kv/<key>``: False when a check-and-set, acquire or release was refused.
+        At most one of ``cas``, ``acquire``, ``release`` (ValueError otherwise)."""
+        ...
+
+    async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        """``DELETE /v1/kv/<key>``: False only when a check-and-set was refused."""
+        ...
+
+    async def session_create(
+        self,
+        *,
+        name: str,
+        ttl: float,
+        lock_delay: float,
+        behavior: str = "release",
+        node_checks: tuple[str, ...] = ("serfHealth",),
+    ) -> str:
+        """``PUT /v1/session/create`` on the local node; returns the session ID."""
+        ...
+
+    async def session_renew(self, session_id: str) -> bool:
+        """``PUT /v1/session/renew/<id>``: False when the session no longer exists."""
+        ...
+
+    async def session_destroy(self, session_id: str) -> None:
+        """``PUT /v1/session/destroy/<id>``: invalidates the session (lock-delay applies to
+        locks it still holds). Destroying an unknown session is not an error."""
+        ...
+
+    async def session_info(self, session_id: str) -> dict[str, Any] | None:
+        """``GET /v1/session/info/<id>``: the session, or None when it does not exist."""
+        ...
+
+    async def health_state(
+        self,
+        state: str = "any",
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        """``GET /v1/health/state/<state>``: every check of the datacenter (node and service
+        checks) in ``state``: passing, warning, critical or any. Other states: ValueError."""
+        ...
+
+    async def catalog_datacenters(self) -> list[str]:
+        """``GET /v1/catalog/datacenters``: every known datacenter, nearest first."""
+        ...
+
+    async def coordinate_datacenters(self) -> list[dict[str, Any]]:
+        """``GET /v1/coordinate/datacenters``: the WAN coordinates of each datacenter's
+        servers."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -157,7 +253,7 @@ class HttpConsul:
         path: str,
         params: list[tuple[str, Any]] | None = None,
         *,
-        data: str = "",
+        data: str | bytes = "",
         timeout: float = _CALL_TIMEOUT,
     ) -> consul.base.Response:
         headers = self._client.prepare_headers()
@@ -259,6 +355,23 @@ class HttpConsul:
         params = [("dc", datacenter)] if datacenter else []
         return await self._get("/v1/catalog/services", params, index=index, wait=wait)
 
+    async def catalog_nodes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        params = [("dc", datacenter)] if datacenter else []
+        return await self._get("/v1/catalog/nodes", params, index=index, wait=wait)
+
+    async def catalog_node(
+        self,
+        node: str,
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        params = [("dc", datacenter)] if datacenter else []
+        return await self._get(f"/v1/catalog/node/{node}", params, index=index, wait=wait)
+
     async def agent_service(
         self, service_id: str, *, index: Index = "", wait: float | None = None
     ) -> QueryResult:
@@ -293,8 +406,113 @@ class HttpConsul:
             data=json.dumps({"Status": status, "Output": output}),
         )
 
+    async def kv_get(
+        self,
+        key: str,
+        *,
+        recurse: bool = False,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        params: list[tuple[str, Any]] = [("recurse", "true")] if recurse else []
+        if datacenter:
+            params.append(("dc", datacenter))
+        result = await self._get(f"/v1/kv/{key}", params, index=index, wait=wait)
+        if result.body is None:
+            return result
+        return QueryResult(result.index, [_kv_entry(raw) for raw in result.body])
+
+    async def kv_put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        cas: int | None = None,
+        acquire: str | None = None,
+        release: str | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        params = kv_write_params(cas=cas, acquire=acquire, release=release)
+        if flags is not None:
+            params.append(("flags", flags))
+        response = await self._call("PUT", f"/v1/kv/{key}", params, data=bytes(value))
+        return (response.body or "").strip() == "true"
+
+    async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        params = kv_write_params(cas=cas, recurse=recurse)
+        response = await self._call("DELETE", f"/v1/kv/{key}", params)
+        return (response.body or "").strip() == "true"
+
+    async def session_create(
+        self,
+        *,
+        name: str,
+        ttl: float,
+        lock_delay: float,
+        behavior: str = "release",
+        node_checks: tuple[str, ...] = ("serfHealth",),
+    ) -> str:
+        check_session_behavior(behavior)
+        payload = {
+            "Name": name,
+            "TTL": f"{ttl:g}s",
+            "LockDelay": f"{lock_delay * 1000:.0f}ms",
+            "Behavior": behavior,
+            "NodeChecks": list(node_checks),
+        }
+        response = await self._call("PUT", "/v1/session/create", data=json.dumps(payload))
+        return str(json.loads(response.body)["ID"])
+
+    async def session_renew(self, session_id: str) -> bool:
+        try:
+            await self._call("PUT", f"/v1/session/renew/{session_id}")
+        except ConsulError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def session_destroy(self, session_id: str) -> None:
+        await self._call("PUT", f"/v1/session/destroy/{session_id}")
+
+    async def session_info(self, session_id: str) -> dict[str, Any] | None:
+        response = await self._call("GET", f"/v1/session/info/{session_id}")
+        sessions = json.loads(response.body) if response.body else None
+        return dict(sessions[0]) if sessions else None
+
+    async def health_state(
+        self,
+        state: str = "any",
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        check_health_state(state)
+        params = [("dc", datacenter)] if datacenter else []
+        return await self._get(f"/v1/health/state/{state}", params, index=index, wait=wait)
+
+    async def catalog_datacenters(self) -> list[str]:
+        response = await self._call("GET", "/v1/catalog/datacenters")
+        return [str(dc) for dc in json.loads(response.body or "[]")]
+
+    async def coordinate_datacenters(self) -> list[dict[str, Any]]:
+        response = await self._call("GET", "/v1/coordinate/datacenters")
+        return list(json.loads(response.body or "[]"))
+
     async def aclose(self) -> None:
         await self._session.close()
+
+
+HEALTH_STATES = ("any", "passing", "warning", "critical")
+
+
+def check_health_state(state: str) -> str:
+    """Consul 1.14 answers an unknown state with an empty list; dcy refuses it instead."""
+    if state not in HEALTH_STATES:
+        raise ValueError(f"unknown health state {state!r}: use one of {', '.join(HEALTH_STATES)}")
+    return state
 
 
 def _int_index(raw: str) -> int:
@@ -302,6 +520,54 @@ def _int_index(raw: str) -> int:
         return int(raw)
     except ValueError:
         return 0
+
+
+SESSION_BEHAVIORS = ("release", "delete")
+
+
+def check_session_behavior(behavior: str) -> str:
+    if behavior not in SESSION_BEHAVIORS:
+        raise ValueError(f"unknown session behavior {behavior!r}: use release or delete")
+    return behavior
+
+
+def kv_write_params(
+    *,
+    cas: int | None = None,
+    acquire: str | None = None,
+    release: str | None = None,
+    recurse: bool = False,
+) -> list[tuple[str, Any]]:
+    """The query parameters of a KV write; combinations Consul would resolve silently (the
+    last one wins) raise ValueError instead."""
+    # Consul silently lets the last of these win; one write means one of them.
+    named = (("cas", cas), ("acquire", acquire), ("release", release))
+    given: list[tuple[str, Any]] = [(name, v) for name, v in named if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"use at most one of cas, acquire, release; got {dict(given)!r}")
+    if cas is not None and (isinstance(cas, bool) or cas < 0):
+        raise ValueError(f"cas must be an index >= 0, got {cas!r}")
+    if recurse and cas is not None:
+        raise ValueError("a recursive delete cannot be a check-and-set")
+    return [*given, ("recurse", "true")] if recurse else given
+
+
+def _kv_entry(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Consul's JSON entry with ``Value`` decoded from base64 (null, an empty value, → b"")."""
+    value = raw.get("Value")
+    return {
+        "Key": raw["Key"],
+        "Value": base64.b64decode(value) if value else b"",
+        "Flags": int(raw.get("Flags") or 0),
+        "Session": raw.get("Session") or None,
+        "ModifyIndex": int(raw.get("ModifyIndex") or 0),
+        "CreateIndex": int(raw.get("CreateIndex") or 0),
+        "LockIndex": int(raw.get("LockIndex") or 0),
+    }
+
+
+# Consul answers these refusals of a request with 500; they are not outages to retry.
+_REFUSALS_AS_500 = ("invalid session", "Invalid Session TTL", "Missing check", "critical state")
 
 
 def _raise_for_status(response: consul.base.Response, method: str, path: str) -> None:
@@ -312,6 +578,8 @@ def _raise_for_status(response: consul.base.Response, method: str, path: str) ->
     where = f"{method} {path}"
     if code == 403 or (code == 401):
         raise AclDenied(f"Consul denied {where}: {detail or 'permission denied'}", status=code)
+    if code == 500 and any(phrase in detail for phrase in _REFUSALS_AS_500):
+        raise ConsulError(f"Consul refused {where}: {detail}", status=code)
     if code in (429, 500, 502, 503, 504):
         # Rate limiting, leader elections and "no path to datacenter" are outages that
         # pass; a watch retries them with backoff like a refused connection.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,9 +23,13 @@ from dcy._config import ConsulConfig
 from dcy._consul import AgentInfo, ConsulAPI, HttpConsul
 from dcy._dns import DnsResolver
 from dcy._errors import ConsulError, ConsulUnavailable
+from dcy._health_events import HealthWatch, TransitionCallback, health_watch
+from dcy._http import HttpClient
+from dcy._kv import KV
+from dcy._leader import DEFAULT_LOCK_DELAY, DEFAULT_TTL, Leadership, OnLost
 from dcy._query import Instance
 from dcy._register import MIN_DEREGISTER_AFTER, CheckKind, CheckSpec, Registration, define_service
-from dcy._resolve import Lookup, Resolver, Strategy
+from dcy._resolve import Datacenters, Lookup, Resolver, Strategy
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 from dcy._watch import Callback, Subscription, WatchEngine, WatchOptions
 
@@ -75,6 +80,8 @@ class Dcy:
         self._resolver: Resolver | None = None
         self._dns: DnsResolver | None = None
         self._registrations: list[Registration] = []
+        # Closed with the client; weak, so a watch its user closed is not kept.
+        self._health_watches: weakref.WeakSet[HealthWatch] = weakref.WeakSet()
         self.agent: AgentInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -96,7 +103,10 @@ class Dcy:
         self._api = api
         self._engine = WatchEngine(api, self._watch_options)
         self._resolver = Resolver(
-            self._engine, domain=self.agent.domain, idle_timeout=self._lookup_idle_timeout
+            self._engine,
+            domain=self.agent.domain,
+            idle_timeout=self._lookup_idle_timeout,
+            datacenter=self.agent.datacenter,
         )
 
     async def _ask_agent(self, api: ConsulAPI) -> AgentInfo:
@@ -124,6 +134,9 @@ class Dcy:
             except (ConsulError, ConsulUnavailable) as exc:
                 log.warning("could not deregister %s: %s", registration.service_id, exc)
         self._registrations.clear()
+        for watch in list(self._health_watches):
+            await watch.aclose()
+        self._health_watches.clear()
         if self._resolver is not None:
             await self._resolver.aclose()
         if self._engine is not None:
@@ -162,23 +175,81 @@ class Dcy:
             )
         return self._dns
 
+    # -- KV and leadership ------------------------------------------------------------------
+    @property
+    def kv(self) -> KV:
+        """Consul's key/value store: get/put/delete/list, check-and-set, and watches."""
+        return KV(self.api, self.engine)
+
+    def leadership(
+        self,
+        name: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        lock_delay: float = DEFAULT_LOCK_DELAY,
+        service_id: str | None = None,
+        on_lost: OnLost | None = None,
+    ) -> Leadership:
+        """A bid for the leadership ``name``: ``async with dcy.leadership("app") as leader``
+        returns once this process leads; ``leader.lost`` tells when that ends. See
+        :class:`Leadership` for the session, lock key and timing."""
+        if self.agent is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        return Leadership(
+            self.api,
+            self.engine,
+            self.agent,
+            name,
+            ttl=ttl,
+            lock_delay=lock_delay,
+            service_id=service_id,
+            on_lost=on_lost,
+        )
+
     # -- resolution --------------------------------------------------------------------------
-    async def lookup(self, name: str, *, timeout: float | None = None) -> Lookup:
-        """Instances matching ``name`` plus freshness (``stale``, ``age``)."""
-        return await self.resolver.lookup(name, timeout=timeout)
+    async def lookup(
+        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+    ) -> Lookup:
+        """Instances matching ``name`` plus freshness (``stale``, ``age``); ``datacenters``
+        as for :meth:`pick`."""
+        return await self.resolver.lookup(name, timeout=timeout, datacenters=datacenters)
 
-    async def instances(self, name: str, *, timeout: float | None = None) -> tuple[Instance, ...]:
+    async def instances(
+        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+    ) -> tuple[Instance, ...]:
         """Instances matching ``name`` (default: passing). May be empty; never emptied
-        because Consul is unreachable."""
-        return await self.resolver.instances(name, timeout=timeout)
+        because Consul is unreachable. ``datacenters`` as for :meth:`pick`."""
+        return await self.resolver.instances(name, timeout=timeout, datacenters=datacenters)
 
-    async def pick(self, name: str, strategy: Strategy = "round_robin") -> Instance:
-        """One instance of ``name``: round-robin (default) or random, from the cache."""
-        return await self.resolver.pick(name, strategy)
+    async def pick(
+        self,
+        name: str,
+        strategy: Strategy = "round_robin",
+        *,
+        datacenters: Datacenters | None = None,
+    ) -> Instance:
+        """One instance of ``name``: round-robin (default) or random, from the cache.
+
+        ``datacenters`` enables failover when the local datacenter (or the one the name
+        gives) has no matching instance: a list tried in order, or ``"all"``, every known
+        datacenter nearest first by network coordinates."""
+        if datacenters is None:
+            return await self.resolver.pick(name, strategy)
+        return await self.resolver.pick(name, strategy, datacenters=datacenters)
 
     def pick_nowait(self, name: str, strategy: Strategy = "round_robin") -> Instance:
         """``pick`` for synchronous code, once ``name`` has been resolved."""
         return self.resolver.pick_nowait(name, strategy)
+
+    def http_client(self, **options: Any) -> HttpClient:
+        """An aiohttp client that resolves service names in URLs (``http://worker/x``)
+        through this client's cache, with retries and outlier ejection. ``options``:
+        strategy, attempts, budget, eject_after, eject_for, retry_statuses, external_hosts,
+        and aiohttp.ClientSession arguments; see :class:`HttpClient`. Use it as
+        ``async with dcy.http_client() as client``."""
+        if self.agent is None:
+            raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        return HttpClient(self.resolver, domain=self.agent.domain, **options)
 
     def subscribe(self, name: str, callback: Callback | None = None) -> Subscription[Any]:
         """Snapshots of every instance of ``name`` (all states) as they change: pass a
@@ -186,6 +257,24 @@ class Dcy:
         query = self.resolver.parse(name)
         spec = HealthServiceSpec(query.name, query.tag, query.datacenter)
         return self.engine.subscribe(spec, callback)
+
+    def watch_health(
+        self,
+        service: str | None = None,
+        callback: TransitionCallback | None = None,
+        *,
+        debounce: float = 0.0,
+        datacenter: str | None = None,
+    ) -> HealthWatch:
+        """Check-state transitions of one service (``"worker"``, ``"v2.worker@dc2"``) or of
+        every check in the datacenter (``service`` None), reported once a state has held
+        for ``debounce`` seconds. Pass a callback or iterate with ``async for``."""
+        query = self.resolver.parse(service) if service is not None else None
+        watch = health_watch(
+            self.engine, query, datacenter=datacenter, debounce=debounce, callback=callback
+        )
+        self._health_watches.add(watch)
+        return watch
 
     def subscribe_services(
         self, callback: Callback | None = None, *, datacenter: str | None = None

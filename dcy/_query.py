@@ -187,6 +187,10 @@ class Instance:
     status: Status
     checks: tuple[Check, ...] = field(default=(), compare=True)
 
+    def __hash__(self) -> int:
+        # meta is a read-only mapping, which does not hash; identity is enough here.
+        return hash((self.id, self.node, self.datacenter, self.port))
+
     @property
     def hostport(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address

@@ -13,16 +13,19 @@ import asyncio
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from dcy._errors import LookupFailed, NoHealthyInstances, ServiceNotFound
+from dcy._errors import ConsulUnavailable, LookupFailed, NoHealthyInstances, ServiceNotFound
 from dcy._query import Instance, ServiceQuery
-from dcy._specs import HealthServiceSpec
+from dcy._specs import DatacentersByDistanceSpec, HealthServiceSpec
 from dcy._watch import Snapshot, Watch, WatchEngine
 
 Strategy = Literal["round_robin", "random"]
 STRATEGIES: tuple[str, ...] = ("round_robin", "random")
+# Failover order after the query's own datacenter: these, or "all" known ones nearest first.
+Datacenters = Sequence[str] | Literal["all"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +90,18 @@ class _Entry:
 class Resolver:
     """Answers lookups by name from shared watches."""
 
-    def __init__(self, engine: WatchEngine, *, domain: str, idle_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        engine: WatchEngine,
+        *,
+        domain: str,
+        idle_timeout: float = 600.0,
+        datacenter: str = "",
+    ) -> None:
         self._engine = engine
         self._domain = domain
+        self._datacenter = datacenter  # the agent's own, where unqualified names resolve
+        self._distances: Watch[tuple[str, ...]] | None = None
         self._idle_timeout = idle_timeout
         self._entries: dict[str, _Entry] = {}
         self._janitor: asyncio.Task[None] | None = None
@@ -115,20 +127,38 @@ class Resolver:
         await entry.watch.first(timeout)
         return entry
 
-    async def lookup(self, name: str, *, timeout: float | None = None) -> Lookup:
+    async def lookup(
+        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+    ) -> Lookup:
         """Matching instances with freshness. Raises ConsulUnavailable only when Consul has
-        never answered for this query; afterwards a stale answer is returned, marked."""
-        entry = await self._ready(name, timeout)
+        never answered for this query; afterwards a stale answer is returned, marked.
+
+        With ``datacenters``, the answer comes from the first datacenter with a match: the
+        query's own, then the failover ones (``lookup.query.datacenter`` says which)."""
+        if datacenters is None:
+            entry = await self._ready(name, timeout)
+        else:
+            entry = (await self._failover(name, datacenters, timeout))[0]
         entry.last_used = time.monotonic()
         snapshot = entry.refresh()
         return Lookup(
             entry.query, entry.candidates, entry.known, snapshot.stale, snapshot.age, snapshot.index
         )
 
-    async def instances(self, name: str, *, timeout: float | None = None) -> tuple[Instance, ...]:
-        return (await self.lookup(name, timeout=timeout)).instances
+    async def instances(
+        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+    ) -> tuple[Instance, ...]:
+        return (await self.lookup(name, timeout=timeout, datacenters=datacenters)).instances
 
-    async def pick(self, name: str, strategy: Strategy = "round_robin") -> Instance:
+    async def pick(
+        self,
+        name: str,
+        strategy: Strategy = "round_robin",
+        *,
+        datacenters: Datacenters | None = None,
+    ) -> Instance:
+        if datacenters is not None:
+            return await self._pick_with_failover(name, strategy, datacenters)
         entry = self._entries.get(name)
         if entry is None or entry.watch.snapshot is None:
             entry = await self._ready(name, None)
@@ -141,6 +171,69 @@ class Resolver:
         if entry.watch.snapshot is None:
             raise LookupFailed(f"{name!r} is not resolved yet", query=name)
         return entry.choose(strategy)
+
+    # -- failover to other datacenters --------------------------------------------------------
+    async def _pick_with_failover(
+        self, name: str, strategy: Strategy, datacenters: Datacenters
+    ) -> Instance:
+        entry, tried = await self._failover(name, datacenters, None)
+        if entry.candidates or len(tried) == 1:
+            return entry.choose(strategy)
+        query = str(entry.query)
+        where = ", ".join(e.query.datacenter or self._datacenter or "local" for e in tried)
+        known = sum(e.known for e in tried)
+        if not known:
+            raise ServiceNotFound(f"no instance of {query!r} is registered in {where}", query=query)
+        states = ",".join(sorted(entry.query.states))
+        raise NoHealthyInstances(
+            f"none of the {known} instance(s) of {query!r} in {where} is {states}", query=query
+        )
+
+    async def _failover(
+        self, name: str, datacenters: Datacenters, timeout: float | None
+    ) -> tuple[_Entry, list[_Entry]]:
+        """The entry of the first datacenter with a matching instance, else the query's own;
+        and every entry that answered. Other datacenters are asked only when the query's own
+        has no match, through the same engine (a HealthServiceSpec with their name)."""
+        home = await self._ready(name, timeout)
+        home.refresh()
+        home.last_used = time.monotonic()
+        tried = [home]
+        if home.candidates:
+            return home, tried
+        own = home.query.datacenter or self._datacenter
+        for dc in await self._failover_order(own, datacenters, timeout):
+            entry = self._entry(str(replace(home.query, datacenter=dc)))
+            entry.last_used = time.monotonic()
+            watch = entry.watch
+            if watch.snapshot is None:
+                if isinstance(watch.last_error, ConsulUnavailable):
+                    continue  # known unreachable: do not wait for it on every call
+                try:
+                    await watch.first(timeout)
+                except ConsulUnavailable:
+                    continue
+            entry.refresh()
+            tried.append(entry)
+            if entry.candidates:
+                return entry, tried
+        return home, tried
+
+    async def _failover_order(
+        self, own: str, datacenters: Datacenters, timeout: float | None
+    ) -> tuple[str, ...]:
+        if isinstance(datacenters, str):
+            if datacenters != "all":
+                raise ValueError(
+                    f"datacenters must be a list of datacenter names or 'all', got {datacenters!r}"
+                )
+            if self._distances is None:
+                self._distances = self._engine.acquire(DatacentersByDistanceSpec(self._datacenter))
+            nearest = (await self._distances.first(timeout)).value
+            order: tuple[str, ...] = (self._datacenter, *nearest)
+        else:
+            order = tuple(datacenters)
+        return tuple(dict.fromkeys(dc for dc in order if dc and dc != own))
 
     async def _evict_idle(self) -> None:
         period = max(self._idle_timeout / 4, 0.05)
@@ -160,3 +253,6 @@ class Resolver:
         for entry in self._entries.values():
             self._engine.release(entry.watch)
         self._entries.clear()
+        if self._distances is not None:
+            self._engine.release(self._distances)
+            self._distances = None

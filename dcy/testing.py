@@ -17,13 +17,22 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dcy._consul import AgentInfo, Index, QueryResult
-from dcy._errors import AclDenied, ConsulUnavailable
+from dcy._consul import (
+    AgentInfo,
+    Index,
+    QueryResult,
+    check_health_state,
+    check_session_behavior,
+    kv_write_params,
+)
+from dcy._coordinates import coordinates_by_datacenter, datacenters_by_distance
+from dcy._errors import AclDenied, ConsulError, ConsulUnavailable
 
 __all__ = ["FakeConsul"]
 
@@ -34,6 +43,60 @@ class _Service:
     node: str
     datacenter: str
     check_ids: list[str] = field(default_factory=list)
+
+
+# Consul invalidates a session only after twice its TTL without a renewal
+# (https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions).
+SESSION_TTL_MULTIPLIER = 2
+
+
+@dataclass
+class _KvStore:
+    """One datacenter's KV: entries as the seam returns them, plus what Consul tracks to
+    answer blocking queries and lock-delays."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tombstones: dict[str, int] = field(default_factory=dict)  # deleted key → index
+    lock_delays: dict[str, float] = field(default_factory=dict)  # key → monotonic expiry
+    index: int = 0  # the newest change of the whole table
+
+    def changed(self, key: str, recurse: bool) -> int:
+        """The index a blocking read of ``key`` (or the prefix) waits to move past."""
+        if recurse:
+            if not key:
+                return self.index
+            touched = [e["ModifyIndex"] for k, e in self.entries.items() if k.startswith(key)]
+            touched += [i for k, i in self.tombstones.items() if k.startswith(key)]
+            return max(touched, default=0)
+        entry = self.entries.get(key)
+        return entry["ModifyIndex"] if entry else self.tombstones.get(key, 0)
+
+
+@dataclass
+class _Session:
+    id: str
+    name: str
+    node: str
+    ttl: float
+    lock_delay: float
+    behavior: str
+    node_checks: tuple[str, ...]
+    create_index: int
+    timer: asyncio.TimerHandle | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "Name": self.name,
+            "Node": self.node,
+            "LockDelay": int(self.lock_delay * 1e9),
+            "Behavior": self.behavior,
+            "TTL": f"{self.ttl:g}s" if self.ttl else "",
+            "NodeChecks": list(self.node_checks),
+            "ServiceChecks": None,
+            "CreateIndex": self.create_index,
+            "ModifyIndex": self.create_index,
+        }
 
 
 class FakeConsul:
@@ -62,8 +125,12 @@ class FakeConsul:
         self._checks: dict[str, dict[str, Any]] = {}
         self._modified: dict[tuple[str, str], int] = {}  # (dc, service name) → index
         self._catalog_modified: dict[str, int] = {}
+        self._wan: dict[str, list[dict[str, Any]]] = {}  # datacenter → its servers' coordinates
         self._changed: asyncio.Event | None = None
         self.closed = False
+        self._kv: dict[str, _KvStore] = {}  # datacenter → its KV
+        self._sessions: dict[str, _Session] = {}
+        self.node_health = "passing"  # serfHealth of the local node, for sessions
 
     # -- driving the fake from a test ------------------------------------------------------
     def add_service(
@@ -170,6 +237,49 @@ class FakeConsul:
         body = {name: sorted(tags) for name, tags in sorted(services.items())}
         return QueryResult(self._catalog_modified.get(dc, 1), body)
 
+    async def catalog_nodes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        dc = datacenter or self.datacenter
+        await self._block("catalog_nodes", lambda: self._catalog_modified.get(dc, 1), index, wait)
+        return QueryResult(self._catalog_modified.get(dc, 1), self._nodes(dc))
+
+    async def catalog_node(
+        self,
+        node: str,
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        dc = datacenter or self.datacenter
+        await self._block("catalog_node", lambda: self._catalog_modified.get(dc, 1), index, wait)
+        found = [n for n in self._nodes(dc) if n["Node"] == node]
+        if not found:
+            return QueryResult(self._catalog_modified.get(dc, 1), None)
+        services = {
+            s.definition["ID"]: self._health_entry(s)["Service"]
+            for s in self._services.values()
+            if s.datacenter == dc and s.node == node
+        }
+        return QueryResult(
+            self._catalog_modified.get(dc, 1), {"Node": found[0], "Services": services}
+        )
+
+    def _nodes(self, dc: str) -> list[dict[str, Any]]:
+        names = {self.node_name} if dc == self.datacenter else set()
+        names |= {s.node for s in self._services.values() if s.datacenter == dc}
+        return [
+            {
+                "Node": name,
+                "Address": self.node_address,
+                "Datacenter": dc,
+                "Meta": {},
+                "TaggedAddresses": {"lan": self.node_address},
+            }
+            for name in sorted(names)
+        ]
+
     async def agent_service(
         self, service_id: str, *, index: Index = "", wait: float | None = None
     ) -> QueryResult:
@@ -197,6 +307,267 @@ class FakeConsul:
             raise ConsulError(f'Unknown check ID "{check_id}"', status=404)
         check.update(Status=status, Output=output)
         self._touch(self.datacenter, check["ServiceName"])
+
+    # -- KV and sessions ---------------------------------------------------------------------
+    async def kv_get(
+        self,
+        key: str,
+        *,
+        recurse: bool = False,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        store = self._kv_store(datacenter or self.datacenter)
+        await self._block("kv_get", lambda: store.changed(key, recurse), index, wait)
+        if recurse:
+            found = [e for k, e in sorted(store.entries.items()) if k.startswith(key)]
+        else:
+            found = [store.entries[key]] if key in store.entries else []
+        # Consul's index: a key's ModifyIndex, or the newest change under a prefix; when
+        # there is nothing to report, the index of the whole KV table.
+        changed = store.changed(key, recurse)
+        answer_index = changed if changed and (found or recurse) else store.index
+        return QueryResult(max(answer_index, 1), [dict(e) for e in found] or None)
+
+    async def kv_put(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        cas: int | None = None,
+        acquire: str | None = None,
+        release: str | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        self._enter("kv_put")
+        kv_write_params(cas=cas, acquire=acquire, release=release)
+        store = self._kv_store(self.datacenter)
+        old = store.entries.get(key)
+        entry = {
+            "Key": key,
+            "Value": bytes(value),
+            "Flags": flags or 0,
+            "Session": old["Session"] if old else None,
+            "CreateIndex": old["CreateIndex"] if old else self._index + 1,
+            # Consul 1.14 resets LockIndex on a plain write, keeping the lock holder.
+            "LockIndex": 0,
+        }
+        if cas is not None and (old["ModifyIndex"] if old else 0) != cas:
+            return False
+        if acquire is not None:
+            if acquire not in self._sessions:
+                raise ConsulError(f'raft apply failed: invalid session "{acquire}"', status=500)
+            if store.lock_delays.get(key, 0.0) > time.monotonic():
+                return False
+            if old is not None and old["Session"] not in (None, acquire):
+                return False
+            entry["Session"] = acquire
+            if old is None:
+                entry["LockIndex"] = 1
+            else:  # a new holder counts as one more acquisition; the holder itself does not
+                entry["LockIndex"] = old["LockIndex"] + (old["Session"] != acquire)
+        if release is not None:
+            if old is None or old["Session"] != release:
+                return False
+            entry["Session"] = None
+            entry["LockIndex"] = old["LockIndex"]
+        self._index += 1
+        entry["ModifyIndex"] = self._index
+        store.entries[key] = entry
+        store.index = self._index
+        self._wake()
+        return True
+
+    async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
+        self._enter("kv_delete")
+        kv_write_params(cas=cas, recurse=recurse)
+        store = self._kv_store(self.datacenter)
+        if recurse:
+            doomed = [k for k in store.entries if k.startswith(key)]
+        else:
+            doomed = [key] if key in store.entries else []
+        if cas is not None and doomed and store.entries[key]["ModifyIndex"] != cas:
+            return False
+        if doomed:
+            self._index += 1
+            for k in doomed:
+                del store.entries[k]
+                store.tombstones[k] = self._index
+            store.index = self._index
+            self._wake()
+        return True
+
+    async def session_create(
+        self,
+        *,
+        name: str,
+        ttl: float,
+        lock_delay: float,
+        behavior: str = "release",
+        node_checks: tuple[str, ...] = ("serfHealth",),
+    ) -> str:
+        self._enter("session_create")
+        check_session_behavior(behavior)
+        if ttl != 0 and not 10 <= ttl <= 86400:
+            raise ConsulError(
+                f"Invalid Session TTL '{ttl * 1e9:.0f}', must be between [10s=24h0m0s]",
+                status=500,
+            )
+        for check_id in node_checks:
+            if check_id != "serfHealth":
+                raise ConsulError(
+                    f"apply failed: Missing check '{check_id}' registration", status=500
+                )
+            if self.node_health != "passing":
+                raise ConsulError(f"Check '{check_id}' is in critical state", status=500)
+        self._index += 1
+        session = _Session(
+            id=str(uuid.uuid4()),
+            name=name,
+            node=self.node_name,
+            ttl=ttl,
+            lock_delay=min(lock_delay, 60.0),  # Consul caps lock-delay at 60s
+            behavior=behavior,
+            node_checks=tuple(node_checks),
+            create_index=self._index,
+        )
+        self._sessions[session.id] = session
+        self._arm_session_timer(session)
+        return session.id
+
+    async def session_renew(self, session_id: str) -> bool:
+        self._enter("session_renew")
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        self._arm_session_timer(session)
+        return True
+
+    async def session_destroy(self, session_id: str) -> None:
+        self._enter("session_destroy")
+        self.expire_session(session_id)
+
+    async def session_info(self, session_id: str) -> dict[str, Any] | None:
+        self._enter("session_info")
+        session = self._sessions.get(session_id)
+        return None if session is None else session.info()
+
+    # -- KV and sessions: driving the fake from a test ---------------------------------------
+    def expire_session(self, session_id: str) -> None:
+        """Invalidate a session now, as its TTL running out or a failed node check would:
+        its locks are released (or deleted, for behavior "delete") and get its lock-delay."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        if session.timer is not None:
+            session.timer.cancel()
+        store = self._kv_store(self.datacenter)
+        held = [k for k, e in store.entries.items() if e["Session"] == session_id]
+        if not held:
+            return
+        self._index += 1
+        for key in held:
+            if session.lock_delay > 0:
+                store.lock_delays[key] = time.monotonic() + session.lock_delay
+            if session.behavior == "delete":
+                del store.entries[key]
+                store.tombstones[key] = self._index
+            else:
+                store.entries[key] = {
+                    **store.entries[key],
+                    "Session": None,
+                    "ModifyIndex": self._index,
+                }
+        store.index = self._index
+        self._wake()
+
+    def fail_node(self) -> None:
+        """serfHealth of this node goes critical: every session that lists it is invalidated,
+        and new ones are refused until :meth:`heal_node`."""
+        self.node_health = "critical"
+        for session in list(self._sessions.values()):
+            if "serfHealth" in session.node_checks:
+                self.expire_session(session.id)
+
+    def heal_node(self) -> None:
+        self.node_health = "passing"
+
+    def _arm_session_timer(self, session: _Session) -> None:
+        if session.timer is not None:
+            session.timer.cancel()
+        if session.ttl:
+            session.timer = asyncio.get_running_loop().call_later(
+                session.ttl * SESSION_TTL_MULTIPLIER, self.expire_session, session.id
+            )
+
+    def _kv_store(self, datacenter: str) -> _KvStore:
+        return self._kv.setdefault(datacenter, _KvStore())
+
+    # -- health states and datacenters ------------------------------------------------------
+    def add_datacenter(
+        self,
+        name: str,
+        *,
+        vec: Iterable[float] = (0.0,) * 8,
+        height: float = 1e-05,
+        adjustment: float = 0.0,
+        node: str | None = None,
+    ) -> None:
+        """Make a WAN-joined datacenter known, with one server at this network coordinate
+        (seconds, as Consul reports them); calling it again adds another server."""
+        coordinate = {"Vec": list(vec), "Error": 1.5, "Adjustment": adjustment, "Height": height}
+        servers = self._wan.setdefault(name, [])
+        servers.append({"Node": node or f"server-{len(servers)}.{name}", "Coord": coordinate})
+
+    async def health_state(
+        self,
+        state: str = "any",
+        *,
+        datacenter: str | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+    ) -> QueryResult:
+        check_health_state(state)
+        dc = datacenter or self.datacenter
+
+        def current() -> int:
+            return max((i for (d, _), i in self._modified.items() if d == dc), default=1)
+
+        await self._block("health_state", current, index, wait)
+        checks = [
+            dict(self._checks[c])
+            for s in self._services.values()
+            if s.datacenter == dc
+            for c in s.check_ids
+            if state == "any" or self._checks[c]["Status"] == state
+        ]
+        checks.sort(key=lambda c: (c["Node"], c["CheckID"]))
+        return QueryResult(current(), checks)
+
+    async def catalog_datacenters(self) -> list[str]:
+        self._enter("catalog_datacenters")
+        known = {self.datacenter, *self._wan, *(s.datacenter for s in self._services.values())}
+        coordinates = coordinates_by_datacenter(self._coordinates(sorted(known)))
+        rest = datacenters_by_distance(self.datacenter, sorted(known), coordinates)
+        return [self.datacenter, *rest]
+
+    async def coordinate_datacenters(self) -> list[dict[str, Any]]:
+        self._enter("coordinate_datacenters")
+        known = {self.datacenter, *self._wan, *(s.datacenter for s in self._services.values())}
+        return self._coordinates(sorted(known))
+
+    def _coordinates(self, datacenters: list[str]) -> list[dict[str, Any]]:
+        origin = {"Vec": [0.0] * 8, "Error": 1.5, "Adjustment": 0.0, "Height": 1e-05}
+        return [
+            {
+                "Datacenter": dc,
+                "AreaID": "wan",
+                "Coordinates": [dict(c) for c in self._wan.get(dc, ())]
+                or [{"Node": f"{self.node_name}.{dc}", "Coord": dict(origin)}],
+            }
+            for dc in datacenters
+        ]
 
     async def aclose(self) -> None:
         self.closed = True

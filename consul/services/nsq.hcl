@@ -1,5 +1,8 @@
 # NSQ daemons cannot register themselves, so the agent registers them from here.
 # Each check says in its notes what it proves, because Consul's UI is the health dashboard.
+# Only HTTP /ping checks: nsqd answers 500 to /ping when it is unhealthy (e.g. its disk queue
+# fails), which a TCP connect cannot see, and both daemons log every bare TCP probe as a
+# protocol error.
 
 services = [
   {
@@ -19,14 +22,6 @@ services = [
         interval = "5s"
         timeout  = "2s"
       },
-      {
-        id       = "nsqlookupd-tcp"
-        name     = "nsqlookupd TCP 4160"
-        notes    = "TCP connect to the port nsqd announces its topics on"
-        tcp      = "127.0.0.1:4160"
-        interval = "5s"
-        timeout  = "2s"
-      },
     ]
   },
   {
@@ -42,14 +37,6 @@ services = [
         name     = "nsqd HTTP /ping"
         notes    = "GET /ping: 200 means nsqd is healthy and accepts /pub"
         http     = "http://127.0.0.1:4151/ping"
-        interval = "5s"
-        timeout  = "2s"
-      },
-      {
-        id       = "nsqd-tcp"
-        name     = "nsqd TCP 4150"
-        notes    = "TCP connect to the port consumers subscribe on"
-        tcp      = "127.0.0.1:4150"
         interval = "5s"
         timeout  = "2s"
       },

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from dcy import ConsulAPI, ConsulConfig, ConsulError, HttpConsul
+from dcy import ConsulAPI, ConsulConfig, ConsulError, ConsulUnavailable, HttpConsul
 from dcy.testing import FakeConsul
-from tests.harness import ConsulAgent
+from tests.harness import ConsulAgent, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +155,213 @@ async def test_update_of_unknown_check_is_an_error(api: ConsulAPI, unique_name: 
     with pytest.raises(ConsulError) as caught:
         await api.update_ttl(f"service:{unique_name}-nope", "passing")
     assert caught.value.status == 404
+
+
+# -- KV and sessions ---------------------------------------------------------------------------
+async def _session(api: ConsulAPI, name: str, **kwargs: Any) -> str:
+    options: dict[str, Any] = {"ttl": 10.0, "lock_delay": 0.0} | kwargs
+    return await api.session_create(name=name, **options)
+
+
+async def test_kv_missing_key_and_prefix_are_none(api: ConsulAPI, unique_name: str) -> None:
+    """A missing key and an empty prefix answer None (404) with a positive index."""
+    missing = await api.kv_get(f"{unique_name}/nope")
+    assert missing.body is None and isinstance(missing.index, int) and missing.index >= 1
+    empty = await api.kv_get(f"{unique_name}/", recurse=True)
+    assert empty.body is None and isinstance(empty.index, int) and empty.index >= 1
+
+
+async def test_kv_roundtrip_bytes_flags_and_indexes(api: ConsulAPI, unique_name: str) -> None:
+    """Values come back as the exact bytes written (binary, empty); flags and indexes follow
+    Consul: a rewrite keeps CreateIndex, raises ModifyIndex, and resets unset flags to 0."""
+    key = f"{unique_name}/odd key/ü?&"
+    assert await api.kv_put(key, b"\xff\x00binary", flags=42)
+    (entry,) = (await api.kv_get(key)).body
+    assert (entry["Key"], entry["Value"], entry["Flags"]) == (key, b"\xff\x00binary", 42)
+    assert (entry["Session"], entry["LockIndex"]) == (None, 0)
+    assert entry["CreateIndex"] == entry["ModifyIndex"]
+    assert await api.kv_put(key, b"")
+    result = await api.kv_get(key)
+    (again,) = result.body
+    assert (again["Value"], again["Flags"]) == (b"", 0)
+    assert again["CreateIndex"] == entry["CreateIndex"] < again["ModifyIndex"] == result.index
+
+
+async def test_kv_recurse_lists_the_prefix_in_key_order(api: ConsulAPI, unique_name: str) -> None:
+    """recurse returns every key under the prefix, sorted, with the newest ModifyIndex."""
+    for key in ("cfg/b", "cfg/a", "cfg-other", "cfg/sub/c"):
+        assert await api.kv_put(f"{unique_name}/{key}", key.encode())
+    result = await api.kv_get(f"{unique_name}/cfg/", recurse=True)
+    keys = [e["Key"] for e in result.body]
+    assert keys == [f"{unique_name}/cfg/{k}" for k in ("a", "b", "sub/c")]
+    assert result.index == max(e["ModifyIndex"] for e in result.body)
+    assert await api.kv_delete(f"{unique_name}/cfg/", recurse=True)
+    assert (await api.kv_get(f"{unique_name}/cfg/", recurse=True)).body is None
+    assert (await api.kv_get(f"{unique_name}/cfg-other")).body is not None
+
+
+async def test_kv_check_and_set(api: ConsulAPI, unique_name: str) -> None:
+    """cas=0 writes only a new key; cas=N writes or deletes only at ModifyIndex N."""
+    key = f"{unique_name}/counter"
+    assert await api.kv_put(key, b"1", cas=0)
+    assert not await api.kv_put(key, b"2", cas=0)
+    (entry,) = (await api.kv_get(key)).body
+    assert not await api.kv_put(key, b"2", cas=entry["ModifyIndex"] + 1000)
+    assert await api.kv_put(key, b"2", cas=entry["ModifyIndex"])
+    assert not await api.kv_put(key, b"3", cas=entry["ModifyIndex"])  # now stale
+    (entry,) = (await api.kv_get(key)).body
+    assert entry["Value"] == b"2"
+    assert not await api.kv_delete(key, cas=entry["ModifyIndex"] - 1)
+    assert await api.kv_delete(key, cas=entry["ModifyIndex"])
+    assert (await api.kv_get(key)).body is None
+    assert await api.kv_delete(key)  # deleting a missing key succeeds
+    assert await api.kv_delete(key, cas=5)
+
+
+async def test_kv_ambiguous_writes_are_refused(api: ConsulAPI, unique_name: str) -> None:
+    """Combinations Consul would resolve silently (cas with acquire, recurse with cas) raise."""
+    with pytest.raises(ValueError, match="at most one"):
+        await api.kv_put(f"{unique_name}/x", b"", cas=0, acquire="someone")
+    with pytest.raises(ValueError, match="recursive"):
+        await api.kv_delete(f"{unique_name}/", recurse=True, cas=3)
+
+
+async def test_kv_blocking_get_waits_for_the_key(api: ConsulAPI, unique_name: str) -> None:
+    """A blocking read of a missing key returns when it is written, and again when deleted;
+    without a change it returns the same index after wait."""
+    key = f"{unique_name}/flag"
+    missing = await api.kv_get(key)
+    unchanged = await api.kv_get(key, index=missing.index, wait=0.2)
+    assert unchanged.index == missing.index and unchanged.body is None
+    waiting = asyncio.ensure_future(api.kv_get(key, index=missing.index, wait=20))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await api.kv_put(key, b"on")
+    written = await asyncio.wait_for(waiting, 15)
+    assert written.body[0]["Value"] == b"on" and written.index > missing.index  # type: ignore[operator]
+    waiting = asyncio.ensure_future(api.kv_get(key, index=written.index, wait=20))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await api.kv_delete(key)
+    deleted = await asyncio.wait_for(waiting, 15)
+    assert deleted.body is None and deleted.index > written.index  # type: ignore[operator]
+
+
+async def test_kv_blocking_prefix_waits_for_a_key_under_it(
+    api: ConsulAPI, unique_name: str
+) -> None:
+    """A blocking recurse read returns when a key under the prefix appears."""
+    first = await api.kv_get(f"{unique_name}/dir/", recurse=True)
+    waiting = asyncio.ensure_future(
+        api.kv_get(f"{unique_name}/dir/", recurse=True, index=first.index, wait=20)
+    )
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    await api.kv_put(f"{unique_name}/dir/new", b"1")
+    result = await asyncio.wait_for(waiting, 15)
+    assert [e["Key"] for e in result.body] == [f"{unique_name}/dir/new"]
+
+
+async def test_session_lock_acquire_and_release(api: ConsulAPI, unique_name: str) -> None:
+    """Only one session holds a lock; re-acquiring keeps LockIndex; a plain write keeps the
+    holder; only the holder releases; the next holder raises LockIndex."""
+    key = f"{unique_name}/lock"
+    one, two = await _session(api, "one"), await _session(api, "two")
+    try:
+        assert await api.kv_put(key, b"one", acquire=one)
+        assert not await api.kv_put(key, b"two", acquire=two)
+        assert await api.kv_put(key, b"one again", acquire=one)
+        (entry,) = (await api.kv_get(key)).body
+        assert (entry["Session"], entry["LockIndex"], entry["Value"]) == (one, 1, b"one again")
+        assert await api.kv_put(key, b"plain")
+        assert (await api.kv_get(key)).body[0]["Session"] == one
+        assert not await api.kv_put(key, b"", release=two)
+        assert await api.kv_put(key, b"released", release=one)
+        (entry,) = (await api.kv_get(key)).body
+        assert (entry["Session"], entry["Value"]) == (None, b"released")
+        assert await api.kv_put(key, b"two", acquire=two)
+        (entry,) = (await api.kv_get(key)).body
+        assert (entry["Session"], entry["LockIndex"]) == (two, 1)
+    finally:
+        await api.session_destroy(one)
+        await api.session_destroy(two)
+
+
+async def test_destroyed_session_releases_its_lock_after_lock_delay(
+    api: ConsulAPI, unique_name: str
+) -> None:
+    """Invalidating a holder (behavior release) frees the key, wakes a blocking read, and
+    refuses other sessions until its lock-delay has passed."""
+    key = f"{unique_name}/leader"
+    holder = await _session(api, "holder", lock_delay=3.0)
+    other = await _session(api, "other")
+    try:
+        assert await api.kv_put(key, b"holder", acquire=holder)
+        held = await api.kv_get(key)
+        waiting = asyncio.ensure_future(api.kv_get(key, index=held.index, wait=20))
+        await api.session_destroy(holder)
+        (freed,) = (await asyncio.wait_for(waiting, 15)).body
+        assert (freed["Session"], freed["Value"]) == (None, b"holder")
+        assert not await api.kv_put(key, b"other", acquire=other)  # within the lock-delay
+        await eventually(
+            lambda: api.kv_put(key, b"other", acquire=other), what="acquire after lock-delay"
+        )
+        assert (await api.kv_get(key)).body[0]["Session"] == other
+    finally:
+        await api.session_destroy(holder)
+        await api.session_destroy(other)
+
+
+async def test_released_lock_has_no_lock_delay(api: ConsulAPI, unique_name: str) -> None:
+    """Releasing before destroying the session (a graceful step-down) lets others in at once."""
+    key = f"{unique_name}/leader"
+    holder = await _session(api, "holder", lock_delay=30.0)
+    other = await _session(api, "other")
+    try:
+        assert await api.kv_put(key, b"holder", acquire=holder)
+        assert await api.kv_put(key, b"", release=holder)
+        await api.session_destroy(holder)
+        assert await api.kv_put(key, b"other", acquire=other)
+    finally:
+        await api.session_destroy(other)
+
+
+async def test_session_behavior_delete_removes_held_keys(api: ConsulAPI, unique_name: str) -> None:
+    """A session with behavior delete takes the keys it holds with it."""
+    key = f"{unique_name}/ephemeral"
+    session = await _session(api, "ephemeral", behavior="delete")
+    assert await api.kv_put(key, b"x", acquire=session)
+    await api.session_destroy(session)
+    assert (await api.kv_get(key)).body is None
+
+
+async def test_session_info_renew_and_destroy(
+    api: ConsulAPI, unique_name: str, consul: ConsulAgent
+) -> None:
+    """A session reports its settings, renews while it exists, and is gone after destroy:
+    renew answers False, info None, and destroying it again is no error."""
+    session = await _session(api, unique_name, ttl=15.0, lock_delay=2.0)
+    info = await api.session_info(session)
+    assert info is not None
+    assert (info["ID"], info["Name"], info["Node"]) == (session, unique_name, consul.node_name)
+    assert (info["TTL"], info["LockDelay"], info["Behavior"]) == ("15s", 2_000_000_000, "release")
+    assert info["NodeChecks"] == ["serfHealth"]
+    assert await api.session_renew(session)
+    await api.session_destroy(session)
+    assert await api.session_info(session) is None
+    assert not await api.session_renew(session)
+    await api.session_destroy(session)
+
+
+async def test_session_refusals_are_consul_errors(api: ConsulAPI, unique_name: str) -> None:
+    """Acquiring with an unknown session, a TTL under 10s or an unknown node check are
+    refusals (ConsulError), not outages to retry."""
+    with pytest.raises(ConsulError, match="invalid session") as caught:
+        await api.kv_put(f"{unique_name}/k", b"", acquire="00000000-0000-0000-0000-000000000000")
+    assert not isinstance(caught.value, ConsulUnavailable)
+    with pytest.raises(ConsulError, match="TTL"):
+        await _session(api, "short", ttl=5.0)
+    with pytest.raises(ConsulError, match="Missing check"):
+        await _session(api, "unchecked", node_checks=("no-such-check",))
+    with pytest.raises(ValueError, match="behavior"):
+        await _session(api, "odd", behavior="explode")

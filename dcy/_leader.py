@@ -1,0 +1,338 @@
+"""Leader election: at most one holder of a named lock, across processes and nodes.
+
+    async with dcy.leadership("mailer") as leader:   # returns once this process leads
+        while not leader.lost.is_set():
+            await send_one_batch()
+    # leaving the block steps down: the lock is released, the session destroyed
+
+How it works, after Consul's leader-election guide
+(https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions/application-leader-election):
+
+* a **session** on the local node, tied to the node's ``serfHealth`` check, with a TTL that a
+  background task renews every ``ttl/2`` and behavior ``release``;
+* the **lock key** ``dcy/leader/<name>`` (see :data:`LEADER_PREFIX`), acquired with that
+  session. Its value names the holder in JSON: ``{"node", "host", "pid", "service_id"}``.
+* contenders wait on a **blocking query** of the lock key (the watch engine's shared loop,
+  not a polling loop) and try to acquire it only when it is free. A free key that still
+  refuses them is in its lock-delay: they retry after 0.5s, 1s, 2s, 2s... until it expires
+  (Consul does not say when), or sooner when the key changes.
+
+The holder is told that it lost leadership (``leader.lost`` is set, ``wait_lost()`` returns,
+``on_lost`` is called) as soon as it can no longer prove it holds the lock: the lock key
+shows another session, no session or no key; a renewal answers that the session is gone; or
+a renewal or the lock-key watch fails because the agent cannot be reached. Losing contact
+counts as losing leadership on purpose: the servers may already have invalidated the
+session (its node looks dead to them), and only the lock-delay keeps a new leader out while
+the old one finds out. After a loss dcy releases the lock and destroys the session when it
+can; it never re-acquires inside the same ``async with``.
+
+Timing (Consul semantics, measured against Consul 1.14):
+
+* ``ttl`` (10s, Consul's minimum): Consul invalidates a session 2 x ttl after its last renewal
+  (``SessionTTLMultiplier``). A holder killed with SIGKILL never destroys its session, so the
+  next leader takes over after about 2 x ttl + lock_delay.
+* ``lock_delay`` (default 15s, Consul's own default): after a session is invalidated, nobody
+  can acquire its locks for this long. It is the time an old leader cut off from the servers
+  (its renewal and its watch failing, bounded by ttl/2 plus the HTTP timeout, about 15s) has
+  to notice before a new one starts. A smaller value (1s) gives faster takeover after a crash
+  and is fine where a holder cannot be partitioned from its agent's servers (one host, dev,
+  tests); it is capped at 60s by Consul.
+* a graceful exit releases the lock before destroying the session, so no lock-delay applies
+  and a waiting contender takes over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
+
+from dcy._consul import AgentInfo, ConsulAPI
+from dcy._errors import ConsulError, DcyError
+from dcy._specs import KeySpec, KeyValue
+from dcy._watch import Snapshot, Subscription, WatchEngine
+
+log = logging.getLogger("dcy.leader")
+
+LEADER_PREFIX = "dcy/leader/"
+DEFAULT_TTL = 10.0
+DEFAULT_LOCK_DELAY = 15.0
+MIN_TTL, MAX_TTL = 10.0, 86400.0  # Consul refuses other session TTLs
+MAX_LOCK_DELAY = 60.0
+_RETRY_FIRST, _RETRY_CAP = 0.5, 2.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
+
+OnLost = Callable[["Leadership"], Awaitable[None] | None]
+
+
+class Leadership:
+    """One process's bid for a named leadership; an async context manager.
+
+    ``async with`` returns once this process holds the lock (cancel it, or wrap it in
+    ``asyncio.timeout``, to stop waiting). Leaving the block steps down."""
+
+    def __init__(
+        self,
+        api: ConsulAPI,
+        engine: WatchEngine,
+        agent: AgentInfo,
+        name: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        lock_delay: float = DEFAULT_LOCK_DELAY,
+        service_id: str | None = None,
+        on_lost: OnLost | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(
+                f"invalid leadership name {name!r}: use letters, digits, '.', '_', '-', "
+                "and '/' between parts"
+            )
+        if not MIN_TTL <= ttl <= MAX_TTL:
+            raise ValueError(f"ttl={ttl!r}: Consul takes session TTLs from 10s to 24h")
+        if not 0 <= lock_delay <= MAX_LOCK_DELAY:
+            raise ValueError(f"lock_delay={lock_delay!r}: use 0 to 60 seconds")
+        self.name = name
+        self.key = LEADER_PREFIX + name
+        self.ttl = ttl
+        self.lock_delay = lock_delay
+        self.service_id = service_id
+        self.session_id: str | None = None
+        self.lost = asyncio.Event()
+        self.lost_reason: str | None = None
+        self._api = api
+        self._engine = engine
+        self._agent = agent
+        self._on_lost = on_lost
+        self._leader = False
+        self._held_index = 0
+        self._latest: Snapshot[KeyValue | None] | None = None
+        self._changed = asyncio.Event()
+        self._session_gone = False
+        self._subscription: Subscription[KeyValue | None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._entered = False
+
+    # -- what the holder reads ---------------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        """True from acquisition until leadership is lost or given up."""
+        return self._leader and not self.lost.is_set()
+
+    async def wait_lost(self) -> str:
+        """Return (the reason) once leadership is lost or given up."""
+        await self.lost.wait()
+        return self.lost_reason or "lost"
+
+    @property
+    def holder(self) -> Mapping[str, Any] | None:
+        """Who holds the lock as last seen (node, host, pid, service_id), or None if nobody."""
+        entry = self._latest.value if self._latest is not None else None
+        if entry is None or entry.session is None:
+            return None
+        try:
+            identity = json.loads(entry.raw)
+        except ValueError:
+            return None
+        return identity if isinstance(identity, dict) else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def __aenter__(self) -> Leadership:
+        if self._entered:
+            raise RuntimeError("a Leadership is entered once; ask dcy.leadership() again")
+        self._entered = True
+        try:
+            await self._open_session()
+            self._subscription = self._engine.subscribe(KeySpec(self.key), self._on_snapshot)
+            self._renewer = self._spawn(self._renew_forever(), "renew")
+            await self._contend()
+        except BaseException:
+            await self._step_down("gave up waiting")
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._step_down("stepped down")
+
+    # -- contending --------------------------------------------------------------------------
+    async def _open_session(self) -> None:
+        self.session_id = await self._api.session_create(
+            name=f"dcy leader {self.name} ({self._agent.node_name} pid {os.getpid()})",
+            ttl=self.ttl,
+            lock_delay=self.lock_delay,
+            behavior="release",
+            node_checks=("serfHealth",),
+        )
+        self._session_gone = False
+
+    async def _contend(self) -> None:
+        retry = _RETRY_FIRST
+        while True:
+            self._changed.clear()
+            if self._session_gone:
+                await self._open_session()
+            snapshot = self._latest
+            timeout: float | None = None
+            if snapshot is not None and not snapshot.stale and self._free(snapshot.value):
+                if await self._try_acquire():
+                    return
+                # Free but refused: another contender was faster (the watch will show it),
+                # the lock-delay of an invalidated holder runs, or our session just ended.
+                timeout, retry = retry, min(retry * 2, _RETRY_CAP)
+            else:
+                retry = _RETRY_FIRST
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _free(self, entry: KeyValue | None) -> bool:
+        return entry is None or entry.session is None or entry.session == self.session_id
+
+    async def _try_acquire(self) -> bool:
+        assert self.session_id is not None
+        try:
+            acquired = await self._api.kv_put(self.key, self._identity(), acquire=self.session_id)
+            if not acquired:
+                return False
+            # Learn the index of our acquisition: snapshots older than it say nothing about
+            # this leadership and must not end it.
+            result = await self._api.kv_get(self.key)
+        except ConsulError as exc:
+            if "invalid session" in str(exc):
+                self._session_gone = True
+            log.warning("cannot acquire %s: %s", self.key, exc)
+            return False
+        except DcyError as exc:
+            log.debug("cannot acquire %s yet: %s", self.key, exc)
+            await self._release_quietly()
+            return False
+        entry = KeyValue.from_entry(result.body[0]) if result.body else None
+        if entry is None or entry.session != self.session_id:
+            return False
+        self._held_index = entry.modify_index
+        self._leader = True
+        log.info("this process leads %s (session %s)", self.name, self.session_id)
+        if self._latest is not None:
+            self._on_snapshot(self._latest)
+        return True
+
+    def _identity(self) -> bytes:
+        identity: dict[str, Any] = {
+            "node": self._agent.node_name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        if self.service_id:
+            identity["service_id"] = self.service_id
+        return json.dumps(identity, sort_keys=True).encode()
+
+    # -- holding -----------------------------------------------------------------------------
+    def _on_snapshot(self, snapshot: Snapshot[KeyValue | None]) -> None:
+        self._latest = snapshot
+        self._changed.set()
+        if self.is_leader:
+            reason = self._loss_in(snapshot)
+            if reason is not None:
+                self._lose(reason)
+
+    def _loss_in(self, snapshot: Snapshot[KeyValue | None]) -> str | None:
+        if snapshot.stale:
+            return f"lost contact with Consul: {snapshot.error}"
+        if isinstance(snapshot.index, int) and snapshot.index < self._held_index:
+            return None  # from before our acquisition
+        entry = snapshot.value
+        if entry is None:
+            return f"the lock key {self.key} was deleted"
+        if entry.session is None:
+            return f"the lock {self.key} was released (session invalidated?)"
+        if entry.session != self.session_id:
+            return f"the lock {self.key} is held by session {entry.session}"
+        return None
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 2)
+            session_id = self.session_id
+            assert session_id is not None
+            try:
+                alive = await self._api.session_renew(session_id)
+            except DcyError as exc:
+                if self.is_leader:
+                    self._lose(f"could not renew session {session_id}: {exc}")
+                    return
+                log.debug("could not renew session %s: %s", session_id, exc)
+                continue
+            if not alive:
+                if self.is_leader:
+                    self._lose(f"session {session_id} was invalidated")
+                    return
+                self._session_gone = True
+                self._changed.set()
+
+    def _lose(self, reason: str) -> None:
+        if self.lost.is_set():
+            return
+        self._leader = False
+        self.lost_reason = reason
+        self.lost.set()
+        log.warning("lost leadership of %s: %s", self.name, reason)
+        if self._on_lost is not None:
+            self._spawn(self._call_on_lost(self._on_lost), "on-lost")
+        # Stop claiming at once: free the lock for the next leader if it is still ours.
+        self._spawn(self._release_quietly(destroy=True), "release")
+
+    async def _call_on_lost(self, callback: OnLost) -> None:
+        try:
+            result = callback(self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_lost callback of leadership %s failed", self.name)
+
+    # -- stepping down -----------------------------------------------------------------------
+    async def _release_quietly(self, *, destroy: bool = False) -> None:
+        session_id = self.session_id
+        if session_id is None:
+            return
+        if self._renewer is not None and destroy:
+            self._renewer.cancel()
+        try:
+            # Release before destroying: a released lock has no lock-delay.
+            await self._api.kv_put(self.key, b"", release=session_id)
+            if destroy:
+                await self._api.session_destroy(session_id)
+                self.session_id = None
+        except DcyError as exc:
+            log.info("could not give up %s cleanly (Consul expires it): %s", self.key, exc)
+
+    async def _step_down(self, reason: str) -> None:
+        was_leader = self.is_leader
+        self._leader = False
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+        if self._renewer is not None:
+            self._renewer.cancel()
+        # A release begun at the loss finishes first; on_lost callbacks run on, unawaited.
+        releasing = [t for t in self._tasks if t.get_name().endswith(":release")]
+        await asyncio.gather(self._renewer or asyncio.sleep(0), *releasing, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.aclose()
+            self._subscription = None
+        await self._release_quietly(destroy=True)
+        if was_leader:
+            log.info("stepped down as leader of %s", self.name)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
+        name = f"dcy-leader:{self.name}:{role}"
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self._tasks.add(task)  # a reference, so the task is not collected while it runs
+        task.add_done_callback(self._tasks.discard)
+        return task

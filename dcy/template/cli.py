@@ -1,0 +1,336 @@
+"""``dcy-template``: render templates from Consul data, like consul-template, on jinja2.
+
+Exit status: 0 clean stop (or ``-once`` rendered everything); 1 a template could not be
+rendered in ``-once`` mode, or a command failed with ``-fatal-commands``; 2 usage or
+configuration error; in ``-exec`` mode, the child's own status when it exits by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from dcy._dcy import Dcy
+from dcy._errors import ConsulUnavailable, DcyError
+from dcy._watch import WatchOptions
+from dcy.template._config import (
+    ConfigError,
+    ConsulSettings,
+    ExecSettings,
+    RunConfig,
+    load_config_paths,
+    parse_log_level,
+    parse_signal,
+)
+from dcy.template._durations import parse_duration, parse_wait
+from dcy.template._exec import ChildSupervisor
+from dcy.template._kvspecs import TemplateSpecs
+from dcy.template._runner import CommandFailed, Renderer, RendererOptions
+from dcy.template._sources import SourceWatcher
+from dcy.template._spec import parse_command, parse_template_flag
+from dcy.template._status import start_status_server
+
+log = logging.getLogger("dcy.template")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"dcy-template: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="dcy-template",
+        description="Render templates from Consul data and react when the output changes.",
+        epilog="Exit status: 0 ok, 1 render/command failure, 2 usage error; "
+        "-exec: the child's status.",
+    )
+    add = p.add_argument
+    add(
+        "-template",
+        action="append",
+        default=[],
+        metavar="SRC:DEST[:COMMAND]",
+        help="render SRC to DEST, then run COMMAND (no shell) when DEST changed; repeatable",
+    )
+    add(
+        "-config",
+        action="append",
+        default=[],
+        metavar="FILE|DIR",
+        help="HCL configuration (consul, template, wait, exec stanzas); repeatable",
+    )
+    add("-once", action="store_true", help="render every template once, run commands, exit")
+    add("-dry", action="store_true", help="print rendered output to stdout; write and run nothing")
+    add("-wait", metavar="MIN[:MAX]", help="quiescence before re-rendering, e.g. 2s:10s")
+    add("-consul-addr", metavar="ADDR", help="Consul address (default: CONSUL_HTTP_ADDR)")
+    add("-consul-token", metavar="TOKEN", help="ACL token (default: CONSUL_HTTP_TOKEN)")
+    add("-consul-ssl", action="store_true", default=None, help="use HTTPS")
+    add("-consul-ssl-verify", metavar="BOOL", help="verify the agent's certificate (true)")
+    add("-consul-ssl-ca-cert", metavar="FILE")
+    add("-consul-ssl-ca-path", metavar="DIR")
+    add("-consul-ssl-cert", metavar="FILE")
+    add("-consul-ssl-key", metavar="FILE")
+    add("-consul-ssl-server-name", metavar="NAME")
+    add("-consul-retry-backoff", metavar="DURATION", help="first retry delay (250ms)")
+    add("-consul-retry-max-backoff", metavar="DURATION", help="retry delay cap (1m)")
+    add("-log-level", metavar="LEVEL", help="debug, info, warn, error")
+    add("-pid-file", metavar="FILE")
+    add("-kill-signal", metavar="SIGNAL", help="stop gracefully on this signal (SIGTERM)")
+    add("-reload-signal", metavar="SIGNAL", help="reload configuration on this signal (SIGHUP)")
+    add("-exec", metavar="COMMAND", help="supervise COMMAND, reloading it on changes")
+    add("-exec-reload-signal", metavar="SIGNAL", help="signal the child gets on changes")
+    add("-exec-kill-signal", metavar="SIGNAL", help="signal that stops the child (SIGTERM)")
+    add("-exec-kill-timeout", metavar="DURATION", help="wait before SIGKILL (30s)")
+    add("-exec-splay", metavar="DURATION", help="random delay before reloading the child")
+    add("-status-addr", metavar="HOST:PORT", help="serve /health and /metrics here")
+    add(
+        "-missing-key-timeout",
+        metavar="DURATION",
+        help="report templates still waiting for data after this long (30s)",
+    )
+    add("-sandbox-path", metavar="DIR", help="the only folder file() may read")
+    add("-fatal-commands", action="store_true", help="stop when a command fails")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Config files first, then flags on top. Raises ConfigError / ValueError."""
+    config = load_config_paths(args.config)
+    consul = config.consul
+    consul_updates = {
+        "address": args.consul_addr,
+        "token": args.consul_token,
+        "ssl": args.consul_ssl,
+        "ca_cert": args.consul_ssl_ca_cert,
+        "ca_path": args.consul_ssl_ca_path,
+        "cert": args.consul_ssl_cert,
+        "key": args.consul_ssl_key,
+        "server_name": args.consul_ssl_server_name,
+    }
+    if args.consul_ssl_verify is not None:
+        consul_updates["ssl_verify"] = args.consul_ssl_verify.strip().lower() in ("1", "true")
+    if args.consul_retry_backoff:
+        consul_updates["retry_backoff"] = parse_duration(args.consul_retry_backoff)
+    if args.consul_retry_max_backoff:
+        consul_updates["retry_max_backoff"] = parse_duration(args.consul_retry_max_backoff)
+    consul = replace(consul, **{k: v for k, v in consul_updates.items() if v is not None})
+    updates: dict[str, object] = {"consul": consul}
+    cwd = Path.cwd()
+    templates = config.templates + tuple(parse_template_flag(t, base=cwd) for t in args.template)
+    if not templates:
+        raise ConfigError("no templates: give -template SRC:DEST[:COMMAND] or -config")
+    updates["templates"] = templates
+    if args.wait:
+        updates["wait"] = parse_wait(args.wait)
+    if args.log_level:
+        updates["log_level"] = parse_log_level(args.log_level)
+    if args.pid_file:
+        updates["pid_file"] = Path(args.pid_file)
+    if args.kill_signal:
+        updates["kill_signal"] = parse_signal(args.kill_signal)
+    if args.reload_signal:
+        updates["reload_signal"] = parse_signal(args.reload_signal)
+    if args.status_addr:
+        updates["status_addr"] = args.status_addr
+    if args.missing_key_timeout:
+        updates["missing_key_timeout"] = parse_duration(args.missing_key_timeout)
+    if args.sandbox_path:
+        updates["sandbox_path"] = Path(args.sandbox_path)
+    if args.fatal_commands:
+        updates["fatal_commands"] = True
+    updates["exec"] = _exec_settings(config.exec, args)
+    for spec in templates:
+        if spec.source is not None and not spec.source.is_file():
+            raise ConfigError(f"template source {spec.source} does not exist")
+    return replace(config, **updates)  # type: ignore[arg-type]
+
+
+def _exec_settings(current: ExecSettings, args: argparse.Namespace) -> ExecSettings:
+    updates: dict[str, object] = {}
+    if args.exec:
+        updates["command"] = parse_command(args.exec)
+    if args.exec_reload_signal:
+        updates["reload_signal"] = parse_signal(args.exec_reload_signal)
+    if args.exec_kill_signal:
+        updates["kill_signal"] = parse_signal(args.exec_kill_signal)
+    if args.exec_kill_timeout:
+        updates["kill_timeout"] = parse_duration(args.exec_kill_timeout)
+    if args.exec_splay:
+        updates["splay"] = parse_duration(args.exec_splay)
+    return replace(current, **updates)  # type: ignore[arg-type]
+
+
+def _dcy_for(consul: ConsulSettings, connect_timeout: float) -> Dcy:
+    return Dcy(
+        consul.address
+        if consul.address is None or "://" in consul.address or not consul.ssl
+        else f"https://{consul.address}",
+        token=consul.token,
+        ca_file=consul.ca_cert,
+        ca_path=consul.ca_path,
+        client_cert=consul.cert,
+        client_key=consul.key,
+        tls_server_name=consul.server_name,
+        verify=consul.ssl_verify,
+        connect_timeout=connect_timeout,
+        watch_options=WatchOptions(
+            backoff_base=consul.retry_backoff, backoff_cap=max(consul.retry_max_backoff, 0.01)
+        ),
+    )
+
+
+class Application:
+    """One run of the renderer with its Consul client, child, status server and signals."""
+
+    def __init__(self, args: argparse.Namespace, config: RunConfig) -> None:
+        self.args = args
+        self.config = config
+        self.exit_status = EXIT_OK
+        self.renderer: Renderer | None = None
+        self.child: ChildSupervisor | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self, status: int = EXIT_OK) -> None:
+        self.exit_status = status
+        self._stop.set()
+        if self.renderer is not None:
+            self.renderer.stop()
+
+    async def _connect(self) -> Dcy | None:
+        # Consul may come up after us: wait for it as long as it takes, never exit for it.
+        attempt = 0
+        while not self._stop.is_set():
+            dcy = _dcy_for(self.config.consul, connect_timeout=2.0 if attempt else 5.0)
+            try:
+                await dcy.open()
+                return dcy
+            except ConsulUnavailable as exc:
+                attempt += 1
+                if attempt in (1, 5) or attempt % 30 == 0:
+                    log.warning("waiting for Consul: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+        return None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        if self.config.pid_file:
+            self.config.pid_file.write_text(f"{os.getpid()}\n")
+        dcy = await self._connect()
+        if dcy is None:
+            return self.exit_status
+        watcher: SourceWatcher | None = None
+        status_runner = None
+        try:
+            assert dcy.agent is not None
+            if self.config.exec.command:
+                self.child = ChildSupervisor(self.config.exec, on_exit=self.stop)
+            self.renderer = Renderer(
+                dcy.engine,
+                self.config.templates,
+                domain=dcy.agent.domain,
+                specs=TemplateSpecs(),
+                options=RendererOptions(
+                    wait=self.config.wait,
+                    missing_key_timeout=self.config.missing_key_timeout,
+                    dry=self.args.dry,
+                    fatal_commands=self.config.fatal_commands,
+                    sandbox=self.config.sandbox_path,
+                ),
+                on_pass=self._after_pass,
+            )
+            if self.config.status_addr:
+                status_runner = await start_status_server(self.renderer, self.config.status_addr)
+            if not self.args.once:
+                watcher = SourceWatcher(loop, self._source_changed)
+                watcher.watch(self.renderer.watched_paths)
+            try:
+                status = await self.renderer.run(once=self.args.once)
+            except CommandFailed as exc:
+                log.error("%s; stopping (-fatal-commands)", exc)
+                return EXIT_FAILED
+            return status if self.exit_status == EXIT_OK else self.exit_status
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            if self.child is not None:
+                await self.child.stop()
+            if status_runner is not None:
+                await status_runner.cleanup()
+            await dcy.aclose()
+            if self.config.pid_file:
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.pid_file.unlink()
+
+    async def _after_pass(self, written: bool) -> None:
+        if self.child is None or self.args.dry or self.renderer is None:
+            return
+        if self.child.process is None:
+            if all(s.rendered for s in self.renderer.states):
+                await self.child.start()
+        elif written:
+            await self.child.reload()
+
+    def _source_changed(self, path: Path) -> None:
+        if self.renderer is not None:
+            log.info("%s changed on disk; rendering again", path)
+            self.renderer.source_changed(path)
+
+    def _reload(self) -> None:
+        try:
+            config = config_from_args(self.args)
+        except (ValueError, OSError) as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        self.config = replace(self.config, templates=config.templates, wait=config.wait)
+        if self.renderer is not None:
+            self.renderer.set_templates(config.templates)
+            log.info("configuration reloaded: %d template(s)", len(config.templates))
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in {self.config.kill_signal, signal.SIGINT, signal.SIGTERM}:
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(self.config.reload_signal, self._reload)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            if sig not in (self.config.kill_signal, self.config.reload_signal):
+                loop.add_signal_handler(sig, self._forward, sig)
+
+    def _forward(self, sig: signal.Signals) -> None:
+        if self.child is not None:
+            self.child.forward(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"dcy-template: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(Application(args, config).run())
+    except DcyError as exc:
+        print(f"dcy-template: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The benchmarks still run: each one, in its short form, ends with its line of figures.
+
+Only the shape of the output is checked here; the figures themselves (and the goals they are
+compared with) belong to bench/README.md, never to a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = {
+    "resolve": ("pick_us", "pick_nowait_us", "http_query_us", "dns_query_us", "pick_over_http"),
+    "propagation": ("changes", "p50_ms", "p99_ms", "max_ms", "raw_longpoll_p99_ms"),
+    "consul_load": (
+        "services",
+        "requests_per_change",
+        "idle_requests_per_query_per_min",
+        "expected_idle_per_query_per_min",
+        "max_connections",
+    ),
+}
+
+
+@pytest.mark.parametrize("bench", sorted(FIGURES))
+def test_benchmark_quick_run_ends_with_its_figures(bench: str) -> None:
+    """`python bench/<name>.py --quick` exits 0 and its last line is its JSON figures."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{bench}.py"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == bench
+    for name in FIGURES[bench]:
+        assert name in figures, f"{bench} did not report {name}: {figures}"
+    numbers = {k: v for k, v in figures.items() if k != "bench"}
+    assert numbers and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()
+    ), figures
