@@ -206,7 +206,7 @@ class HttpClient:
         pool = await self._pool(route.service)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._budget
-        idempotent = True
+        idempotent = method in IDEMPOTENT_METHODS
         tried: list[tuple[Instance, BaseException]] = []
         excluded: list[Endpoint] = []
         for attempt in range(1, self._attempts + 1):

@@ -52,11 +52,12 @@ import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from dcy._consul import AgentInfo, ConsulAPI
+from dcy._consul import AgentInfo, ConsulAPI, Index, QueryResult
 from dcy._errors import ConsulError, DcyError
-from dcy._specs import KeySpec, KeyValue
+from dcy._specs import KeyValue
 from dcy._watch import Snapshot, Subscription, WatchEngine
 
 log = logging.getLogger("dcy.leader")
@@ -70,6 +71,37 @@ _RETRY_FIRST, _RETRY_CAP = 0.5, 2.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
 
 OnLost = Callable[["Leadership"], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """The lock key as one answer showed it, with that answer's index."""
+
+    entry: KeyValue | None
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class LockKeySpec:
+    """The lock key, published on every change of its index.
+
+    A plain KeySpec publishes only when the entry differs, so "missing, then acquired by us,
+    then deleted" read in one answer would look like no change at all; with the index in
+    the value, the holder sees that answer and can tell it came after its acquisition."""
+
+    key: str
+
+    async def fetch(self, api: ConsulAPI, index: Index, wait: float) -> QueryResult:
+        result = await api.kv_get(self.key, index=index, wait=wait)
+        return QueryResult(result.index, (result.index, result.body))
+
+    def decode(self, body: Any) -> LockState:
+        index, entries = body
+        entry = KeyValue.from_entry(entries[0]) if entries else None
+        return LockState(entry, index if isinstance(index, int) else 0)
+
+    def __str__(self) -> str:
+        return f"lock {self.key}"
 
 
 class Leadership:
@@ -89,7 +121,9 @@ class Leadership:
         lock_delay: float = DEFAULT_LOCK_DELAY,
         service_id: str | None = None,
         on_lost: OnLost | None = None,
+        renew_interval: float | None = None,
     ) -> None:
+        """``renew_interval`` defaults to ttl/2; a shorter one only makes sense in tests."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(
                 f"invalid leadership name {name!r}: use letters, digits, '.', '_', '-', "
@@ -103,6 +137,7 @@ class Leadership:
         self.key = LEADER_PREFIX + name
         self.ttl = ttl
         self.lock_delay = lock_delay
+        self.renew_interval = ttl / 2 if renew_interval is None else renew_interval
         self.service_id = service_id
         self.session_id: str | None = None
         self.lost = asyncio.Event()
@@ -113,10 +148,10 @@ class Leadership:
         self._on_lost = on_lost
         self._leader = False
         self._held_index = 0
-        self._latest: Snapshot[KeyValue | None] | None = None
+        self._latest: Snapshot[LockState] | None = None
         self._changed = asyncio.Event()
         self._session_gone = False
-        self._subscription: Subscription[KeyValue | None] | None = None
+        self._subscription: Subscription[LockState] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._entered = False
@@ -135,7 +170,7 @@ class Leadership:
     @property
     def holder(self) -> Mapping[str, Any] | None:
         """Who holds the lock as last seen (node, host, pid, service_id), or None if nobody."""
-        entry = self._latest.value if self._latest is not None else None
+        entry = self._latest.value.entry if self._latest is not None else None
         if entry is None or entry.session is None:
             return None
         try:
@@ -151,7 +186,7 @@ class Leadership:
         self._entered = True
         try:
             await self._open_session()
-            self._subscription = self._engine.subscribe(KeySpec(self.key), self._on_snapshot)
+            self._subscription = self._engine.subscribe(LockKeySpec(self.key), self._on_snapshot)
             self._renewer = self._spawn(self._renew_forever(), "renew")
             await self._contend()
         except BaseException:
@@ -181,7 +216,7 @@ class Leadership:
                 await self._open_session()
             snapshot = self._latest
             timeout: float | None = None
-            if snapshot is not None and not snapshot.stale and self._free(snapshot.value):
+            if snapshot is not None and not snapshot.stale and self._free(snapshot.value.entry):
                 if await self._try_acquire():
                     return
                 # Free but refused: another contender was faster (the watch will show it),
@@ -234,7 +269,7 @@ class Leadership:
         return json.dumps(identity, sort_keys=True).encode()
 
     # -- holding -----------------------------------------------------------------------------
-    def _on_snapshot(self, snapshot: Snapshot[KeyValue | None]) -> None:
+    def _on_snapshot(self, snapshot: Snapshot[LockState]) -> None:
         self._latest = snapshot
         self._changed.set()
         if self.is_leader:
@@ -242,12 +277,12 @@ class Leadership:
             if reason is not None:
                 self._lose(reason)
 
-    def _loss_in(self, snapshot: Snapshot[KeyValue | None]) -> str | None:
+    def _loss_in(self, snapshot: Snapshot[LockState]) -> str | None:
         if snapshot.stale:
             return f"lost contact with Consul: {snapshot.error}"
-        if isinstance(snapshot.index, int) and snapshot.index < self._held_index:
+        if snapshot.value.index < self._held_index:
             return None  # from before our acquisition
-        entry = snapshot.value
+        entry = snapshot.value.entry
         if entry is None:
             return f"the lock key {self.key} was deleted"
         if entry.session is None:
@@ -258,7 +293,7 @@ class Leadership:
 
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 2)
+            await asyncio.sleep(self.renew_interval)
             session_id = self.session_id
             assert session_id is not None
             try:

@@ -6,7 +6,8 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
 
 * an answer with the index we already had means nothing changed: nobody is woken;
 * an index that went backwards resets the loop (next query non-blocking, index 0); an index of
-  0 or less is treated as 1, so a buggy answer cannot turn the loop into a busy loop;
+  0 or less is treated as 1, so a buggy answer cannot turn the loop into a busy loop; the first
+  query after an error does not block either, so a restarted agent is seen at once;
 * ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
 * at most one query per ``min_interval`` per loop, whatever Consul answers;
 * on errors: jittered exponential backoff, capped, retrying forever. Consumers keep the last
@@ -238,6 +239,11 @@ class Watch(Generic[T]):
             except Exception as exc:
                 failures += 1
                 self._fail(exc)
+                # After an error the agent may be a new one (restarted, or a server restored
+                # from a snapshot) whose index is below ours: a blocking query with our index
+                # would then wait out the whole `wait` before the backwards rule could fire.
+                # Ask without blocking first; it costs one request per recovery.
+                index = 0
                 await asyncio.sleep(options.backoff(failures))
                 continue
             failures = 0

@@ -493,6 +493,11 @@ class FakeConsul:
     def heal_node(self) -> None:
         self.node_health = "passing"
 
+    @property
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        """Every live session: ID → what ``session_info`` answers."""
+        return {sid: session.info() for sid, session in self._sessions.items()}
+
     def _arm_session_timer(self, session: _Session) -> None:
         if session.timer is not None:
             session.timer.cancel()

@@ -2,6 +2,7 @@
 
 from invoke import Collection
 
-from tasks import run
+from tasks import dns, run
 
 namespace = Collection.from_module(run)
+namespace.add_task(dns.dns)

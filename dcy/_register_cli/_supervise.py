@@ -228,7 +228,13 @@ class Supervisor:
                 await registration.deregister()
                 log.info("deregistered %s", registration.service_id)
             except DcyError as exc:
-                log.warning("could not deregister %s: %s", registration.service_id, exc)
+                log.warning(
+                    "could not deregister %s (%s): its check fails, and Consul removes it %gs "
+                    "after that",
+                    registration.service_id,
+                    exc,
+                    registration.definition.deregister_after,
+                )
         if self._attempted and self.dcy.agent is not None:
             for service_id in sorted(self._attempted):
                 with contextlib.suppress(DcyError, RuntimeError):

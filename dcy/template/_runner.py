@@ -83,6 +83,7 @@ class Renderer:
         self._specs = specs
         self.options = options or RendererOptions()
         self.metrics = metrics or RendererMetrics()
+        self.metrics.stale_seconds.set_function(self.stale_seconds)
         self._on_pass = on_pass
         self._subscriptions: dict[Any, Subscription[Any]] = {}
         self._users: dict[Any, set[TemplateState]] = {}
@@ -297,7 +298,6 @@ class Renderer:
         state.used = outcome.used
         state.files = outcome.files
         state.missing_keys = outcome.missing_keys
-        self._update_staleness()
 
     def _drop_user(self, spec: Any, state: TemplateState) -> None:
         users = self._users.get(spec)
@@ -324,7 +324,6 @@ class Renderer:
             if used is snapshot or (used is not None and used.value is snapshot.value):
                 continue
             self._mark_dirty(state, now)
-        self._update_staleness()
 
     def _mark_dirty(self, state: TemplateState, now: float) -> None:
         if not state.dirty:
@@ -333,13 +332,14 @@ class Renderer:
         state.last_change = now
         self._wake.set()
 
-    def _update_staleness(self) -> None:
+    def stale_seconds(self) -> float:
+        """Age of the oldest data in use while Consul is unreachable; 0 when all is fresh."""
         ages = [
             s.watch.snapshot.age
             for s in self._subscriptions.values()
             if s.watch.snapshot is not None and s.watch.snapshot.stale
         ]
-        self.metrics.stale_seconds.set(max(ages, default=0.0))
+        return max(ages, default=0.0)
 
     @property
     def stale(self) -> bool:

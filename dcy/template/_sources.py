@@ -6,8 +6,15 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED_NO_WRITE,
+    EVENT_TYPE_OPENED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
+
+_READ_ONLY_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
 
 
 class SourceWatcher(FileSystemEventHandler):
@@ -30,6 +37,8 @@ class SourceWatcher(FileSystemEventHandler):
                 self._directories.add(directory)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in _READ_ONLY_EVENTS:
+            return  # rendering reads the source: reacting to that would render forever
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             if not raw:
                 continue

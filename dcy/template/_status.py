@@ -31,7 +31,7 @@ def health_report(renderer: Renderer) -> tuple[int, dict[str, Any]]:
             entry["waiting_seconds"] = round(now - state.waiting_since, 3)
             problems.append(f"{state.spec.name} waits for data")
         templates.append(entry)
-    stale = renderer.metrics.stale_seconds._value.get()
+    stale = renderer.stale_seconds()
     if stale:
         problems.append(f"Consul unreachable: data is {stale:.1f}s old")
     body = {

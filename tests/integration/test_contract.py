@@ -365,3 +365,75 @@ async def test_session_refusals_are_consul_errors(api: ConsulAPI, unique_name: s
         await _session(api, "unchecked", node_checks=("no-such-check",))
     with pytest.raises(ValueError, match="behavior"):
         await _session(api, "odd", behavior="explode")
+
+
+# -- health states and datacenters -------------------------------------------------------------
+
+
+def _checks_of(body: Any, service: str) -> dict[str, dict[str, Any]]:
+    return {c["CheckID"]: c for c in body if c["ServiceName"] == service}
+
+
+async def test_health_state_lists_every_check_with_its_fields(
+    api: ConsulAPI, unique_name: str, consul: ConsulAgent
+) -> None:
+    """health_state("any") holds each service check with node, service, status and output."""
+    await api.register_service(_definition(unique_name, 9201))
+    await api.update_ttl(f"service:{unique_name}-9201", "warning", "slow disk")
+    result = await api.health_state("any")
+    assert isinstance(result.index, int) and result.index > 0
+    (check,) = _checks_of(result.body, unique_name).values()
+    assert (check["CheckID"], check["Name"], check["Notes"]) == (
+        f"service:{unique_name}-9201",
+        f"{unique_name} heartbeat",
+        "reports itself",
+    )
+    assert (check["Status"], check["Output"]) == ("warning", "slow disk")
+    assert (check["Node"], check["ServiceID"]) == (consul.node_name, f"{unique_name}-9201")
+
+
+async def test_health_state_filters_by_state(api: ConsulAPI, unique_name: str) -> None:
+    """health_state("critical") lists only critical checks, "passing" only passing ones; an
+    unknown state is a ValueError before anything reaches Consul."""
+    await api.register_service(_definition(unique_name, 9202))
+    await api.register_service(_definition(unique_name, 9203, status="critical"))
+    critical = _checks_of((await api.health_state("critical")).body, unique_name)
+    passing = _checks_of((await api.health_state("passing")).body, unique_name)
+    assert list(critical) == [f"service:{unique_name}-9203"]
+    assert list(passing) == [f"service:{unique_name}-9202"]
+    with pytest.raises(ValueError, match="bogus"):
+        await api.health_state("bogus")
+
+
+async def test_health_state_blocks_until_a_check_changes(api: ConsulAPI, unique_name: str) -> None:
+    """A health_state query at the current index returns a higher index once a check changes."""
+    await api.register_service(_definition(unique_name, 9204))
+    first = await api.health_state("any")
+    waiting = asyncio.ensure_future(api.health_state("any", index=first.index, wait=20))
+    await asyncio.sleep(0.3)
+    await api.update_ttl(f"service:{unique_name}-9204", "critical", "gone")
+    result = await asyncio.wait_for(waiting, 15)
+    assert isinstance(result.index, int) and result.index > first.index  # type: ignore[operator]
+    # Other checks of the shared agent may have moved the index first: follow it to ours.
+    while _checks_of(result.body, unique_name)[f"service:{unique_name}-9204"]["Status"] != (
+        "critical"
+    ):
+        result = await api.health_state("any", index=result.index, wait=5)
+    assert _checks_of(result.body, unique_name)[f"service:{unique_name}-9204"]["Output"] == "gone"
+
+
+async def test_catalog_datacenters_lists_the_local_one(api: ConsulAPI) -> None:
+    """A lone agent knows exactly one datacenter: its own."""
+    assert await api.catalog_datacenters() == ["dc1"]
+
+
+async def test_coordinate_datacenters_gives_servers_coordinates(api: ConsulAPI) -> None:
+    """coordinate_datacenters has the local datacenter, its server at an 8-dimensional
+    coordinate with a height and an adjustment."""
+    areas = await eventually(api.coordinate_datacenters, what="coordinates")
+    (area,) = areas
+    assert (area["Datacenter"], area["AreaID"]) == ("dc1", "wan")
+    (server,) = area["Coordinates"]
+    coordinate = server["Coord"]
+    assert len(coordinate["Vec"]) == 8 and coordinate["Height"] >= 0
+    assert isinstance(coordinate["Adjustment"], int | float)

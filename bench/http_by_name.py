@@ -1,0 +1,128 @@
+"""Requests per second through dcy's HTTP client by service name, against raw aiohttp.
+
+Same run, same worker process, same concurrency: ``CONCURRENCY`` tasks each send GET /ping
+in a loop over one kept-alive session.
+
+* ``raw_rps``: a plain ``aiohttp.ClientSession`` to the worker's fixed URL
+  (``http://127.0.0.1:PORT/ping``);
+* ``by_name_rps``: ``dcy.http_client()`` with ``http://bench-http/ping``: route lookup,
+  resolution from the watch cache, round-robin choice, retry bookkeeping, URL rewrite.
+
+The two alternate (raw, by name, by name, raw: drift on the machine hits both alike), each
+run a fixed number of requests; the figures are totals over both runs of each.
+``ratio_vs_raw`` = by_name_rps / raw_rps: 1.0 means the by-name layer costs nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+import dcy
+from bench._common import consul_agent, emit, gc_paused, note, parse_args, rounded
+from tests.harness import ConsulAgent, ManagedProcess
+
+SERVICE = "bench-http"
+CONCURRENCY = 16
+SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "integration" / "_echo_server.py"
+
+Get = Callable[[], Awaitable[None]]
+
+
+def start_worker(workdir: Path) -> tuple[ManagedProcess, int]:
+    """The echo server as its own process; returns it and the port it bound."""
+    port_file = workdir / "worker.port"
+    worker = ManagedProcess(
+        [sys.executable, str(SERVER_SCRIPT), "--id", "w1", "--port-file", str(port_file)],
+        workdir / "worker.log",
+    )
+    worker.spawn()
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        if not worker.running or time.monotonic() > deadline:
+            worker.stop()
+            raise RuntimeError(f"worker did not start:\n{worker.log_tail()}")
+        time.sleep(0.05)
+    return worker, int(port_file.read_text())
+
+
+async def run_requests(get: Get, total: int) -> float:
+    """Seconds for ``total`` requests sent by CONCURRENCY tasks."""
+    left = total
+
+    async def loop() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await get()
+
+    with gc_paused():
+        start = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
+        return time.perf_counter() - start
+
+
+def getter(client: aiohttp.ClientSession | dcy.HttpClient, url: str) -> Get:
+    async def get() -> None:
+        async with client.get(url) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"GET {url} answered {response.status}")
+
+    return get
+
+
+async def run(agent: ConsulAgent, port: int, quick: bool) -> dict[str, float | int]:
+    per_run = 4_000 if quick else 25_000
+    async with dcy.Dcy(agent.http_addr) as client:
+        await client.register(SERVICE, port, check=dcy.TtlCheck(ttl=600))
+        for _ in range(200):
+            if await client.instances(SERVICE):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise RuntimeError(f"{SERVICE} never became resolvable")
+        async with aiohttp.ClientSession() as session, client.http_client() as by_name:
+            raw = getter(session, f"http://127.0.0.1:{port}/ping")
+            named = getter(by_name, f"http://{SERVICE}/ping")
+            await run_requests(raw, 1_000)
+            await run_requests(named, 1_000)
+            seconds = {"raw": 0.0, "by_name": 0.0}
+            for kind in ("raw", "by_name", "by_name", "raw"):
+                note(f"{kind}: {per_run} requests, {CONCURRENCY} concurrent")
+                taken = await run_requests(raw if kind == "raw" else named, per_run)
+                note(f"  {per_run / taken:,.0f} requests/s")
+                seconds[kind] += taken
+    raw_rps = 2 * per_run / seconds["raw"]
+    by_name_rps = 2 * per_run / seconds["by_name"]
+    return {
+        "requests_each": 2 * per_run,
+        "concurrency": CONCURRENCY,
+        "by_name_rps": round(by_name_rps),
+        "raw_rps": round(raw_rps),
+        "ratio_vs_raw": rounded(by_name_rps / raw_rps),
+    }
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    with consul_agent() as agent, tempfile.TemporaryDirectory(prefix="dcy-bench-http-") as tmp:
+        worker, port = start_worker(Path(tmp))
+        try:
+            figures = asyncio.run(run(agent, port, args.quick))
+        finally:
+            worker.stop()
+    emit("http_by_name", figures)
+
+
+if __name__ == "__main__":
+    main()
