@@ -11,6 +11,9 @@ in a loop over one kept-alive session.
 The two alternate (raw, by name, by name, raw: drift on the machine hits both alike), each
 run a fixed number of requests; the figures are totals over both runs of each.
 ``ratio_vs_raw`` = by_name_rps / raw_rps: 1.0 means the by-name layer costs nothing.
+
+With the worker on the other core, requests/s are often bound by the worker, which hides the
+client's own cost; ``*_client_cpu_us`` (this process's CPU time per request) shows it.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def start_worker(workdir: Path) -> tuple[ManagedProcess, int]:
     return worker, int(port_file.read_text())
 
 
-async def run_requests(get: Get, total: int) -> float:
-    """Seconds for ``total`` requests sent by CONCURRENCY tasks."""
+async def run_requests(get: Get, total: int) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) for ``total`` requests sent by CONCURRENCY
+    tasks."""
     left = total
 
     async def loop() -> None:
@@ -66,9 +70,9 @@ async def run_requests(get: Get, total: int) -> float:
             await get()
 
     with gc_paused():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def getter(client: aiohttp.ClientSession | dcy.HttpClient, url: str) -> Get:
@@ -95,18 +99,22 @@ async def run(agent: ConsulAgent, port: int, quick: bool) -> dict[str, float | i
             raw = getter(session, f"http://127.0.0.1:{port}/ping")
             named = getter(by_name, f"http://{SERVICE}/ping")
             await run_requests(raw, 1_000)
-            await run_requests(named, 1_000)
+            await run_requests(named, 1_000)  # warm: connections open, the name resolved
             seconds = {"raw": 0.0, "by_name": 0.0}
+            cpu = {"raw": 0.0, "by_name": 0.0}
             for kind in ("raw", "by_name", "by_name", "raw"):
                 note(f"{kind}: {per_run} requests, {CONCURRENCY} concurrent")
-                taken = await run_requests(raw if kind == "raw" else named, per_run)
-                note(f"  {per_run / taken:,.0f} requests/s")
+                taken, used = await run_requests(raw if kind == "raw" else named, per_run)
+                note(f"  {per_run / taken:,.0f} requests/s, {used / per_run * 1e6:.0f} µs CPU each")
                 seconds[kind] += taken
+                cpu[kind] += used
     raw_rps = 2 * per_run / seconds["raw"]
     by_name_rps = 2 * per_run / seconds["by_name"]
     return {
         "requests_each": 2 * per_run,
         "concurrency": CONCURRENCY,
+        "raw_client_cpu_us": rounded(cpu["raw"] / (2 * per_run) * 1e6, 1),
+        "by_name_client_cpu_us": rounded(cpu["by_name"] / (2 * per_run) * 1e6, 1),
         "by_name_rps": round(by_name_rps),
         "raw_rps": round(raw_rps),
         "ratio_vs_raw": rounded(by_name_rps / raw_rps),

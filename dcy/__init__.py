@@ -23,8 +23,8 @@ from dcy._errors import (
 )
 from dcy._health_events import HealthWatch, Transition
 from dcy._http import HttpClient
-from dcy._kv import KV
-from dcy._leader import LEADER_PREFIX, Leadership
+from dcy._kv import KeyValueStore
+from dcy._leader import Leadership
 from dcy._query import Check, Instance, ServiceQuery
 from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
 from dcy._resolve import Lookup
@@ -32,8 +32,6 @@ from dcy._specs import KeyValue
 from dcy._watch import Snapshot, Subscription, WatchOptions
 
 __all__ = [
-    "KV",
-    "LEADER_PREFIX",
     "AclDenied",
     "AgentInfo",
     "AllInstancesFailed",
@@ -53,6 +51,7 @@ __all__ = [
     "Instance",
     "InvalidName",
     "KeyValue",
+    "KeyValueStore",
     "Leadership",
     "Lookup",
     "LookupFailed",

@@ -25,7 +25,7 @@ from dcy._dns import DnsResolver
 from dcy._errors import ConsulError, ConsulUnavailable
 from dcy._health_events import HealthWatch, TransitionCallback, health_watch
 from dcy._http import HttpClient
-from dcy._kv import KV
+from dcy._kv import KeyValueStore
 from dcy._leader import DEFAULT_LOCK_DELAY, DEFAULT_TTL, Leadership, OnLost
 from dcy._query import Instance
 from dcy._register import MIN_DEREGISTER_AFTER, CheckKind, CheckSpec, Registration, define_service
@@ -177,9 +177,9 @@ class Dcy:
 
     # -- KV and leadership ------------------------------------------------------------------
     @property
-    def kv(self) -> KV:
+    def kv(self) -> KeyValueStore:
         """Consul's key/value store: get/put/delete/list, check-and-set, and watches."""
-        return KV(self.api, self.engine)
+        return KeyValueStore(self.api, self.engine)
 
     def leadership(
         self,

@@ -249,6 +249,8 @@ class HealthWatch:
             log.exception("health watch callback failed on %s; it stays subscribed", transition)
 
     def __aiter__(self) -> AsyncIterator[Transition]:
+        if self._callback is not None:
+            raise TypeError("this health watch delivers to its callback; iterate one without")
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Transition]:

@@ -47,6 +47,10 @@ from dcy._resolve import Datacenters, Resolver
 
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+# How long a pool serves requests before asking the resolver's cache again. The cache follows
+# Consul through a blocking query; asking it per request cost as much as the rest of the
+# by-name work together, and a tenth of a second is far below Consul's own check intervals.
+REFRESH_EVERY = 0.1
 # Raised before a single byte of the request left: safe to send anywhere else.
 NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _REPLAYABLE_BODIES = (bytes, bytearray, str, Mapping, list, tuple)
@@ -132,6 +136,7 @@ class HttpClient:
         self._datacenters = datacenters
         self._session_options = session_options
         self._session: aiohttp.ClientSession | None = None
+        self._first_timeout = aiohttp.ClientTimeout(total=self._budget)
         self._pools: dict[str, Pool] = {}
         self._endpoints: dict[str, Endpoint] = {}
 
@@ -146,6 +151,7 @@ class HttpClient:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(**self._session_options)
+            self._first_timeout = _within(self._session.timeout, self._budget)
         return self._session
 
     @property
@@ -193,35 +199,35 @@ class HttpClient:
         if routed is None:
             return await session.request(method, url, **options)
         route, rest = routed
-        return await self._send_by_name(session, method.upper(), route, rest, options)
-
-    async def _send_by_name(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        route: Route,
-        rest: str,
-        options: dict[str, Any],
-    ) -> ClientResponse:
-        pool = await self._pool(route.service)
+        method = method.upper()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._budget
-        idempotent = method in IDEMPOTENT_METHODS
+        now = loop.time()
+        pool = self._pools.get(route.service)
+        if pool is None or now >= pool.fresh_until:
+            pool = await self._refresh(route.service, now)
+        deadline = now + self._budget
+        bounded = "timeout" not in options
         tried: list[tuple[Instance, BaseException]] = []
         excluded: list[Endpoint] = []
         for attempt in range(1, self._attempts + 1):
-            if attempt > 1 and loop.time() >= deadline:
-                break
-            index = pool.choose(self._strategy, excluded, loop.time())
+            if attempt > 1:
+                now = loop.time()
+                remaining = deadline - now
+                if remaining <= 0:
+                    break
+                if bounded:
+                    options["timeout"] = _within(session.timeout, remaining)
+            elif bounded:
+                options["timeout"] = self._first_timeout
+            index = pool.choose(self._strategy, excluded, now)
             if index < 0:
                 break
             instance, endpoint = pool.instances[index], pool.endpoints[index]
             endpoint.in_flight += 1
             try:
-                async with asyncio.timeout_at(deadline):
-                    response = await session.request(
-                        method, route.prefix + endpoint.hostport + rest, **options
-                    )
+                response = await session.request(
+                    method, route.prefix + endpoint.hostport + rest, **options
+                )
             except aiohttp.InvalidURL:
                 raise  # the caller's mistake, not the instance's
             except aiohttp.ClientResponseError:
@@ -238,7 +244,7 @@ class HttpClient:
                 self._outliers.failed(endpoint, pool.endpoints, loop.time())
                 tried.append((instance, exc))
                 excluded.append(endpoint)
-                if not (idempotent and replayable(options)):
+                if not (method in IDEMPOTENT_METHODS and replayable(options)):
                     raise self._failure(method, route, tried, sent=True) from exc
                 continue
             finally:
@@ -251,7 +257,7 @@ class HttpClient:
             self._outliers.failed(endpoint, pool.endpoints, now)
             excluded.append(endpoint)
             if not (
-                idempotent
+                method in IDEMPOTENT_METHODS
                 and attempt < self._attempts
                 and now < deadline
                 and pool.has_other(excluded)
@@ -262,7 +268,7 @@ class HttpClient:
             response.release()
         raise self._failure(method, route, tried, sent=False) from (tried[-1][1] if tried else None)
 
-    async def _pool(self, service: str) -> Pool:
+    async def _refresh(self, service: str, now: float) -> Pool:
         """The service's pool, brought up to date with the resolver's cached answer."""
         resolver, datacenters = self._resolver, self._datacenters
         instances = (await resolver.lookup(service, datacenters=datacenters)).instances
@@ -273,8 +279,8 @@ class HttpClient:
         pool = self._pools.get(service)
         if pool is None:
             pool = self._pools[service] = Pool()
-        if instances is not pool.instances:
-            pool.update(instances, self._endpoint)
+        pool.update(instances, self._endpoint)
+        pool.fresh_until = now + REFRESH_EVERY
         return pool
 
     def _endpoint(self, hostport: str) -> Endpoint:
@@ -310,6 +316,18 @@ class HttpClient:
         else:
             message = f"{method} to {route.service!r}: no instance answered. Tried: {details}"
         return AllInstancesFailed(message, service=route.service, attempts=tuple(tried))
+
+
+def _within(timeout: aiohttp.ClientTimeout, seconds: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts, with the whole exchange cut to ``seconds`` at most."""
+    total = seconds if timeout.total is None else min(timeout.total, seconds)
+    return aiohttp.ClientTimeout(
+        total=total,
+        connect=timeout.connect,
+        sock_read=timeout.sock_read,
+        sock_connect=timeout.sock_connect,
+        ceil_threshold=timeout.ceil_threshold,
+    )
 
 
 def _status_error(response: ClientResponse) -> aiohttp.ClientResponseError:

@@ -77,16 +77,18 @@ class Outliers:
 class Pool:
     """One service's instances as last resolved, their endpoints, and whose turn it is."""
 
-    __slots__ = ("endpoints", "instances", "turn")
+    __slots__ = ("endpoints", "fresh_until", "instances", "turn")
 
     def __init__(self) -> None:
         self.instances: tuple[Instance, ...] = ()
         self.endpoints: tuple[Endpoint, ...] = ()
         self.turn = -1
+        self.fresh_until = 0.0  # when to ask the resolver's cache again
 
     def update(self, instances: tuple[Instance, ...], endpoint: Callable[[str], Endpoint]) -> None:
-        self.instances = instances
-        self.endpoints = tuple(endpoint(i.hostport) for i in instances)
+        if instances is not self.instances:
+            self.instances = instances
+            self.endpoints = tuple(endpoint(i.hostport) for i in instances)
 
     def choose(self, strategy: str, exclude: Sequence[Endpoint], now: float) -> int:
         """Index of the endpoint to try next, or -1 when every one is in ``exclude``.

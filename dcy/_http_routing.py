@@ -97,15 +97,28 @@ def service_query_of(
 class Router:
     """Routes of the origins seen so far: each origin is classified once."""
 
-    __slots__ = ("_domain", "_external", "_routes")
+    __slots__ = ("_domain", "_external", "_routes", "_urls")
 
     def __init__(self, *, domain: str, external_hosts: Iterable[str] = ()) -> None:
         self._domain = domain
         self._external = LOCAL_HOSTS | {h.lower().rstrip(".") for h in external_hosts}
         self._routes: dict[str, Route | None] = {}
+        # Most callers send the same few URLs over and over: skip even the split for those.
+        self._urls: dict[str, tuple[Route, str] | None] = {}
 
     def route(self, url: str) -> tuple[Route, str] | None:
         """The route of ``url`` and the rest of it after the origin; None to pass through."""
+        try:
+            return self._urls[url]
+        except KeyError:
+            pass
+        routed = self._route(url)
+        if len(self._urls) >= _MAX_ROUTES:
+            self._urls.clear()
+        self._urls[url] = routed
+        return routed
+
+    def _route(self, url: str) -> tuple[Route, str] | None:
         origin, rest = split_origin(url)
         try:
             route = self._routes[origin]

@@ -34,7 +34,7 @@ from dcy._watch import Callback, Subscription, WatchEngine
 Value = str | bytes | bytearray | memoryview
 
 
-class KV:
+class KeyValueStore:
     """The KV store of the local agent's datacenter (reads may name another one)."""
 
     def __init__(self, api: ConsulAPI, engine: WatchEngine) -> None:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcy._consul import AgentInfo, ConsulAPI, Index, QueryResult
-from dcy._errors import ConsulError, DcyError
+from dcy._errors import AclDenied, ConsulError, DcyError
 from dcy._specs import KeyValue
 from dcy._watch import Snapshot, Subscription, WatchEngine
 
@@ -212,11 +212,11 @@ class Leadership:
         retry = _RETRY_FIRST
         while True:
             self._changed.clear()
-            if self._session_gone:
-                await self._open_session()
             snapshot = self._latest
             timeout: float | None = None
-            if snapshot is not None and not snapshot.stale and self._free(snapshot.value.entry):
+            if self._session_gone and not await self._reopen_session():
+                timeout, retry = retry, min(retry * 2, _RETRY_CAP)
+            elif snapshot is not None and not snapshot.stale and self._free(snapshot.value.entry):
                 if await self._try_acquire():
                     return
                 # Free but refused: another contender was faster (the watch will show it),
@@ -226,6 +226,17 @@ class Leadership:
                 retry = _RETRY_FIRST
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _reopen_session(self) -> bool:
+        """A new session after ours ended while waiting (an agent restart, say)."""
+        try:
+            await self._open_session()
+        except AclDenied:
+            raise
+        except DcyError as exc:
+            log.warning("cannot open a new session for %s yet: %s", self.key, exc)
+            return False
+        return True
 
     def _free(self, entry: KeyValue | None) -> bool:
         return entry is None or entry.session is None or entry.session == self.session_id
@@ -239,6 +250,8 @@ class Leadership:
             # Learn the index of our acquisition: snapshots older than it say nothing about
             # this leadership and must not end it.
             result = await self._api.kv_get(self.key)
+        except AclDenied:
+            raise  # waiting cannot fix a missing permission
         except ConsulError as exc:
             if "invalid session" in str(exc):
                 self._session_gone = True

@@ -195,6 +195,11 @@ class Resolver:
         """The entry of the first datacenter with a matching instance, else the query's own;
         and every entry that answered. Other datacenters are asked only when the query's own
         has no match, through the same engine (a HealthServiceSpec with their name)."""
+        if isinstance(datacenters, str) and datacenters != "all":
+            # A string is a sequence too: "dc2" would otherwise mean "d", "c", "2".
+            raise ValueError(
+                f"datacenters must be a list of datacenter names or 'all', got {datacenters!r}"
+            )
         home = await self._ready(name, timeout)
         home.refresh()
         home.last_used = time.monotonic()
@@ -222,11 +227,7 @@ class Resolver:
     async def _failover_order(
         self, own: str, datacenters: Datacenters, timeout: float | None
     ) -> tuple[str, ...]:
-        if isinstance(datacenters, str):
-            if datacenters != "all":
-                raise ValueError(
-                    f"datacenters must be a list of datacenter names or 'all', got {datacenters!r}"
-                )
+        if isinstance(datacenters, str):  # "all"
             if self._distances is None:
                 self._distances = self._engine.acquire(DatacentersByDistanceSpec(self._datacenter))
             nearest = (await self._distances.first(timeout)).value

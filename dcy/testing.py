@@ -9,6 +9,10 @@
 for a change or for ``wait``; indexes only grow), counts every call, and can play an outage
 (``fake.unavailable = True``) or an ACL refusal (``fake.deny = True``). It runs no health
 checks: set statuses with :meth:`FakeConsul.set_status` or through TTL updates.
+
+Its KV store and sessions follow Consul 1.14 (check-and-set, acquire/release, lock-delay,
+sessions invalidated 2 x TTL after their last renewal); :meth:`FakeConsul.expire_session` and
+:meth:`FakeConsul.fail_node` invalidate sessions on demand.
 """
 
 from __future__ import annotations

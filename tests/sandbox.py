@@ -11,6 +11,7 @@ The network namespace holds nothing but what the test starts, so fixed ports are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -189,7 +190,5 @@ def _terminate(pid: int, timeout: float = 5.0) -> None:
         if state in ("Z", "X"):
             return
         time.sleep(0.02)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from dcy import LEADER_PREFIX, ConsulConfig, Dcy, HttpConsul, Snapshot, WatchOptions
+from dcy import ConsulConfig, Dcy, HttpConsul, Snapshot, WatchOptions
 from dcy._consul import QueryResult
+from dcy._leader import LEADER_PREFIX
 from tests.harness import ConsulAgent, eventually
 
 pytestmark = pytest.mark.integration

@@ -201,9 +201,10 @@ async def test_name_with_datacenter_starts_there_then_fails_over_to_local() -> N
 async def test_a_single_datacenter_string_is_refused() -> None:
     """datacenters="dc2" (a string, not a list) raises ValueError instead of trying d, c, 2."""
     fake = FakeConsul()
+    fake.add_service("worker")
     async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
         with pytest.raises(ValueError, match="'dc2'"):
-            await dcy.pick("worker", datacenters="dc2")  # type: ignore[arg-type]
+            await dcy.pick("worker", datacenters="dc2")
 
 
 async def test_round_robin_within_the_failover_datacenter() -> None:

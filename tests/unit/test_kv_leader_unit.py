@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from dcy import LEADER_PREFIX, Dcy, KeyValue, Leadership, Snapshot, WatchOptions
+from dcy import AclDenied, ConsulError, Dcy, KeyValue, Leadership, Snapshot, WatchOptions
+from dcy._leader import LEADER_PREFIX
 from dcy.testing import FakeConsul
 from tests.harness import eventually
 
@@ -261,6 +262,29 @@ async def test_unreachable_agent_ends_leadership(dcy: Dcy, fake: FakeConsul) -> 
         reason = await asyncio.wait_for(leader.wait_lost(), 5)
         assert "lost contact" in reason
         fake.set_unavailable(False)
+
+
+async def test_failed_node_check_ends_leadership(dcy: Dcy, fake: FakeConsul) -> None:
+    """serfHealth going critical invalidates the session: the holder loses, and no new
+    session can be made until the node is healthy again."""
+    async with dcy.leadership("jobs", lock_delay=0) as leader:
+        fake.fail_node()
+        reason = await asyncio.wait_for(leader.wait_lost(), 5)
+        assert "released" in reason
+        with pytest.raises(ConsulError, match="critical state"):
+            async with dcy.leadership("jobs"):
+                pass
+        fake.heal_node()
+        async with dcy.leadership("jobs") as again:
+            assert again.is_leader
+
+
+async def test_acl_denied_election_fails_at_once(dcy: Dcy, fake: FakeConsul) -> None:
+    """Without permission to make sessions, entering raises AclDenied instead of waiting."""
+    fake.deny = True
+    with pytest.raises(AclDenied):
+        async with dcy.leadership("jobs"):
+            pass
 
 
 class VanishingSessions(FakeConsul):

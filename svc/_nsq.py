@@ -1,0 +1,209 @@
+"""NSQ for the services: every daemon found through Consul, publishing in batches.
+
+* nsqd is the ``nsqd`` service (its HTTP port in meta ``http_port``), the instance on this
+  node preferred; consumers find nsqds through every passing ``nsqlookupd``.
+* :class:`BatchPublisher` gathers messages per topic and sends them with one ``/mpub``
+  request (one HTTP request per message caps out far below what nsqd takes). A publish
+  resolves only once nsqd accepted its batch; failed batches are retried, against a freshly
+  resolved nsqd, until they are accepted or the publisher is closed: nothing is dropped.
+* :func:`start_consumer` runs pynsq's Reader on this asyncio loop (tornado uses it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import nsq
+
+from dcy import Dcy, DcyError, Instance
+
+log = logging.getLogger("svc.nsq")
+
+
+async def nsqd_http_url(dcy: Dcy) -> str:
+    """The HTTP address of an nsqd, preferring the one on this node."""
+    instances = await dcy.instances("nsqd")
+    if not instances:
+        raise DcyError("no passing nsqd in Consul")
+    assert dcy.agent is not None
+    local = [i for i in instances if i.node == dcy.agent.node_name]
+    chosen = (local or list(instances))[0]
+    return f"http://{_http_hostport(chosen)}"
+
+
+async def ensure_channel(
+    dcy: Dcy, session: aiohttp.ClientSession, topic: str, channel: str
+) -> None:
+    """Create the topic and channel on every nsqd up front: messages published before the
+    first consumer connects then wait in the channel, and lookupd can name the producers at
+    once instead of after a poll interval."""
+    for instance in await dcy.instances("nsqd"):
+        url = f"http://{_http_hostport(instance)}/channel/create"
+        async with session.post(url, params={"topic": topic, "channel": channel}) as response:
+            if response.status != 200:
+                raise DcyError(f"nsqd {instance.hostport} refused channel {topic}/{channel}")
+
+
+async def lookupd_http_addresses(dcy: Dcy) -> list[str]:
+    instances = await dcy.instances("nsqlookupd")
+    if not instances:
+        raise DcyError("no passing nsqlookupd in Consul")
+    return [f"http://{i.hostport}" for i in instances]
+
+
+def _http_hostport(instance: Instance) -> str:
+    port = instance.meta.get("http_port") or str(instance.port + 1)
+    host = f"[{instance.address}]" if ":" in instance.address else instance.address
+    return f"{host}:{port}"
+
+
+@dataclass
+class _Batch:
+    bodies: list[bytes] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class BatchPublisher:
+    """Publishes to nsqd over HTTP ``/mpub``, batching what arrives within ``linger``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        resolve: Callable[[], Awaitable[str]],
+        *,
+        max_batch: int = 1000,
+        linger: float = 0.002,
+        retry_cap: float = 2.0,
+    ) -> None:
+        self._session = session
+        self._resolve = resolve
+        self._max_batch = max_batch
+        self._linger = linger
+        self._retry_cap = retry_cap
+        self._pending: dict[str, _Batch] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
+        self._url: str | None = None
+        self._closed = False
+        self.published = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def publish_nowait(self, topic: str, body: bytes) -> asyncio.Future[None]:
+        """Queue one message; the future resolves once nsqd accepted it."""
+        if self._closed:
+            raise RuntimeError("publisher is closed")
+        if b"\n" in body:
+            raise ValueError("an /mpub message cannot contain a newline")
+        batch = self._pending.setdefault(topic, _Batch())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch.bodies.append(body)
+        batch.futures.append(future)
+        if topic not in self._flushers:
+            self._flushers[topic] = asyncio.get_running_loop().create_task(self._flush(topic))
+        return future
+
+    async def publish(self, topic: str, body: bytes) -> None:
+        await self.publish_nowait(topic, body)
+
+    async def _flush(self, topic: str) -> None:
+        try:
+            while self._pending.get(topic) and self._pending[topic].bodies:
+                if len(self._pending[topic].bodies) < self._max_batch and self._linger:
+                    await asyncio.sleep(self._linger)
+                batch = self._pending.pop(topic)
+                await self._send(topic, batch)
+        finally:
+            self._flushers.pop(topic, None)
+
+    async def _send(self, topic: str, batch: _Batch) -> None:
+        failures = 0
+        for start in range(0, len(batch.bodies), self._max_batch):
+            bodies = batch.bodies[start : start + self._max_batch]
+            futures = batch.futures[start : start + self._max_batch]
+            while True:
+                try:
+                    await self._post(topic, bodies)
+                    break
+                except (aiohttp.ClientError, OSError, TimeoutError, DcyError) as exc:
+                    failures += 1
+                    self.failures += 1
+                    self.last_error = str(exc)
+                    self._url = None  # nsqd may have moved: resolve again
+                    if failures in (1, 10) or failures % 100 == 0:
+                        log.warning("publishing to %s failed (%s); retrying", topic, exc)
+                    await asyncio.sleep(min(self._retry_cap, 0.05 * 2 ** min(failures, 10)))
+            self.published += len(bodies)
+            self.last_error = None
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _post(self, topic: str, bodies: list[bytes]) -> None:
+        if self._url is None:
+            self._url = await self._resolve()
+        async with self._session.post(
+            f"{self._url}/mpub",
+            params={"topic": topic},
+            data=b"\n".join(bodies),
+            timeout=aiohttp.ClientTimeout(total=5),
+        ) as response:
+            if response.status != 200:
+                text = await response.text()
+                raise aiohttp.ClientResponseError(
+                    response.request_info, (), status=response.status, message=text.strip()
+                )
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is accepted."""
+        while self._flushers:
+            await asyncio.gather(*self._flushers.values(), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain()
+        self._closed = True
+
+
+MessageHandler = Callable[[bytes], Awaitable[None]]
+
+
+def start_consumer(
+    topic: str,
+    channel: str,
+    lookupds: list[str],
+    handler: MessageHandler,
+    *,
+    max_in_flight: int = 1000,
+    in_flight: set[asyncio.Task[None]] | None = None,
+) -> nsq.Reader:
+    """A pynsq Reader on the running loop. Each message is finished only after ``handler``
+    completed (at-least-once); a handler error requeues it."""
+    tasks = in_flight if in_flight is not None else set()
+
+    def on_message(message: nsq.Message) -> None:
+        message.enable_async()
+        task = asyncio.get_running_loop().create_task(_handle(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _handle(message: nsq.Message) -> None:
+        try:
+            await handler(message.body)
+        except Exception:
+            log.exception("handling a %s message failed; requeueing it", topic)
+            message.requeue(backoff=False)
+            return
+        message.finish()
+
+    return nsq.Reader(
+        topic=topic,
+        channel=channel,
+        message_handler=on_message,
+        lookupd_http_addresses=lookupds,
+        lookupd_poll_interval=2,
+        max_in_flight=max_in_flight,
+        max_tries=0,
+    )

@@ -1,0 +1,219 @@
+"""The small runtime every service shares: flags, an aiohttp app with /health and /metrics,
+registration through dcy, and a graceful stop.
+
+Stop order on SIGTERM/SIGINT: deregister (peers stop sending), stop taking new work, finish
+what is in flight, close connections, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from dcy import Dcy, DcyError, HttpCheck
+
+Mode = Literal["http", "nsq", "push"]
+MODES: tuple[str, ...] = ("http", "nsq", "push")
+VERSION = "0.1.0"
+
+log = logging.getLogger("svc")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    name: str
+    mode: Mode
+    host: str
+    port: int
+    advertise: str
+    consul: str | None
+    instance: str
+    check_interval: float
+    log_level: str
+
+
+def base_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=name, description=description)
+    env = os.environ.get
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=env("SVC_MODE", "http"),
+        help="http (app orchestrates), nsq (messaging) or push (coupled)",
+    )
+    parser.add_argument("--host", default=env("SVC_HOST", "127.0.0.1"), help="listen address")
+    parser.add_argument(
+        "--port", type=int, default=int(env("SVC_PORT", "0")), help="listen port (0: any free port)"
+    )
+    parser.add_argument(
+        "--advertise",
+        default=env("SVC_ADVERTISE"),
+        help="address registered in Consul (default: the listen address)",
+    )
+    parser.add_argument(
+        "--consul",
+        default=None,
+        help="Consul address (default: CONSUL_HTTP_ADDR, else 127.0.0.1:8500)",
+    )
+    parser.add_argument(
+        "--check-interval",
+        type=float,
+        default=1.0,
+        help="seconds between Consul's health checks of this instance",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("SVC_LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+    )
+    return parser
+
+
+def settings_from(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    if args.mode not in MODES:  # an invalid SVC_MODE from the environment
+        parser.error(f"invalid mode {args.mode!r}: choose from {', '.join(MODES)}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"invalid port {args.port}")
+    return Settings(
+        name=name,
+        mode=args.mode,
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host),
+        consul=args.consul,
+        instance=f"{name}-{socket.gethostname()}-{os.getpid()}",
+        check_interval=args.check_interval,
+        log_level=args.log_level,
+    )
+
+
+class Service(Protocol):
+    """What a service plugs into the runtime."""
+
+    def routes(self, app: web.Application) -> None: ...
+
+    async def start(self, runtime: Runtime) -> None: ...
+
+    async def stop_intake(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def not_ready(self) -> str | None:
+        """None when ready to serve; otherwise a short reason for /health."""
+        ...
+
+
+class Runtime:
+    def __init__(self, settings: Settings, service: Service) -> None:
+        self.settings = settings
+        self.service = service
+        self.registry = CollectorRegistry()
+        self.port = settings.port
+        self._stop = asyncio.Event()
+        self.dcy: Dcy | None = None
+
+    @property
+    def tags(self) -> list[str]:
+        return [f"mode-{self.settings.mode}", f"version-{VERSION}"]
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self.service.routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with Dcy(self.settings.consul, connect_timeout=30) as dcy:
+                self.dcy = dcy
+                await self.service.start(self)
+                registration = await dcy.register(
+                    self.settings.name,
+                    self.port,
+                    address=self.settings.advertise,
+                    service_id=f"{self.settings.name}-{self.settings.advertise}-{self.port}",
+                    tags=self.tags,
+                    meta={"mode": self.settings.mode, "version": VERSION, "pid": str(os.getpid())},
+                    check=HttpCheck(
+                        interval=self.settings.check_interval,
+                        timeout=min(2.0, self.settings.check_interval),
+                    ),
+                )
+                log.info(
+                    "%s ready on %s:%s (mode %s)",
+                    self.settings.name,
+                    self.settings.advertise,
+                    self.port,
+                    self.settings.mode,
+                )
+                await self._stop.wait()
+                log.info("stopping: deregistering, then finishing in-flight work")
+                await registration.deregister()
+                await self.service.stop_intake()
+                await self.service.drain()
+        except DcyError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            await runner.cleanup()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _health(self, _: web.Request) -> web.Response:
+        reason = self.service.not_ready()
+        if reason is None:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def serve(
+    name: str,
+    description: str,
+    build: Callable[[Settings, argparse.Namespace], Service],
+    extend: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse flags (usage errors exit 2), build the service, run it until a signal."""
+    parser = base_parser(name, description)
+    if extend is not None:
+        extend(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from(name, args, parser)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    service = build(settings, args)
+    return asyncio.run(_run(settings, service))
+
+
+async def _run(settings: Settings, service: Service) -> int:
+    return await Runtime(settings, service).run()
+
+
+Background = Callable[[], Awaitable[None]]
