@@ -7,7 +7,10 @@
 The host is resolved through dcy's resolver (the shared watch cache, no extra Consul query)
 and replaced by one instance's ``address:port``; which hosts count as service names is
 described in ``dcy._http_routing``. Everything else passes through to aiohttp untouched. One
-aiohttp session serves every instance, so connections stay alive per instance.
+aiohttp session serves every instance, so connections stay alive per instance. The request
+goes to the instance as if called directly: its ``Host`` header is the instance's address,
+and for ``https`` the certificate is checked against that address (pass aiohttp's
+``server_hostname=`` or ``ssl=`` to choose otherwise).
 
 A request by name is a sequence of attempts, each on an instance not tried before:
 
@@ -16,8 +19,10 @@ A request by name is a sequence of attempts, each on an instance not tried befor
 * a broken exchange after sending (reset, disconnect, read timeout), or a 502/503/504
   answer, is tried again only for idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT,
   DELETE) with a body that can be sent twice; POST and PATCH are never replayed once sent;
-* at most ``attempts`` tries (default 3) within ``budget`` seconds (default 10) until the
-  response headers arrive, across all tries.
+* at most ``attempts`` tries (default 3) within ``budget`` seconds (default 10) for the
+  whole exchange, across all tries: each try gets what is left as its aiohttp ``total``
+  timeout, which (as in aiohttp) also covers reading the body. A ``timeout=`` passed to a
+  call replaces that for each try; the budget then only decides whether another try starts.
 
 When no try gives an answer, AllInstancesFailed lists the instances tried and their errors.
 When the last try is a 502/503/504, that response is returned: it is an answer. Failing
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Coroutine, Generator, Iterable, Mapping
+from collections.abc import Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -39,34 +44,25 @@ import aiohttp
 from aiohttp import ClientResponse
 from yarl import URL
 
-from dcy._errors import AllInstancesFailed
 from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
+from dcy._http_retry import (
+    NOT_CONNECTED,
+    RETRY_STATUSES,
+    all_failed,
+    may_retry,
+    status_error,
+    within,
+)
 from dcy._http_routing import Route, Router
 from dcy._query import Instance
 from dcy._resolve import Datacenters, Resolver
 
-IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 # How long a pool serves requests before asking the resolver's cache again. The cache follows
 # Consul through a blocking query; asking it per request cost as much as the rest of the
 # by-name work together, and a tenth of a second is far below Consul's own check intervals.
 REFRESH_EVERY = 0.1
-# Raised before a single byte of the request left: safe to send anywhere else.
-NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-_REPLAYABLE_BODIES = (bytes, bytearray, str, Mapping, list, tuple)
-# A pool of ejected endpoints no instance refers to any more is pruned past this size.
+# Past this many endpoints, those no pool refers to any more are forgotten.
 _MAX_ENDPOINTS = 1024
-
-
-def may_retry(method: str, *, sent: bool) -> bool:
-    """Whether an attempt that failed may be made again on another instance."""
-    return not sent or method.upper() in IDEMPOTENT_METHODS
-
-
-def replayable(options: Mapping[str, Any]) -> bool:
-    """Whether the request body (``data=``) can be sent a second time; ``json=`` always can."""
-    data = options.get("data")
-    return data is None or isinstance(data, _REPLAYABLE_BODIES)
 
 
 class RequestContext:
@@ -101,7 +97,10 @@ class HttpClient:
 
     ``session_options`` go to the ``aiohttp.ClientSession`` this client opens on first use
     (``headers``, ``timeout``, ``connector``, ``trace_configs``, ...). A session option
-    ``raise_for_status`` makes error statuses raise at once, without retries."""
+    ``raise_for_status`` makes error statuses raise at once, without retries.
+    ``external_hosts`` are single-label hosts that are not services (``localhost`` never is);
+    ``datacenters`` fails over to other datacenters as ``Dcy.lookup`` does. A service's
+    instances are taken from the resolver's cache at most every ``REFRESH_EVERY`` seconds."""
 
     def __init__(
         self,
@@ -151,7 +150,7 @@ class HttpClient:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(**self._session_options)
-            self._first_timeout = _within(self._session.timeout, self._budget)
+            self._first_timeout = within(self._session.timeout, self._budget)
         return self._session
 
     @property
@@ -198,8 +197,16 @@ class HttpClient:
         routed = self._router.route(url if isinstance(url, str) else str(url))
         if routed is None:
             return await session.request(method, url, **options)
-        route, rest = routed
-        method = method.upper()
+        return await self._send_by_name(session, method.upper(), *routed, options)
+
+    async def _send_by_name(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        route: Route,
+        rest: str,
+        options: dict[str, Any],
+    ) -> ClientResponse:
         loop = asyncio.get_running_loop()
         now = loop.time()
         pool = self._pools.get(route.service)
@@ -212,11 +219,10 @@ class HttpClient:
         for attempt in range(1, self._attempts + 1):
             if attempt > 1:
                 now = loop.time()
-                remaining = deadline - now
-                if remaining <= 0:
+                if now >= deadline:
                     break
                 if bounded:
-                    options["timeout"] = _within(session.timeout, remaining)
+                    options["timeout"] = within(session.timeout, deadline - now)
             elif bounded:
                 options["timeout"] = self._first_timeout
             index = pool.choose(self._strategy, excluded, now)
@@ -233,20 +239,16 @@ class HttpClient:
             except aiohttp.ClientResponseError:
                 Outliers.succeeded(endpoint)  # raise_for_status: the instance did answer
                 raise
-            except NOT_CONNECTED as exc:
-                self._outliers.failed(endpoint, pool.endpoints, loop.time())
-                tried.append((instance, exc))
-                excluded.append(endpoint)
-                if not replayable(options):
-                    break
-                continue
             except (aiohttp.ClientError, TimeoutError) as exc:
+                sent = not isinstance(exc, NOT_CONNECTED)
                 self._outliers.failed(endpoint, pool.endpoints, loop.time())
                 tried.append((instance, exc))
                 excluded.append(endpoint)
-                if not (method in IDEMPOTENT_METHODS and replayable(options)):
-                    raise self._failure(method, route, tried, sent=True) from exc
-                continue
+                if may_retry(method, options, sent=sent):
+                    continue
+                if sent:
+                    raise all_failed(method, route.service, tried, sent=True) from exc
+                break
             finally:
                 endpoint.in_flight -= 1
             if response.status not in self._retry_statuses:
@@ -256,17 +258,17 @@ class HttpClient:
             now = loop.time()
             self._outliers.failed(endpoint, pool.endpoints, now)
             excluded.append(endpoint)
-            if not (
-                method in IDEMPOTENT_METHODS
-                and attempt < self._attempts
-                and now < deadline
-                and pool.has_other(excluded)
-                and replayable(options)
+            if (
+                attempt == self._attempts
+                or now >= deadline
+                or not pool.has_other(excluded)
+                or not may_retry(method, options, sent=True)
             ):
-                return response
-            tried.append((instance, _status_error(response)))
+                return response  # a 502/503/504 is still an answer: the last one is returned
+            tried.append((instance, status_error(response)))
             response.release()
-        raise self._failure(method, route, tried, sent=False) from (tried[-1][1] if tried else None)
+        cause = tried[-1][1] if tried else None
+        raise all_failed(method, route.service, tried, sent=False) from cause
 
     async def _refresh(self, service: str, now: float) -> Pool:
         """The service's pool, brought up to date with the resolver's cached answer."""
@@ -297,51 +299,3 @@ class HttpClient:
         self._endpoints = {
             key: e for key, e in self._endpoints.items() if id(e) in used or e.in_flight
         }
-
-    def _failure(
-        self,
-        method: str,
-        route: Route,
-        tried: list[tuple[Instance, BaseException]],
-        *,
-        sent: bool,
-    ) -> AllInstancesFailed:
-        details = ", ".join(f"{i.hostport} ({_describe(e)})" for i, e in tried) or "none"
-        if sent:
-            message = (
-                f"{method} to {route.service!r} failed at {tried[-1][0].hostport} after the "
-                f"request was sent ({_describe(tried[-1][1])}); not retried, it may have "
-                f"reached the server. Tried: {details}"
-            )
-        else:
-            message = f"{method} to {route.service!r}: no instance answered. Tried: {details}"
-        return AllInstancesFailed(message, service=route.service, attempts=tuple(tried))
-
-
-def _within(timeout: aiohttp.ClientTimeout, seconds: float) -> aiohttp.ClientTimeout:
-    """The session's timeouts, with the whole exchange cut to ``seconds`` at most."""
-    total = seconds if timeout.total is None else min(timeout.total, seconds)
-    return aiohttp.ClientTimeout(
-        total=total,
-        connect=timeout.connect,
-        sock_read=timeout.sock_read,
-        sock_connect=timeout.sock_connect,
-        ceil_threshold=timeout.ceil_threshold,
-    )
-
-
-def _status_error(response: ClientResponse) -> aiohttp.ClientResponseError:
-    return aiohttp.ClientResponseError(
-        response.request_info,
-        response.history,
-        status=response.status,
-        message=response.reason or "",
-    )
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, aiohttp.ClientResponseError):
-        return f"HTTP {error.status} {error.message}".rstrip()
-    if isinstance(error, TimeoutError) and not str(error):
-        return "TimeoutError: no response headers within the time budget"
-    return f"{type(error).__name__}: {error}"

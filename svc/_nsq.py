@@ -42,10 +42,15 @@ async def ensure_channel(
     first consumer connects then wait in the channel, and lookupd can name the producers at
     once instead of after a poll interval."""
     for instance in await dcy.instances("nsqd"):
-        url = f"http://{_http_hostport(instance)}/channel/create"
-        async with session.post(url, params={"topic": topic, "channel": channel}) as response:
-            if response.status != 200:
-                raise DcyError(f"nsqd {instance.hostport} refused channel {topic}/{channel}")
+        base = f"http://{_http_hostport(instance)}"
+        for path, params in (
+            ("/topic/create", {"topic": topic}),
+            ("/channel/create", {"topic": topic, "channel": channel}),
+        ):
+            async with session.post(base + path, params=params) as response:
+                if response.status != 200:
+                    detail = (await response.text()).strip()
+                    raise DcyError(f"nsqd {base} refused {path} for {topic}/{channel}: {detail}")
 
 
 async def lookupd_http_addresses(dcy: Dcy) -> list[str]:

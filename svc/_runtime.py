@@ -165,7 +165,11 @@ class Runtime:
                 )
                 await self._stop.wait()
                 log.info("stopping: deregistering, then finishing in-flight work")
-                await registration.deregister()
+                try:
+                    await registration.deregister()
+                except DcyError as exc:
+                    # The agent may be stopping too; in-flight work still has to finish.
+                    log.warning("could not deregister (%s): Consul reaps it once critical", exc)
                 await self.service.stop_intake()
                 await self.service.drain()
         except DcyError as exc:

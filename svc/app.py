@@ -29,8 +29,7 @@ import nsq
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from dcy import DcyError
-from dcy._http import HttpClient
+from dcy import DcyError, HttpClient
 from svc._nsq import ensure_channel, lookupd_http_addresses, start_consumer
 from svc._readings import BadReading, Result, parse_reading, parse_result
 from svc._runtime import Runtime, Settings, serve

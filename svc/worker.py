@@ -20,8 +20,7 @@ import nsq
 from aiohttp import web
 from prometheus_client import Counter
 
-from dcy import DcyError
-from dcy._http import HttpClient
+from dcy import DcyError, HttpClient
 from svc._nsq import (
     BatchPublisher,
     ensure_channel,

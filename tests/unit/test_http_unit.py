@@ -17,10 +17,11 @@ from dcy import (
     ServiceNotFound,
     WatchOptions,
 )
-from dcy._http import may_retry, replayable
 from dcy._http_balancing import Endpoint, Outliers, Pool
+from dcy._http_retry import may_retry, replayable
 from dcy._http_routing import Route, Router, route_for, split_origin
 from dcy.testing import FakeConsul
+from tests.harness import eventually
 
 FAST = WatchOptions(wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05)
 
@@ -132,14 +133,14 @@ def test_router_classifies_each_origin_once(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE", "get"])
 def test_idempotent_methods_may_be_retried_after_sending(method: str) -> None:
     """Idempotent methods may be sent again even when the first try reached the wire."""
-    assert may_retry(method, sent=True) and may_retry(method, sent=False)
+    assert may_retry(method, {}, sent=True) and may_retry(method, {}, sent=False)
 
 
 @pytest.mark.parametrize("method", ["POST", "PATCH", "post", "CONNECT"])
 def test_non_idempotent_methods_retry_only_when_nothing_was_sent(method: str) -> None:
     """POST and PATCH are retried after a failed connect, never once the request was sent."""
-    assert may_retry(method, sent=False)
-    assert not may_retry(method, sent=True)
+    assert may_retry(method, {"json": [1]}, sent=False)
+    assert not may_retry(method, {"json": [1]}, sent=True)
 
 
 def test_only_bodies_that_can_be_sent_twice_are_replayable() -> None:
@@ -151,7 +152,9 @@ def test_only_bodies_that_can_be_sent_twice_are_replayable() -> None:
     async def stream() -> AsyncIterator[bytes]:
         yield b"x"
 
-    assert not replayable({"data": stream()})
+    body = stream()
+    assert not replayable({"data": body})
+    assert not may_retry("PUT", {"data": body}, sent=False)
 
 
 # -- outlier ejection -------------------------------------------------------------------------
@@ -344,3 +347,27 @@ async def test_client_options_are_validated(fake_dcy: tuple[FakeConsul, Dcy]) ->
         dcy.http_client(attempts=0)
     with pytest.raises(ValueError, match="budget"):
         dcy.http_client(budget=-1)
+
+
+async def test_the_client_follows_the_resolver_cache(
+    fake_dcy: tuple[FakeConsul, Dcy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance added in Consul is among those tried once the pool refreshes."""
+    fake, dcy = fake_dcy
+    monkeypatch.setattr("dcy._http.REFRESH_EVERY", 0.0)
+    first, second = _closed_port(), _closed_port()
+    fake.add_service("growing", port=first, address="127.0.0.1")
+
+    async def ports_tried() -> set[int]:
+        with pytest.raises(AllInstancesFailed) as caught:
+            await client.get("http://growing/x")
+        return {i.port for i in caught.value.instances}
+
+    async with dcy.http_client() as client:
+        assert await ports_tried() == {first}
+        fake.add_service("growing", port=second, address="127.0.0.1")
+
+        async def both() -> bool:
+            return await ports_tried() == {first, second}
+
+        await eventually(both, what="the second instance tried")

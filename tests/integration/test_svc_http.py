@@ -1,0 +1,189 @@
+"""sensor, worker and app end to end over HTTP, found only through Consul."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.system import ServiceProcess, System
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    running = System(tmp_path).start_infrastructure(with_nsq=False)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def wait(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def port_of(system: System, service: ServiceProcess) -> int:
+    assert system.consul is not None
+    for entry in system.consul.api(f"/v1/health/service/{service.name}") or []:
+        if entry["Service"]["Meta"].get("pid") == str(service.pid):
+            return int(entry["Service"]["Port"])
+    raise AssertionError(f"{service.name} pid {service.pid} is not registered")
+
+
+def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_orchestration_logs_results_from_both_workers(system: System) -> None:
+    """The app asks a sensor, sends the reading to a worker and logs one line per reading;
+    round-robin uses both workers; every service is passing with tags and meta."""
+    system.start("worker")
+    system.start("worker")
+    system.start("sensor")
+    app = system.start("app", "--interval", "0.2")
+    for name, count in (("worker", 2), ("sensor", 1), ("app", 1)):
+        system.wait_passing(name, count)
+    results = wait(lambda: len(System.results(app)) >= 10 and System.results(app), what="results")
+    for line in results:
+        assert [v * v for v in line["values"]] == line["result"]
+        assert line["latency_ms"] >= 0 and line["id"].startswith("sensor-")
+    assert len({line["id"] for line in results}) == len(results)
+    assert len({line["worker"] for line in results}) == 2
+    assert system.consul is not None
+    (entry,) = system.consul.api("/v1/health/service/app")
+    assert entry["Service"]["Tags"] == ["mode-http", "version-0.1.0"]
+    assert entry["Service"]["Meta"]["mode"] == "http"
+    check = next(c for c in entry["Checks"] if c["ServiceID"])
+    assert check["Name"] == "app HTTP /health" and check["Notes"]
+
+
+def test_malformed_readings_get_400_and_go_nowhere(system: System) -> None:
+    """A worker refuses malformed readings with a reason; a good one is squared."""
+    worker = system.start("worker")
+    system.wait_passing("worker", 1)
+    url = f"http://127.0.0.1:{port_of(system, worker)}/"
+    for body, reason in (
+        (b"not json", "not JSON"),
+        (b"[1,2,3]", "JSON object"),
+        (b'{"id": "x", "ts": 1, "values": [1, 2]}', "3 integers"),
+        (b'{"id": "", "ts": 1, "values": [1, 2, 3]}', "id"),
+        (b'{"id": "x", "ts": "now", "values": [1, 2, 3]}', "ts"),
+    ):
+        status, answer = post(url, body)
+        assert status == 400 and reason in answer["error"], (body, answer)
+    status, answer = post(url, b'{"id": "r1", "ts": 1.5, "values": [2, 3, 4]}')
+    assert status == 200 and answer["squares"] == [4, 9, 16] and answer["id"] == "r1"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port_of(system, worker)}/metrics") as resp:
+        metrics = resp.read().decode()
+    assert (
+        "worker_rejected_total 5.0" in metrics
+        and 'worker_processed_total{via="http"} 1.0' in metrics
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [("--mode", "carrier-pigeon"), ("--port", "70000"), ("--no-such-flag",)]
+)
+def test_usage_errors_exit_2(args: tuple[str, ...]) -> None:
+    """Unknown modes and flags are usage errors: exit 2 with a message, nothing started."""
+    result = subprocess.run(
+        [sys.executable, "-m", "svc.worker", *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_killed_worker_costs_at_most_one_cycle(system: System) -> None:
+    """SIGKILL one of two workers while the app runs: at most one cycle fails, results go on
+    through the other worker."""
+    first = system.start("worker")
+    system.start("worker")
+    system.start("sensor")
+    app = system.start("app", "--interval", "0.1")
+    system.wait_passing("worker", 2)
+    wait(lambda: len(System.results(app)) >= 10, what="steady results")
+    failures_before = app.log().count("cycle failed")
+    logged_before = len(System.results(app))
+    first.proc.kill()
+    wait(lambda: len(System.results(app)) >= logged_before + 30, what="results after the kill")
+    assert app.log().count("cycle failed") - failures_before <= 1
+    survivors = {line["worker"] for line in System.results(app)[logged_before + 5 :]}
+    assert len(survivors) == 1
+
+
+def test_sigterm_deregisters_and_exits_zero(system: System) -> None:
+    """SIGTERM: the instance leaves Consul first, then the process exits 0."""
+    worker = system.start("worker")
+    system.wait_passing("worker", 1)
+    assert worker.proc.process is not None
+    worker.proc.process.send_signal(signal.SIGTERM)
+    assert worker.proc.process.wait(15) == 0
+    assert system.consul is not None
+    assert system.consul.api("/v1/health/service/worker") == []
+
+
+def test_consul_restart_services_reregister_and_pipeline_continues(system: System) -> None:
+    """A restarted (empty) dev agent: every service registers again, results keep coming."""
+    system.start("worker")
+    system.start("sensor")
+    app = system.start("app", "--interval", "0.2")
+    system.wait_passing("app", 1)
+    wait(lambda: len(System.results(app)) >= 3, what="results before the restart")
+    assert system.consul is not None
+    system.consul.restart()
+    for name in ("worker", "sensor", "app"):
+        system.wait_passing(name, 1, timeout=45)
+    logged = len(System.results(app))
+    wait(lambda: len(System.results(app)) >= logged + 5, timeout=45, what="results after")
+
+
+def test_push_mode_results_reach_the_app(system: System) -> None:
+    """Push mode: sensor → worker → app without the app asking; each reading logged once."""
+    app = system.start("app", "--mode", "push")
+    system.start("worker", "--mode", "push")
+    system.wait_passing("app", 1)
+    system.wait_passing("worker", 1)
+    system.start("sensor", "--mode", "push", "--rate", "20")
+    results = wait(lambda: len(System.results(app)) >= 20 and System.results(app), what="pushes")
+    assert len({line["id"] for line in results}) == len(results)
+    assert all([v * v for v in line["values"]] == line["result"] for line in results)
+
+
+def test_standby_app_takes_over_when_the_leader_dies(system: System) -> None:
+    """Two apps: only the leader orchestrates; killed with SIGKILL, the other takes over
+    (after the leader's session expires: 2 × TTL + lock-delay)."""
+    system.start("worker")
+    system.start("sensor")
+    first = system.start("app", "--interval", "0.2")
+    wait(lambda: System.results(first), what="first app leading")
+    second = system.start("app", "--interval", "0.2")
+    system.wait_passing("app", 2)
+    time.sleep(1)
+    assert System.results(second) == []
+    first.proc.kill()
+    wait(lambda: System.results(second), timeout=60, what="take-over")
+    assert "leading: http mode" in second.log()
