@@ -82,6 +82,7 @@ class Dcy:
         self._registrations: list[Registration] = []
         # Closed with the client; weak, so a watch its user closed is not kept.
         self._health_watches: weakref.WeakSet[HealthWatch] = weakref.WeakSet()
+        self._leaderships: weakref.WeakSet[Leadership] = weakref.WeakSet()
         self.agent: AgentInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -137,6 +138,10 @@ class Dcy:
         for watch in list(self._health_watches):
             await watch.aclose()
         self._health_watches.clear()
+        for leadership in list(self._leaderships):
+            # A leadership still held when its client closes steps down like a normal exit.
+            await leadership.__aexit__(None, None, None)
+        self._leaderships.clear()
         if self._resolver is not None:
             await self._resolver.aclose()
         if self._engine is not None:
@@ -195,7 +200,7 @@ class Dcy:
         :class:`Leadership` for the session, lock key and timing."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
-        return Leadership(
+        leadership = Leadership(
             self.api,
             self.engine,
             self.agent,
@@ -205,6 +210,8 @@ class Dcy:
             service_id=service_id,
             on_lost=on_lost,
         )
+        self._leaderships.add(leadership)
+        return leadership
 
     # -- resolution --------------------------------------------------------------------------
     async def lookup(

@@ -100,7 +100,8 @@ class HttpClient:
     ``raise_for_status`` makes error statuses raise at once, without retries.
     ``external_hosts`` are single-label hosts that are not services (``localhost`` never is);
     ``datacenters`` fails over to other datacenters as ``Dcy.lookup`` does. A service's
-    instances are taken from the resolver's cache at most every ``REFRESH_EVERY`` seconds."""
+    instances are rebuilt whenever the resolver's snapshot changes (with datacenter
+    failover, at most every ``REFRESH_EVERY`` seconds)."""
 
     def __init__(
         self,
@@ -210,7 +211,7 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         now = loop.time()
         pool = self._pools.get(route.service)
-        if pool is None or now >= pool.fresh_until:
+        if pool is None or not self._pool_current(pool, route.service, now):
             pool = await self._refresh(route.service, now)
         deadline = now + self._budget
         bounded = "timeout" not in options
@@ -270,6 +271,14 @@ class HttpClient:
         cause = tried[-1][1] if tried else None
         raise all_failed(method, route.service, tried, sent=False) from cause
 
+    def _pool_current(self, pool: Pool, service: str, now: float) -> bool:
+        if self._datacenters is None:
+            # Same snapshot object, same instances: a dict lookup and an identity check.
+            return pool.snapshot is not None and (
+                self._resolver.cached_snapshot(service) is pool.snapshot
+            )
+        return now < pool.fresh_until
+
     async def _refresh(self, service: str, now: float) -> Pool:
         """The service's pool, brought up to date with the resolver's cached answer."""
         resolver, datacenters = self._resolver, self._datacenters
@@ -283,6 +292,7 @@ class HttpClient:
             pool = self._pools[service] = Pool()
         pool.update(instances, self._endpoint)
         pool.fresh_until = now + REFRESH_EVERY
+        pool.snapshot = self._resolver.cached_snapshot(service)
         return pool
 
     def _endpoint(self, hostport: str) -> Endpoint:

@@ -77,13 +77,14 @@ class Outliers:
 class Pool:
     """One service's instances as last resolved, their endpoints, and whose turn it is."""
 
-    __slots__ = ("endpoints", "fresh_until", "instances", "turn")
+    __slots__ = ("endpoints", "fresh_until", "instances", "snapshot", "turn")
 
     def __init__(self) -> None:
         self.instances: tuple[Instance, ...] = ()
         self.endpoints: tuple[Endpoint, ...] = ()
         self.turn = -1
-        self.fresh_until = 0.0  # when to ask the resolver's cache again
+        self.fresh_until = 0.0  # when to ask the resolver's cache again (failover pools)
+        self.snapshot: object | None = None  # the resolver snapshot the pool was built from
 
     def update(self, instances: tuple[Instance, ...], endpoint: Callable[[str], Endpoint]) -> None:
         if instances is not self.instances:

@@ -203,7 +203,11 @@ class Registration:
             )
 
     async def _register(self) -> None:
-        await self._api.register_service(self.definition.payload)
+        payload = dict(self.definition.payload)
+        if isinstance(self.definition.check, TtlCheck):
+            # Re-registering must not reset a TTL check the service reported failing.
+            payload["Check"] = {**payload["Check"], "Status": self._ttl_status[0]}
+        await self._api.register_service(payload)
         self.registrations += 1
         if self.registrations > 1:
             log.warning("re-registered %s: the agent had forgotten it", self.service_id)

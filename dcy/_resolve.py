@@ -127,6 +127,16 @@ class Resolver:
         await entry.watch.first(timeout)
         return entry
 
+    def cached_snapshot(self, name: str) -> Snapshot[tuple[Instance, ...]] | None:
+        """The watch snapshot behind ``name`` if it has been resolved, without awaiting:
+        callers keep derived state (an HTTP pool) and rebuild it only when this object
+        changes identity."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        entry.last_used = time.monotonic()
+        return entry.watch.snapshot
+
     async def lookup(
         self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
     ) -> Lookup:

@@ -183,9 +183,12 @@ class FakeConsul:
         self._touch(service.datacenter, service.definition["Name"], catalog=True)
 
     def forget_everything(self) -> None:
-        """What a restarted dev agent does: every registration is gone."""
+        """What a restarted dev agent does: registrations, keys and sessions are gone."""
         for service_id in list(self._services):
             self.remove_service(service_id)
+        self._kv.clear()
+        self._sessions.clear()
+        self._wake()
 
     def set_unavailable(self, unavailable: bool = True) -> None:
         """Start or end an outage; blocking queries in flight fail at once, like a dropped
