@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 import nsq
@@ -22,6 +23,7 @@ import nsq
 from dcy import Dcy, DcyError, Instance
 
 log = logging.getLogger("svc.nsq")
+T = TypeVar("T")
 
 
 async def nsqd_http_url(dcy: Dcy) -> str:
@@ -41,7 +43,7 @@ async def ensure_channel(
     """Create the topic and channel on every nsqd up front: messages published before the
     first consumer connects then wait in the channel, and lookupd can name the producers at
     once instead of after a poll interval."""
-    for instance in await dcy.instances("nsqd"):
+    for instance in await passing_instances(dcy, "nsqd"):
         base = f"http://{_http_hostport(instance)}"
         for path, params in (
             ("/topic/create", {"topic": topic}),
@@ -53,11 +55,38 @@ async def ensure_channel(
                     raise DcyError(f"nsqd {base} refused {path} for {topic}/{channel}: {detail}")
 
 
+async def patiently(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry ``attempt`` until it succeeds: a service started before NSQ is up (or before
+    Consul has seen it pass) waits for it instead of dying."""
+    failures = 0
+    while True:
+        try:
+            return await attempt()
+        except (DcyError, aiohttp.ClientError, OSError) as exc:
+            failures += 1
+            if failures == 1 or failures % 30 == 0:
+                log.warning("waiting for %s: %s", what, exc)
+            await asyncio.sleep(min(2.0, 0.1 * failures))
+
+
 async def lookupd_http_addresses(dcy: Dcy) -> list[str]:
-    instances = await dcy.instances("nsqlookupd")
-    if not instances:
-        raise DcyError("no passing nsqlookupd in Consul")
-    return [f"http://{i.hostport}" for i in instances]
+    return [f"http://{i.hostport}" for i in await passing_instances(dcy, "nsqlookupd")]
+
+
+async def passing_instances(dcy: Dcy, name: str, patience: float = 30.0) -> tuple[Instance, ...]:
+    """The passing instances of ``name``, waiting up to ``patience`` seconds for one: when the
+    whole system starts at once (honcho), NSQ's daemons pass their first check a few seconds
+    after the services ask for them, and a service that gave up would stop everything."""
+    deadline = asyncio.get_running_loop().time() + patience
+    waited = False
+    while not (instances := await dcy.instances(name)):
+        if asyncio.get_running_loop().time() >= deadline:
+            raise DcyError(f"no passing {name} in Consul after {patience:.0f}s")
+        if not waited:
+            log.info("waiting for a passing %s in Consul", name)
+            waited = True
+        await asyncio.sleep(0.25)
+    return instances
 
 
 def _http_hostport(instance: Instance) -> str:

@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from dcy import DcyError, HttpClient
-from svc._nsq import ensure_channel, lookupd_http_addresses, start_consumer
+from svc._nsq import ensure_channel, lookupd_http_addresses, patiently, start_consumer
 from svc._readings import BadReading, Result, parse_reading, parse_result
 from svc._runtime import Runtime, Settings, serve
 
@@ -130,9 +130,10 @@ class App:
     async def _work_until(self, lost: asyncio.Event) -> None:
         if self.settings.mode == "nsq":
             assert self.runtime is not None and self.runtime.dcy is not None
+            dcy = self.runtime.dcy
             async with aiohttp.ClientSession() as session:
-                await ensure_channel(self.runtime.dcy, session, TOPIC, CHANNEL)
-            lookupds = await lookupd_http_addresses(self.runtime.dcy)
+                await patiently("nsqd", lambda: ensure_channel(dcy, session, TOPIC, CHANNEL))
+            lookupds = await patiently("nsqlookupd", lambda: lookupd_http_addresses(dcy))
             self._reader = start_consumer(
                 TOPIC,
                 CHANNEL,
@@ -148,7 +149,10 @@ class App:
                 self._reader = None
             return
         assert self.runtime is not None and self.runtime.dcy is not None
-        async with self.runtime.dcy.http_client(attempts=3, budget=self.interval) as client:
+        # A cycle's retries fit in its interval; --interval 0 (as fast as possible) still
+        # gives them a second, as the client needs a positive budget.
+        budget = max(self.interval, 1.0)
+        async with self.runtime.dcy.http_client(attempts=3, budget=budget) as client:
             while not lost.is_set():
                 started = time.monotonic()
                 await self.cycle(client)

@@ -26,6 +26,7 @@ from svc._nsq import (
     ensure_channel,
     lookupd_http_addresses,
     nsqd_http_url,
+    patiently,
     start_consumer,
 )
 from svc._readings import BadReading, parse_reading, square
@@ -106,11 +107,13 @@ class Worker:
         dcy = runtime.dcy
         self._session = aiohttp.ClientSession()
         self.publisher = BatchPublisher(self._session, lambda: nsqd_http_url(dcy))
-        await ensure_channel(dcy, self._session, IN_TOPIC, CHANNEL)
+        session = self._session
+        await patiently("nsqd", lambda: ensure_channel(dcy, session, IN_TOPIC, CHANNEL))
+        lookupds = await patiently("nsqlookupd", lambda: lookupd_http_addresses(dcy))
         self.reader = start_consumer(
             IN_TOPIC,
             CHANNEL,
-            await lookupd_http_addresses(dcy),
+            lookupds,
             self._on_message,
             max_in_flight=self.max_in_flight,
             in_flight=self._in_flight,

@@ -2,7 +2,10 @@
 
 from invoke import Collection
 
-from tasks import dns, run
+from tasks import containers, dns, infra, run
 
 namespace = Collection.from_module(run)
 namespace.add_task(dns.dns)
+namespace.add_task(containers.images)
+namespace.add_task(containers.deploy)
+namespace.add_collection(Collection.from_module(infra))

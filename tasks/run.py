@@ -1,4 +1,4 @@
-"""Tasks: build, up, test, check."""
+"""Tasks: build, up, test, check, bench."""
 
 from __future__ import annotations
 
@@ -58,3 +58,31 @@ def test(c: Context, args: str = "") -> None:
     with c.cd(str(ROOT)):
         c.run(f"{PY} -m ruff check .")
         c.run(f"{PY} -m pytest -n auto --dist loadfile -q {args}", pty=False)
+
+
+@task(help={"quick": "short runs (what the smoke test uses)", "only": "one benchmark by name"})
+def bench(c: Context, quick: bool = False, only: str = "") -> None:
+    """Run every benchmark in bench/ (each alone, one after the other) and collect the JSON
+    line each prints last into .data/bench.jsonl."""
+    import json
+
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
+    if only:
+        scripts = [p for p in scripts if p.stem == only]
+        if not scripts:
+            raise SystemExit(f"no benchmark named {only!r}")
+    out = ROOT / ".data" / "bench.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    lines = []
+    for script in scripts:
+        print(f"== {script.stem}", flush=True)
+        result = c.run(f"{PY} {script}{' --quick' if quick else ''}", warn=True, hide="stdout")
+        last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        try:
+            figures = json.loads(last)
+        except json.JSONDecodeError:
+            figures = {"bench": script.stem, "error": f"exit {result.exited}, no JSON line"}
+        print(json.dumps(figures), flush=True)
+        lines.append(json.dumps(figures))
+    out.write_text("\n".join(lines) + "\n")
+    print(f"figures written to {out}")

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ConsulAgent, ManagedProcess, NsqCluster
+from tests.harness import ConsulAgent, ManagedProcess, NsqCluster, free_ports
+from tests.harness import _ping as ping
+from tests.harness import _wait_until as wait_until
+from tools.build import require_binary
 
 
 @dataclass
@@ -48,6 +51,9 @@ class System:
         if with_nsq:
             self.nsq = NsqCluster(self.workdir / "nsq").start()
             self.register_nsq()
+            # Services started before Consul saw NSQ pass would first have to wait for it.
+            self.wait_passing("nsqd", 1)
+            self.wait_passing("nsqlookupd", 1)
         return self
 
     def register_nsq(self) -> None:
@@ -78,6 +84,42 @@ class System:
                 "Check": {"HTTP": f"http://127.0.0.1:{lookupd_http}/ping", "Interval": "1s"},
             }
         )
+
+    def start_nsqadmin(self) -> ServiceProcess:
+        """Start nsqadmin on a free port against this system's nsqlookupd, registered as
+        ``nsqadmin`` with a named HTTP /ping check as the Procfile registers it; stop() ends it
+        with the services."""
+        assert self.nsq is not None
+        port = free_ports(1)[0]
+        proc = ManagedProcess(
+            [
+                str(require_binary("nsqadmin")),
+                f"--http-address=127.0.0.1:{port}",
+                f"--lookupd-http-address={self.nsq.lookupd_http}",
+            ],
+            self.workdir / "nsqadmin.log",
+        )
+        proc.spawn()
+        service = ServiceProcess("nsqadmin", proc)
+        self.services.append(service)
+        wait_until(lambda: ping(f"127.0.0.1:{port}"), proc, "nsqadmin", 30)
+        url = f"http://127.0.0.1:{port}/ping"
+        self.register(
+            {
+                "ID": "nsqadmin",
+                "Name": "nsqadmin",
+                "Address": "127.0.0.1",
+                "Port": port,
+                "Tags": ["http", "ui"],
+                "Check": {
+                    "Name": f"nsqadmin HTTP {url}",
+                    "Notes": f"GET {url} every 1s: 200 means nsqadmin serves its web UI",
+                    "HTTP": url,
+                    "Interval": "1s",
+                },
+            }
+        )
+        return service
 
     def register(self, definition: dict[str, Any]) -> None:
         assert self.consul is not None

@@ -67,8 +67,12 @@ class DataFunctions:
         domain: str,
         sandbox: Path | None,
         error_on_missing_key: bool = False,
+        record_cache: dict[Any, tuple[Any, Any]] | None = None,
     ) -> None:
         self._deps = deps
+        # Snapshot values are immutable and kept until they change, so their records are
+        # built once per value, not once per render (a big template renders thousands).
+        self._record_cache = record_cache if record_cache is not None else {}
         self._domain = domain
         self._sandbox = sandbox.resolve() if sandbox is not None else None
         self._error_on_missing_key = error_on_missing_key
@@ -98,11 +102,20 @@ class DataFunctions:
         parsed = ServiceQuery.parse(
             query if states is None else f"{query}|{states}", domain=self._domain
         )
-        value = self._deps.value(HealthServiceSpec(parsed.name, parsed.tag, parsed.datacenter))
+        spec = HealthServiceSpec(parsed.name, parsed.tag, parsed.datacenter)
+        value = self._deps.value(spec)
         if value is MISSING:
             return []
         wanted = parsed.states if parsed.states else STATES
-        return [ServiceEntry.of(i) for i in value if i.status in wanted]
+        return [e for e in self._records(spec, value, ServiceEntry.of) if e.Status in wanted]
+
+    def _records(self, spec: Any, value: Any, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
+        cached = self._record_cache.get(spec)
+        if cached is not None and cached[0] is value:
+            return cached[1]  # type: ignore[no-any-return]
+        records = tuple(convert(item) for item in value)
+        self._record_cache[spec] = (value, records)
+        return records
 
     def services(self, datacenter: str | None = None) -> list[CatalogService]:
         value = self._deps.value(CatalogServicesSpec(_dc(datacenter)))

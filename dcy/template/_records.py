@@ -128,6 +128,21 @@ class KeyPair:
         return self.Value
 
 
+# The plain data fields of the records above: what the sandbox may read without its checks.
+RECORD_FIELDS: Mapping[type, frozenset[str]] = {
+    cls: frozenset(cls.__dataclass_fields__)
+    for cls in (
+        HealthCheck,
+        ServiceEntry,
+        CatalogService,
+        CatalogNode,
+        NodeServiceEntry,
+        NodeDetail,
+        KeyPair,
+    )
+}
+
+
 def as_plain(value: Any) -> Any:
     """Records and read-only mappings as plain JSON-able data, for ``toJSON``."""
     if hasattr(value, "__dataclass_fields__"):

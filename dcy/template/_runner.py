@@ -33,6 +33,37 @@ from dcy.template._write import render_atomically
 log = logging.getLogger("dcy.template")
 
 
+class _Wakeup:
+    """An Event whose waiter resumes one loop iteration after set(), with a timeout:
+    ``asyncio.wait_for(event.wait(), t)`` puts an extra task between a change and its render.
+    """
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self, timeout: float | None) -> None:
+        if self._flag:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self.set)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
 class CommandFailed(Exception):
     """A command failed and the renderer was told to stop on that."""
 
@@ -87,7 +118,7 @@ class Renderer:
         self._on_pass = on_pass
         self._subscriptions: dict[Any, Subscription[Any]] = {}
         self._users: dict[Any, set[TemplateState]] = {}
-        self._wake = asyncio.Event()
+        self._wake = _Wakeup()
         self._stopping = False
         self.states: list[TemplateState] = []
         self.command_results: list[CommandResult] = []
@@ -150,9 +181,7 @@ class Renderer:
                         return status
                 self._report_waiting(now)
                 self._wake.clear()
-                delay = self._next_deadline(now)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                await self._wake.wait(self._next_deadline(now))
             return 0
         finally:
             await self.aclose()

@@ -26,6 +26,8 @@ FIGURES = {
         "expected_idle_per_query_per_min",
         "max_connections",
     ),
+    "http_by_name": ("by_name_rps", "raw_rps", "ratio_vs_raw"),
+    "system_dns": ("libc_cached_p50_us", "libc_uncached_p50_us", "direct_p50_us"),
 }
 
 

@@ -102,3 +102,22 @@ def test_nsqd_restart_loses_no_reading(system: System) -> None:
         lambda: sequence_numbers(System.results(app)) == list(range(1, published + 1)),
         what="every reading up to the last one",
     )
+
+
+def test_services_started_before_nsq_wait_for_it(tmp_path: Path) -> None:
+    """Workers and the app started while Consul knows no NSQ keep waiting, then work."""
+    from tests.harness import NsqCluster
+
+    system = System(tmp_path).start_infrastructure(with_nsq=False)
+    try:
+        app = system.start("app", "--mode", "nsq")
+        worker = system.start("worker", "--mode", "nsq")
+        wait(lambda: "waiting for nsq" in worker.log(), what="worker waiting")
+        assert worker.proc.running and app.proc.running
+        system.nsq = NsqCluster(tmp_path / "nsq").start()
+        system.register_nsq()
+        system.start("sensor", "--mode", "nsq", "--burst", "200", "--rate", "0")
+        results = wait(lambda: len(System.results(app)) >= 200 and System.results(app))
+        assert sequence_numbers(results) == list(range(1, 201))
+    finally:
+        system.stop()
