@@ -252,6 +252,7 @@ class Watch(Generic[T]):
             # bench/propagation.py) ahead of every callback. The index keeps any change
             # made meanwhile, so yielding here cannot lose one.
             await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     def _accept(self, result: QueryResult, index: Index) -> Index:
         """Publish an answer if it changed anything; return the index of the next query."""

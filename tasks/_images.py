@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks._dockerfile_rules import check_dockerfile
 from tasks._engines import Probe, find_build_engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,12 @@ def build_images(
     """Build (and push) every target; return the images made. Raises ImagesError with
     EXIT_NO_ENGINE when no engine can build, EXIT_BUILD_FAILED when a build or push failed
     (after trying every target)."""
+    problems = check_dockerfile(root / "images" / "Dockerfile", TARGETS)
+    if problems:
+        raise ImagesError(
+            "inv images: images/Dockerfile breaks the image rules:\n  " + "\n  ".join(problems),
+            EXIT_BUILD_FAILED,
+        )
     engine, probes = find_build_engine()
     if engine is None:
         raise ImagesError(no_engine_message(probes), EXIT_NO_ENGINE)

@@ -13,7 +13,6 @@ command is logged and the renderer carries on unless ``fatal_commands`` is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
