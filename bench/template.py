@@ -1,24 +1,30 @@
-"""dcy-template against consul-template v0.42.1: both CLIs as subprocesses, on the same agent
-in the same run, rendering templates that produce byte-for-byte the same output (checked once
-per case before anything is measured).
+"""dcy-template against consul-template v0.42.1: both CLIs as subprocesses on the same agent in
+the same run, rendering templates that produce byte-for-byte the same output (checked once per
+case with ``-once`` on the same data before anything is measured).
 
-Case 1, one watched service: changes applied one at a time, alternating between registering
-and deregistering a second instance and flipping the first one's TTL check between passing
-and critical (both change the output: ``service "name"`` lists passing instances only). A
-sample is the time from just before the change's PUT to the destination file holding the new
-content. Changes are paced (``IDLE`` after each one arrived), and the tools take turns in
-blocks, never running together.
+Case 1, one watched service. Each tool watches a service of its own with the same shape (so
+both run side by side and the changes of the two alternate in a shuffled order: a load that
+drifts during the run hits both alike), and a change wakes only the tool it is meant for.
+Changes cycle through: register a second instance, flip the first one's TTL check to critical,
+deregister the second, flip the check back to passing (``service "name"`` lists passing
+instances only, so every step changes the output). A sample is the time from just before the
+change's PUT to the destination file holding the new content. Changes are paced (``IDLE``
+after each one arrived: consul-template spaces its own queries out).
 
-Case 2, a template ranging over 200 services × 5 instances (``services``, then ``service``
-for each). Each tool talks to the agent through its own counting proxy (``_proxy.py``):
-time from starting the process to the complete first render, requests until then, most
-connections open at once, then single changes (an extra instance of one service registered
-or deregistered) with their propagation and the requests per change.
+Case 2, a template ranging over 200 services × 5 instances (``services``, then ``service`` for
+each). The tools take turns, each talking to the agent through its own counting proxy
+(``_proxy.py``): time to the complete first render, counted from the tool's first request to
+Consul (process start-up, a Go binary against a Python interpreter, is reported apart as
+``*_startup_ms``), requests until then, most connections open at once, then single changes
+(an extra instance of one service registered or deregistered) with their propagation and all
+requests in the change phase per change.
 
 Both tools' output is detected the same way: inotify on the destination's folder (both write
 a temporary file and rename it into place), then the file is read and compared.
 
-Ratios are ours ÷ consul-template's: below 1 is better for every one of them.
+Ratios are ours ÷ consul-template's; below 1 is better for each. The headline
+``propagation_*`` ratios are case 1's; ``first_render``, ``requests_per_change`` and
+``max_connections`` are case 2's; every figure of both cases is in the same JSON line.
 """
 
 from __future__ import annotations
@@ -36,10 +42,9 @@ import os
 import random
 import signal
 import statistics
-import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -59,23 +64,33 @@ from bench._proxy import CountingProxy
 from tests.harness import ConsulAgent
 from tools.build import require_binary
 
-ROOT = Path(__file__).resolve().parents[1]
 DCY_TEMPLATE = Path(sys.executable).with_name("dcy-template")
 # Case 2 holds ~200 blocking queries per tool, all from one address (the proxy's): Consul's
 # default limits.http_max_conns_per_client of 200 would answer 429 to the rest of them.
 AGENT_HCL = ["limits { http_max_conns_per_client = 1000 }"]
-IDLE = 0.15  # after each change arrived: consul-template paces its own queries
+IDLE = 0.15  # after each change arrived: consul-template paces its queries ~100 ms apart
 CHANGE_TIMEOUT = 10.0
 FIRST_RENDER_TIMEOUT = 60.0
-
-ONE = "bench-tpl-one"
-ONE_BASE, ONE_EXTRA = f"{ONE}-base", f"{ONE}-extra"
-MANY_SERVICES, MANY_INSTANCES = 200, 5
+WARMUP = 2  # changes per tool and session not counted
 HEADER = "# bench template\n"
+MANY_SERVICES, MANY_INSTANCES = 200, 5
 
-# The same template twice: consul-template's Go syntax and ours.
-CASE1_GO = HEADER + f'{{{{ range service "{ONE}" }}}}{{{{ .ID }}}} {{{{ .Address }}}}:{{{{ .Port }}}}\n{{{{ end }}}}'
-CASE1_JINJA = HEADER + f'{{% for s in service("{ONE}") %}}{{{{ s.ID }}}} {{{{ s.Address }}}}:{{{{ s.Port }}}}\n{{% endfor %}}'
+
+# -- the templates, in consul-template's Go syntax and in ours -------------------------------
+def case1_go(service: str) -> str:
+    return (
+        HEADER + f'{{{{ range service "{service}" }}}}'
+        "{{ .ID }} {{ .Address }}:{{ .Port }}\n{{ end }}"
+    )
+
+
+def case1_jinja(service: str) -> str:
+    return (
+        HEADER + f'{{% for s in service("{service}") %}}'
+        "{{ s.ID }} {{ s.Address }}:{{ s.Port }}\n{% endfor %}"
+    )
+
+
 CASE2_GO = HEADER + (
     "{{ range services }}{{ $name := .Name }}{{ range service .Name }}"
     "{{ $name }} {{ .ID }} {{ .Address }}:{{ .Port }}\n{{ end }}{{ end }}"
@@ -86,7 +101,7 @@ CASE2_JINJA = HEADER + (
 )
 
 
-# -- detecting a file's new content ------------------------------------------------------------
+# -- detecting a file's new content ----------------------------------------------------------
 _IN_CLOSE_WRITE, _IN_MOVED_TO = 0x08, 0x80
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 
@@ -99,12 +114,12 @@ class ContentDetector:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._fd = self._libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         mask = _IN_CLOSE_WRITE | _IN_MOVED_TO
-        if self._libc.inotify_add_watch(self._fd, str(path.parent).encode(), mask) < 0:
+        if libc.inotify_add_watch(self._fd, str(path.parent).encode(), mask) < 0:
             raise OSError(ctypes.get_errno(), f"inotify_add_watch {path.parent}")
         self._expected: bytes | None = None
         self._arrived: asyncio.Future[float] | None = None
@@ -113,7 +128,7 @@ class ContentDetector:
     def expect(self, content: str) -> asyncio.Future[float]:
         self._expected = content.encode()
         self._arrived = asyncio.get_running_loop().create_future()
-        self._check()  # already there (a first render that beat us)
+        self._check()  # it may be there already (a first render that beat us)
         return self._arrived
 
     def _on_event(self) -> None:
@@ -132,6 +147,9 @@ class ContentDetector:
         if data == self._expected:
             self._arrived.set_result(time.perf_counter())
 
+    def current(self) -> str:
+        return self.path.read_text() if self.path.exists() else "(missing)"
+
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self._fd)
         os.close(self._fd)
@@ -142,7 +160,8 @@ class ContentDetector:
 class Tool:
     name: str
     binary: Path
-    template: Callable[[int], str]  # case number → template text
+    case1: Callable[[str], str]  # service name → template text
+    case2: str
     stop_signal: signal.Signals  # consul-template ignores SIGTERM; SIGINT is its kill signal
 
     def argv(self, consul_addr: str, source: Path, destination: Path) -> list[str]:
@@ -158,45 +177,49 @@ class Tool:
 
 
 def tools() -> tuple[Tool, Tool]:
-    ours = Tool(
-        "dcy",
-        DCY_TEMPLATE,
-        lambda case: CASE1_JINJA if case == 1 else CASE2_JINJA,
-        signal.SIGTERM,
-    )
+    ours = Tool("dcy", DCY_TEMPLATE, case1_jinja, CASE2_JINJA, signal.SIGTERM)
     theirs = Tool(
         "consul-template",
         require_binary("consul-template"),
-        lambda case: CASE1_GO if case == 1 else CASE2_GO,
+        case1_go,
+        CASE2_GO,
         signal.SIGINT,
     )
     return ours, theirs
 
 
 @dataclass
-class Session:
-    """One tool rendering one template to ``destination``, watched by a detector."""
+class Run:
+    """One tool process rendering one template to ``detector.path``."""
 
     tool: Tool
-    destination: Path
     detector: ContentDetector
-    process: asyncio.subprocess.Process
     started: float  # perf_counter() just before the process was spawned
     log: Path
+
+    async def arrival(
+        self, future: asyncio.Future[float], what: str, timeout: float = CHANGE_TIMEOUT
+    ) -> float:
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RuntimeError(
+                f"{self.tool.name}: {what} not rendered within {timeout:g}s; file now:\n"
+                f"{self.detector.current()[:600]}\nlog:\n{self.log.read_text()[-2000:]}"
+            ) from None
 
 
 @contextlib.asynccontextmanager
 async def running(
-    tool: Tool, case: int, consul_addr: str, workdir: Path, first_content: str
-) -> AsyncIterator[tuple[Session, asyncio.Future[float]]]:
-    """Start ``tool`` on the case's template; yield it with the future of its first render
-    holding ``first_content``. Stops the process (only it) on exit."""
-    folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-case{case}-", dir=workdir))
+    tool: Tool, template: str, consul_addr: str, workdir: Path, first_content: str
+) -> AsyncIterator[tuple[Run, asyncio.Future[float]]]:
+    """Start ``tool`` on ``template``; yield it with the future of its first render holding
+    ``first_content``. Stops the process (only it) on exit."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-", dir=workdir))
     source = folder / "source.tpl"
-    source.write_text(tool.template(case))
-    out = folder / "out"
-    out.mkdir()
-    destination = out / "rendered.txt"
+    source.write_text(template)
+    destination = folder / "out" / "rendered.txt"
+    destination.parent.mkdir()
     detector = ContentDetector(destination)
     first = detector.expect(first_content)
     log = folder / "tool.log"
@@ -212,7 +235,7 @@ async def running(
             start_new_session=True,
         )
     try:
-        yield Session(tool, destination, detector, process, started, log), first
+        yield Run(tool, detector, started, log), first
     finally:
         detector.close()
         if process.returncode is None:
@@ -222,67 +245,6 @@ async def running(
             except TimeoutError:
                 process.kill()
                 await process.wait()
-
-
-async def arrival(
-    session: Session, future: Awaitable[float], what: str, timeout: float = CHANGE_TIMEOUT
-) -> float:
-    try:
-        return await asyncio.wait_for(future, timeout)
-    except TimeoutError:
-        current = session.destination.read_text() if session.destination.exists() else None
-        raise RuntimeError(
-            f"{session.tool.name}: {what} not rendered within {timeout:g}s; file now:\n"
-            f"{(current or '(missing)')[:600]}\nlog:\n{session.log.read_text()[-2000:]}"
-        ) from None
-
-
-# -- case 1: one watched service -------------------------------------------------------------
-@dataclass
-class OneService:
-    """What the agent holds for the case-1 service, and the output that follows from it."""
-
-    base_passing: bool = True
-    extra: bool = False
-    step: int = 0
-
-    def content(self) -> str:
-        lines = []
-        if self.base_passing:
-            lines.append(f"{ONE_BASE} 127.0.0.1:21000\n")
-        if self.extra:
-            lines.append(f"{ONE_EXTRA} 127.0.0.1:21001\n")
-        return HEADER + "".join(sorted(lines))
-
-    async def change(self, session: aiohttp.ClientSession) -> None:
-        """The next change of a four-step cycle; the model follows once the PUT is answered."""
-        step = self.step % 4
-        self.step += 1
-        if step == 0:
-            await register_at(session, ONE, ONE_EXTRA, 21001)
-            self.extra = True
-        elif step == 1:
-            await put(session, f"/v1/agent/check/fail/{ttl_check_id(ONE_BASE)}")
-            self.base_passing = False
-        elif step == 2:
-            await put(session, f"/v1/agent/service/deregister/{ONE_EXTRA}")
-            self.extra = False
-        else:
-            await put(session, f"/v1/agent/check/pass/{ttl_check_id(ONE_BASE)}")
-            self.base_passing = True
-
-    def next_content(self) -> str:
-        probe = OneService(self.base_passing, self.extra, self.step)
-        step = probe.step % 4
-        if step == 0:
-            probe.extra = True
-        elif step == 1:
-            probe.base_passing = False
-        elif step == 2:
-            probe.extra = False
-        else:
-            probe.base_passing = True
-        return probe.content()
 
 
 async def register_at(
@@ -295,39 +257,139 @@ async def register_at(
     )
 
 
+async def same_output(agent: ConsulAgent, workdir: Path, templates: dict[Tool, str]) -> None:
+    """Every tool renders its template once (-once) to byte-identical files, or we stop."""
+    outputs = {}
+    for tool, template in templates.items():
+        folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-once-", dir=workdir))
+        source, destination = folder / "source.tpl", folder / "rendered.txt"
+        source.write_text(template)
+        process = await asyncio.create_subprocess_exec(
+            *tool.argv(agent.http_addr, source, destination),
+            "-once",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), FIRST_RENDER_TIMEOUT)
+        if process.returncode != 0:
+            raise RuntimeError(f"{tool.name} -once failed: {output.decode()[-2000:]}")
+        outputs[tool.name] = destination.read_text()
+    if len(set(outputs.values())) != 1:
+        shown = "\n".join(f"--- {name}\n{text[:800]}" for name, text in outputs.items())
+        raise RuntimeError(f"the templates render differently:\n{shown}")
+
+
+# -- case 1: one watched service -------------------------------------------------------------
 @dataclass
-class Samples:
+class OneService:
+    """One tool's case-1 service as the agent holds it, and the output that follows."""
+
+    name: str
+    base_passing: bool = True
+    extra: bool = False
+    step: int = 0
+
+    @property
+    def base(self) -> str:
+        return f"{self.name}-base"
+
+    @property
+    def extra_id(self) -> str:
+        return f"{self.name}-extra"
+
+    def content(self, base_passing: bool | None = None, extra: bool | None = None) -> str:
+        lines = []
+        if self.base_passing if base_passing is None else base_passing:
+            lines.append(f"{self.base} 127.0.0.1:21000\n")
+        if self.extra if extra is None else extra:
+            lines.append(f"{self.extra_id} 127.0.0.1:21001\n")
+        return HEADER + "".join(sorted(lines))
+
+    def next_content(self) -> str:
+        step = self.step % 4
+        if step in (0, 2):
+            return self.content(extra=step == 0)
+        return self.content(base_passing=step == 3)
+
+    async def register(self, session: aiohttp.ClientSession) -> None:
+        check = {"CheckID": ttl_check_id(self.base), "TTL": "10m", "Status": "passing"}
+        await register_at(session, self.name, self.base, 21000, Check=check)
+
+    async def change(self, session: aiohttp.ClientSession) -> None:
+        """The next step of the four-step cycle; the model follows once the PUT answered."""
+        step = self.step % 4
+        self.step += 1
+        if step == 0:
+            await register_at(session, self.name, self.extra_id, 21001)
+            self.extra = True
+        elif step == 1:
+            await put(session, f"/v1/agent/check/fail/{ttl_check_id(self.base)}")
+            self.base_passing = False
+        elif step == 2:
+            await put(session, f"/v1/agent/service/deregister/{self.extra_id}")
+            self.extra = False
+        else:
+            await put(session, f"/v1/agent/check/pass/{ttl_check_id(self.base)}")
+            self.base_passing = True
+
+    async def remove(self, session: aiohttp.ClientSession) -> None:
+        await put(session, f"/v1/agent/service/deregister/{self.base}")
+        if self.extra:
+            await put(session, f"/v1/agent/service/deregister/{self.extra_id}")
+
+
+@dataclass
+class Case1Figures:
     latencies: list[float] = field(default_factory=list)
-    first_renders: list[float] = field(default_factory=list)
+    put_round_trips: list[float] = field(default_factory=list)
+    first_render_from_spawn: float = 0.0
 
 
 async def case1(
-    agent: ConsulAgent, workdir: Path, ours: Tool, theirs: Tool, changes: int, block: int
-) -> tuple[dict[str, Samples], OneService]:
-    async with agent_session(agent) as session:
-        model = OneService()
-        samples = {ours.name: Samples(), theirs.name: Samples()}
-        blocks = max(1, changes // block)
-        for number in range(blocks):
-            order = (ours, theirs) if number % 2 == 0 else (theirs, ours)
-            for tool in order:
-                async with running(tool, 1, agent.http_addr, workdir, model.content()) as (
-                    run,
-                    first,
-                ):
-                    done = await arrival(run, first, "first render")
-                    samples[tool.name].first_renders.append(done - run.started)
-                    await asyncio.sleep(IDLE)
-                    for i in range(block + 1):  # the first change warms the new process up
-                        arrived = run.detector.expect(model.next_content())
-                        started = time.perf_counter()
-                        await model.change(session)
-                        done = await arrival(run, arrived, f"case 1 change {model.step}")
-                        if i:
-                            samples[tool.name].latencies.append(done - started)
-                        await asyncio.sleep(IDLE)
-            note(f"case 1: block {number + 1}/{blocks} done")
-        return samples, model
+    agent: ConsulAgent, workdir: Path, tools_: Sequence[Tool], changes: int
+) -> dict[str, Case1Figures]:
+    models = {tool.name: OneService(f"bench-tpl-one-{tool.name}") for tool in tools_}
+    figures = {tool.name: Case1Figures() for tool in tools_}
+    async with agent_session(agent) as session, contextlib.AsyncExitStack() as stack:
+        for model in models.values():
+            await model.register(session)
+        probe = models[tools_[0].name]
+        await same_output(agent, workdir, {tool: tool.case1(probe.name) for tool in tools_})
+        note("case 1: outputs identical; measuring")
+        runs = {}
+        for tool in tools_:
+            model = models[tool.name]
+            run, first = await stack.enter_async_context(
+                running(tool, tool.case1(model.name), agent.http_addr, workdir, model.content())
+            )
+            done = await run.arrival(first, "first render", FIRST_RENDER_TIMEOUT)
+            figures[tool.name].first_render_from_spawn = done - run.started
+            runs[tool.name] = run
+        await asyncio.sleep(IDLE)
+        # Pairs in a shuffled order: each tool gets the same number of changes, and neither
+        # always goes first after the other's change.
+        rng = random.Random(1)
+        schedule: list[Tool] = []
+        for _ in range(WARMUP + changes):
+            schedule += rng.sample(list(tools_), len(tools_))
+        counted = dict.fromkeys(models, 0)
+        for tool in schedule:
+            model, run = models[tool.name], runs[tool.name]
+            arrived = run.detector.expect(model.next_content())
+            started = time.perf_counter()
+            await model.change(session)
+            answered = time.perf_counter()
+            done = await run.arrival(arrived, f"case 1 change {model.step}")
+            counted[tool.name] += 1
+            if counted[tool.name] > WARMUP:
+                figures[tool.name].latencies.append(done - started)
+                figures[tool.name].put_round_trips.append(answered - started)
+            await asyncio.sleep(IDLE)
+        for model in models.values():
+            await model.remove(session)
+    return figures
 
 
 # -- case 2: 200 services × 5 instances ------------------------------------------------------
@@ -341,7 +403,7 @@ def many_port(i: int, j: int) -> int:
 
 @dataclass
 class ManyServices:
-    consul_line: str
+    consul_line: str  # the agent's own "consul" service is listed by `services` too
     extra: set[int] = field(default_factory=set)
 
     def content(self, extra: set[int] | None = None) -> str:
@@ -358,12 +420,13 @@ class ManyServices:
 
 @dataclass
 class Case2Figures:
-    startup_s: float  # process spawned → its first request to Consul
-    first_render_s: float  # first request → complete first render
-    requests_to_first_render: int
-    max_connections: int
-    latencies: list[float]
-    requests_per_change: float
+    startup: list[float] = field(default_factory=list)  # spawn → first request to Consul
+    first_render: list[float] = field(default_factory=list)  # first request → complete file
+    requests_to_first_render: list[int] = field(default_factory=list)
+    max_connections: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    change_requests: int = 0
+    changes: int = 0
 
 
 async def register_many(session: aiohttp.ClientSession) -> None:
@@ -373,12 +436,10 @@ async def register_many(session: aiohttp.ClientSession) -> None:
         async with limit:
             await register_at(session, many_name(i), f"{many_name(i)}-{j}", many_port(i, j))
 
-    await asyncio.gather(
-        *(one(i, j) for i in range(MANY_SERVICES) for j in range(MANY_INSTANCES))
-    )
+    await asyncio.gather(*(one(i, j) for i in range(MANY_SERVICES) for j in range(MANY_INSTANCES)))
 
 
-async def case2_run(
+async def case2_session(
     agent: ConsulAgent,
     session: aiohttp.ClientSession,
     workdir: Path,
@@ -386,68 +447,66 @@ async def case2_run(
     model: ManyServices,
     changes: int,
     rng: random.Random,
-) -> Case2Figures:
+    figures: Case2Figures,
+) -> None:
     proxy = await CountingProxy("127.0.0.1", agent.http_port).start()
     try:
-        async with running(tool, 2, proxy.address, workdir, model.content()) as (run, first):
-            done = await arrival(run, first, "first render", FIRST_RENDER_TIMEOUT)
+        async with running(tool, tool.case2, proxy.address, workdir, model.content()) as (
+            run,
+            first,
+        ):
+            done = await run.arrival(first, "first render", FIRST_RENDER_TIMEOUT)
             first_request = proxy.requests[0].at
-            startup = first_request - run.started
-            first_render = done - first_request
-            requests_first = proxy.count(until=done)
+            figures.startup.append(first_request - run.started)
+            figures.first_render.append(done - first_request)
+            figures.requests_to_first_render.append(proxy.count(until=done))
             await asyncio.sleep(IDLE * 2)
-            latencies = []
-            window_start = time.perf_counter()
-            for _ in range(changes):
+            phase_start = time.perf_counter()
+            for number in range(WARMUP + changes):
                 i = rng.randrange(MANY_SERVICES)
                 name = many_name(i)
+                extra = model.extra ^ {i}
+                arrived = run.detector.expect(model.content(extra))
+                started = time.perf_counter()
                 if i in model.extra:
-                    expected = model.content(model.extra - {i})
-                    arrived = run.detector.expect(expected)
-                    started = time.perf_counter()
                     await put(session, f"/v1/agent/service/deregister/{name}-x")
-                    model.extra.discard(i)
                 else:
-                    expected = model.content(model.extra | {i})
-                    arrived = run.detector.expect(expected)
-                    started = time.perf_counter()
                     await register_at(session, name, f"{name}-x", many_port(i, 9))
-                    model.extra.add(i)
-                done = await arrival(run, arrived, f"case 2 change of {name}")
-                latencies.append(done - started)
+                model.extra = extra
+                done = await run.arrival(arrived, f"case 2 change of {name}")
+                if number >= WARMUP:
+                    figures.latencies.append(done - started)
                 await asyncio.sleep(IDLE)
-            requests_changes = proxy.count(since=window_start)
-            return Case2Figures(
-                startup,
-                first_render,
-                requests_first,
-                proxy.max_connections,
-                latencies,
-                requests_changes / changes,
-            )
+            figures.change_requests += proxy.count(since=phase_start)
+            figures.changes += WARMUP + changes
+            figures.max_connections.append(proxy.max_connections)
     finally:
         await proxy.aclose()
 
 
 async def case2(
-    agent: ConsulAgent, workdir: Path, ours: Tool, theirs: Tool, changes: int
+    agent: ConsulAgent, workdir: Path, tools_: Sequence[Tool], changes: int, rounds: int
 ) -> dict[str, Case2Figures]:
+    figures = {tool.name: Case2Figures() for tool in tools_}
     async with agent_session(agent) as session:
-        consul = [e for e in agent.api("/v1/health/service/consul")][0]["Service"]
+        await register_many(session)
+        await same_output(agent, workdir, {tool: tool.case2 for tool in tools_})
+        note("case 2: outputs identical; measuring")
+        consul = agent.api("/v1/health/service/consul")[0]["Service"]
         model = ManyServices(f"consul {consul['ID']} 127.0.0.1:{consul['Port']}\n")
-        rng = random.Random(7)
-        figures = {}
-        # consul-template first: a warm agent would otherwise favour whoever runs second.
-        for tool in (theirs, ours):
-            figures[tool.name] = await case2_run(
-                agent, session, workdir, tool, model, changes, rng
-            )
-            note(f"case 2: {tool.name} done")
-        return figures
+        rng = random.Random(2)
+        for number in range(rounds):
+            order = tools_ if number % 2 == 0 else tuple(reversed(tools_))
+            for tool in order:
+                await case2_session(
+                    agent, session, workdir, tool, model, changes, rng, figures[tool.name]
+                )
+                note(f"case 2: round {number + 1}/{rounds}, {tool.name} done")
+    return figures
 
 
 # -- figures ---------------------------------------------------------------------------------
-def ms(values: Sequence[float], pct: float) -> float:
+def ms(values: Sequence[float], pct: float = 50) -> float:
     return rounded(percentile(values, pct) * 1000)
 
 
@@ -455,114 +514,84 @@ def ratio(ours: float, theirs: float) -> float:
     return rounded(ours / theirs) if theirs else float("inf")
 
 
-async def check_same_output(
-    agent: ConsulAgent, workdir: Path, ours: Tool, theirs: Tool, case: int
-) -> None:
-    """Both tools render the case's template once (-once) to byte-identical files."""
-    outputs = []
-    for tool in (ours, theirs):
-        folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-once{case}-", dir=workdir))
-        source, destination = folder / "source.tpl", folder / "rendered.txt"
-        source.write_text(tool.template(case))
-        process = await asyncio.create_subprocess_exec(
-            *tool.argv(agent.http_addr, source, destination),
-            "-once",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        output, _ = await asyncio.wait_for(process.communicate(), FIRST_RENDER_TIMEOUT)
-        if process.returncode != 0:
-            raise RuntimeError(f"{tool.name} -once failed: {output.decode()[-2000:]}")
-        outputs.append(destination.read_text())
-    if outputs[0] != outputs[1]:
-        raise RuntimeError(
-            f"case {case}: the templates render differently:\n--- dcy\n{outputs[0][:800]}\n"
-            f"--- consul-template\n{outputs[1][:800]}"
-        )
+def case1_figures(ours: Case1Figures, theirs: Case1Figures) -> dict[str, float | int]:
+    figures: dict[str, float | int] = {
+        "case1_changes": len(ours.latencies),
+        "case1_propagation_p50_ratio": ratio(
+            percentile(ours.latencies, 50), percentile(theirs.latencies, 50)
+        ),
+        "case1_propagation_p99_ratio": ratio(
+            percentile(ours.latencies, 99), percentile(theirs.latencies, 99)
+        ),
+    }
+    for short, side in (("dcy", ours), ("ct", theirs)):
+        figures |= {
+            f"case1_{short}_p50_ms": ms(side.latencies, 50),
+            f"case1_{short}_p99_ms": ms(side.latencies, 99),
+            f"case1_{short}_max_ms": ms(side.latencies, 100),
+            f"case1_{short}_put_roundtrip_p50_ms": ms(side.put_round_trips, 50),
+            f"case1_{short}_first_render_from_spawn_ms": rounded(
+                side.first_render_from_spawn * 1000
+            ),
+        }
+    return figures
+
+
+def case2_figures(ours: Case2Figures, theirs: Case2Figures) -> dict[str, float | int]:
+    def per_change(side: Case2Figures) -> float:
+        return side.change_requests / side.changes
+
+    figures: dict[str, float | int] = {
+        "case2_changes": len(ours.latencies),
+        "case2_first_render_ratio": ratio(
+            statistics.median(ours.first_render), statistics.median(theirs.first_render)
+        ),
+        "case2_requests_to_first_render_ratio": ratio(
+            max(ours.requests_to_first_render), max(theirs.requests_to_first_render)
+        ),
+        "case2_requests_per_change_ratio": ratio(per_change(ours), per_change(theirs)),
+        "case2_max_connections_ratio": ratio(
+            max(ours.max_connections), max(theirs.max_connections)
+        ),
+        "case2_propagation_p50_ratio": ratio(
+            percentile(ours.latencies, 50), percentile(theirs.latencies, 50)
+        ),
+        "case2_propagation_p99_ratio": ratio(
+            percentile(ours.latencies, 99), percentile(theirs.latencies, 99)
+        ),
+    }
+    for short, side in (("dcy", ours), ("ct", theirs)):
+        figures |= {
+            f"case2_{short}_p50_ms": ms(side.latencies, 50),
+            f"case2_{short}_p99_ms": ms(side.latencies, 99),
+            f"case2_{short}_first_render_ms": rounded(statistics.median(side.first_render) * 1000),
+            f"case2_{short}_startup_ms": rounded(statistics.median(side.startup) * 1000),
+            f"case2_{short}_requests_to_first_render": max(side.requests_to_first_render),
+            f"case2_{short}_requests_per_change": rounded(per_change(side)),
+            f"case2_{short}_max_connections": max(side.max_connections),
+        }
+    return figures
 
 
 async def main(quick: bool) -> None:
     ours, theirs = tools()
-    case1_changes, block = (20, 10) if quick else (120, 30)
-    case2_changes = 10 if quick else 40
-    with consul_agent(AGENT_HCL) as agent, tempfile.TemporaryDirectory(
-        prefix="dcy-bench-template-"
-    ) as tmp:
-        workdir = Path(tmp)
-        async with agent_session(agent) as session:
-            await register_at(
-                session,
-                ONE,
-                ONE_BASE,
-                21000,
-                Check={"CheckID": ttl_check_id(ONE_BASE), "TTL": "10m", "Status": "passing"},
-            )
-            await register_at(session, ONE, ONE_EXTRA, 21001)
-        await check_same_output(agent, workdir, ours, theirs, 1)
-        async with agent_session(agent) as session:
-            await put(session, f"/v1/agent/service/deregister/{ONE_EXTRA}")
-        note("case 1: outputs identical; measuring")
-        one, one_state = await case1(agent, workdir, ours, theirs, case1_changes, block)
-        async with agent_session(agent) as session:
-            await put(session, f"/v1/agent/service/deregister/{ONE_BASE}")
-            if one_state.extra:
-                await put(session, f"/v1/agent/service/deregister/{ONE_EXTRA}")
-
-        async with agent_session(agent) as session:
-            await register_many(session)
-        await check_same_output(agent, workdir, ours, theirs, 2)
-        note("case 2: outputs identical; measuring")
-        many = await case2(agent, workdir, ours, theirs, case2_changes)
-
-    a, b = one[ours.name], one[theirs.name]
-    c, d = many[ours.name], many[theirs.name]
-    figures: dict[str, float | int] = {
-        "propagation_p50_ratio": ratio(percentile(a.latencies, 50), percentile(b.latencies, 50)),
-        "propagation_p99_ratio": ratio(percentile(a.latencies, 99), percentile(b.latencies, 99)),
-        "first_render_ratio": ratio(c.first_render_s, d.first_render_s),
-        "requests_per_change_ratio": ratio(c.requests_per_change, d.requests_per_change),
-        "max_connections_ratio": ratio(c.max_connections, d.max_connections),
-        "case1_changes": len(a.latencies),
-        "case1_dcy_p50_ms": ms(a.latencies, 50),
-        "case1_dcy_p99_ms": ms(a.latencies, 99),
-        "case1_dcy_max_ms": ms(a.latencies, 100),
-        "case1_ct_p50_ms": ms(b.latencies, 50),
-        "case1_ct_p99_ms": ms(b.latencies, 99),
-        "case1_ct_max_ms": ms(b.latencies, 100),
-        "case1_dcy_first_render_from_spawn_ms": rounded(
-            statistics.median(a.first_renders) * 1000
-        ),
-        "case1_ct_first_render_from_spawn_ms": rounded(statistics.median(b.first_renders) * 1000),
-        "case2_changes": len(c.latencies),
-        "case2_propagation_p50_ratio": ratio(
-            percentile(c.latencies, 50), percentile(d.latencies, 50)
-        ),
-        "case2_propagation_p99_ratio": ratio(
-            percentile(c.latencies, 99), percentile(d.latencies, 99)
-        ),
-        "case2_dcy_p50_ms": ms(c.latencies, 50),
-        "case2_dcy_p99_ms": ms(c.latencies, 99),
-        "case2_ct_p50_ms": ms(d.latencies, 50),
-        "case2_ct_p99_ms": ms(d.latencies, 99),
-        "case2_dcy_first_render_ms": rounded(c.first_render_s * 1000),
-        "case2_ct_first_render_ms": rounded(d.first_render_s * 1000),
-        "case2_dcy_startup_ms": rounded(c.startup_s * 1000),
-        "case2_ct_startup_ms": rounded(d.startup_s * 1000),
-        "case2_dcy_first_render_from_spawn_ms": rounded((c.startup_s + c.first_render_s) * 1000),
-        "case2_ct_first_render_from_spawn_ms": rounded((d.startup_s + d.first_render_s) * 1000),
-        "case2_dcy_requests_to_first_render": c.requests_to_first_render,
-        "case2_ct_requests_to_first_render": d.requests_to_first_render,
-        "case2_requests_to_first_render_ratio": ratio(
-            c.requests_to_first_render, d.requests_to_first_render
-        ),
-        "case2_dcy_requests_per_change": rounded(c.requests_per_change),
-        "case2_ct_requests_per_change": rounded(d.requests_per_change),
-        "case2_dcy_max_connections": c.max_connections,
-        "case2_ct_max_connections": d.max_connections,
+    case1_changes, case2_changes, rounds = (20, 10, 1) if quick else (120, 30, 2)
+    with (
+        consul_agent(AGENT_HCL) as agent,
+        tempfile.TemporaryDirectory(prefix="dcy-bench-template-") as tmp,
+    ):
+        one = await case1(agent, Path(tmp), (ours, theirs), case1_changes)
+        many = await case2(agent, Path(tmp), (theirs, ours), case2_changes, rounds)
+    first = case1_figures(one[ours.name], one[theirs.name])
+    second = case2_figures(many[ours.name], many[theirs.name])
+    headline = {
+        "propagation_p50_ratio": first["case1_propagation_p50_ratio"],
+        "propagation_p99_ratio": first["case1_propagation_p99_ratio"],
+        "first_render_ratio": second["case2_first_render_ratio"],
+        "requests_per_change_ratio": second["case2_requests_per_change_ratio"],
+        "max_connections_ratio": second["case2_max_connections_ratio"],
     }
-    emit("template", figures)
+    emit("template", headline | first | second)
 
 
 if __name__ == "__main__":

@@ -250,7 +250,8 @@ class Watch(Generic[T]):
             # Let the subscribers this answer woke run before the next request goes out:
             # sending it first puts a socket write (milliseconds on a busy host, see
             # bench/propagation.py) ahead of every callback. The index keeps any change
-            # made meanwhile, so yielding here cannot lose one.
+            # made meanwhile, so yielding here cannot lose one. Twice: a callback often wakes
+            # one more task (dcy-template's renderer), which then runs first too.
             await asyncio.sleep(0)
             await asyncio.sleep(0)
 

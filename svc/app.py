@@ -86,7 +86,7 @@ class App:
         self.leader = False
         self._task: asyncio.Task[None] | None = None
         self._reader: nsq.Reader | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Future[None]] = set()
         self._failed_cycles = 0
         self._taking_work = True
         self.cycles: Counter | None = None
@@ -185,7 +185,7 @@ class App:
         if self.results.log(result) and self.latency is not None:
             self.latency.observe(max(0.0, time.time() - result.ts))
 
-    async def _on_message(self, body: bytes) -> None:
+    def _on_message(self, body: bytes) -> None:
         try:
             result = parse_result(body)
         except BadReading as exc:

@@ -44,7 +44,7 @@ class Worker:
         self.reader: nsq.Reader | None = None
         self.publisher: BatchPublisher | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Future[None]] = set()
         self._client: HttpClient | None = None
         self._taking_work = True
         self.processed: Counter | None = None
@@ -119,7 +119,8 @@ class Worker:
             in_flight=self._in_flight,
         )
 
-    async def _on_message(self, body: bytes) -> None:
+    def _on_message(self, body: bytes) -> asyncio.Future[None] | None:
+        """The message is finished once the returned publish is accepted by nsqd."""
         assert self.publisher is not None
         try:
             reading = parse_reading(body)
@@ -128,10 +129,10 @@ class Worker:
             log.error("dropping malformed message: %s: %r", exc, body[:200])
             if self.rejected is not None:
                 self.rejected.inc()
-            return
+            return None
         result = square(reading, self.settings.instance)
-        await self.publisher.publish(OUT_TOPIC, result.encode())
         self._count("nsq")
+        return self.publisher.publish_nowait(OUT_TOPIC, result.encode())
 
     async def stop_intake(self) -> None:
         self._taking_work = False

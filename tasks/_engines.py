@@ -68,9 +68,12 @@ def compose_cli(prefer: str = "docker compose") -> list[str] | None:
         if shutil.which(argv[0]) is None:
             continue
         try:
-            ok = subprocess.run(
-                [*argv, "version"], capture_output=True, timeout=PROBE_TIMEOUT, check=False
-            ).returncode == 0
+            ok = (
+                subprocess.run(
+                    [*argv, "version"], capture_output=True, timeout=PROBE_TIMEOUT, check=False
+                ).returncode
+                == 0
+            )
         except (subprocess.TimeoutExpired, OSError):
             ok = False
         if ok:

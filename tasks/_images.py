@@ -50,9 +50,7 @@ def git_commit(root: Path = ROOT) -> str:
         check=False,
     )
     if result.returncode != 0:
-        raise ImagesError(
-            f"cannot tag with the git commit: {result.stderr.strip()}; pass --tag", 2
-        )
+        raise ImagesError(f"cannot tag with the git commit: {result.stderr.strip()}; pass --tag", 2)
     return result.stdout.strip()
 
 
@@ -135,9 +133,9 @@ def build_images(
                 continue
         built.append(step.image)
     if failed:
+        made = ", ".join(built) or "none"
         raise ImagesError(
-            f"inv images: {engine} failed: {', '.join(failed)} (built: {', '.join(built) or 'none'})",
-            EXIT_BUILD_FAILED,
+            f"inv images: {engine} failed: {', '.join(failed)} (built: {made})", EXIT_BUILD_FAILED
         )
     return built
 

@@ -162,33 +162,47 @@ def cross_host_findings(
         findings += _port_findings(where, config)
         findings += _service_findings(where, host, config)
     for dc in inventory.datacenters:
-        dc_agents = {h: a for h, a in agents.items() if h.datacenter == dc.name}
-        servers = [h for h, a in dc_agents.items() if a.server]
-        addresses = {h.address for h in servers}
-        count = len(servers)
-        if count < 3 or count % 2 == 0:
+        findings += _datacenter_findings(inventory, dc.name, agents)
+    return findings
+
+
+def _datacenter_findings(
+    inventory: Inventory, dc: str, agents: Mapping[Host, Agent]
+) -> list[Finding]:
+    """Server count, bootstrap_expect, LAN joins within ``dc``, WAN joins to the others."""
+    servers_of = {
+        other.name: {
+            h.address for h, a in agents.items() if h.datacenter == other.name and a.server
+        }
+        for other in inventory.datacenters
+    }
+    servers = servers_of[dc]
+    findings = []
+    if len(servers) < 3 or len(servers) % 2 == 0:
+        findings.append(
+            Finding(dc, f"{len(servers)} Consul servers; needs an odd number, at least 3")
+        )
+    for host, agent in agents.items():
+        if host.datacenter != dc:
+            continue
+        where = f"{host.datacenter}/{host.name}"
+        if agent.server and agent.config.get("bootstrap_expect") != len(servers):
             findings.append(
-                Finding(dc.name, f"{count} Consul servers; needs an odd number, at least 3")
+                Finding(where, f"bootstrap_expect is not {len(servers)}, the datacenter's servers")
             )
-        for host, agent in dc_agents.items():
-            where = f"{host.datacenter}/{host.name}"
-            if agent.server and agent.config.get("bootstrap_expect") != count:
-                findings.append(
-                    Finding(where, f"bootstrap_expect is not {count}, the datacenter's servers")
+        join, peers = set(agent.strings("retry_join")), servers - {host.address}
+        if not join or not join <= peers:
+            findings.append(
+                Finding(
+                    where,
+                    f"retry_join {sorted(join)} is not among the other servers of {dc} "
+                    f"{sorted(peers)}",
                 )
-            join = set(agent.strings("retry_join"))
-            if not join or not join <= addresses - {host.address}:
-                findings.append(
-                    Finding(where, f"retry_join {sorted(join)} is not among the other servers "
-                            f"of {dc.name} {sorted(addresses - {host.address})}")
-                )
-            if agent.server:
-                wan = set(agent.strings("retry_join_wan"))
-                for other in inventory.datacenters:
-                    others = {h.address for h, a in agents.items()
-                              if h.datacenter == other.name and a.server}
-                    if other is not dc and not wan & others:
-                        findings.append(Finding(where, f"no retry_join_wan to {other.name}"))
+            )
+        wan = set(agent.strings("retry_join_wan"))
+        for other, addresses in servers_of.items():
+            if agent.server and other != dc and not wan & addresses:
+                findings.append(Finding(where, f"no retry_join_wan to {other}"))
     return findings
 
 
@@ -228,8 +242,10 @@ def _service_findings(where: str, host: Host, config: Mapping[str, Any]) -> list
         env = service.get("environment") or {}
         if env.get("CONSUL_HTTP_ADDR", "").startswith("consul:"):
             hosts = service.get("extra_hosts") or []
-            entries = hosts.items() if isinstance(hosts, dict) else (
-                str(item).split(":", 1) for item in hosts
+            entries = (
+                hosts.items()
+                if isinstance(hosts, dict)
+                else (str(item).split(":", 1) for item in hosts)
             )
             target = {k: str(v) for k, v in entries}.get("consul")
             if target != host.address:
@@ -238,8 +254,11 @@ def _service_findings(where: str, host: Host, config: Mapping[str, Any]) -> list
                 )
         if "SVC_PORT" in env and env.get("SVC_ADVERTISE") != host.address:
             findings.append(
-                Finding(where, f"{name}: SVC_ADVERTISE {env.get('SVC_ADVERTISE')!r} is not "
-                        f"this host's address {host.address}")
+                Finding(
+                    where,
+                    f"{name}: SVC_ADVERTISE {env.get('SVC_ADVERTISE')!r} is not "
+                    f"this host's address {host.address}",
+                )
             )
     return findings
 
@@ -259,9 +278,7 @@ def consul_binary() -> Path:
     return path
 
 
-def consul_validate_findings(
-    consul: Path, agents: Iterable[tuple[str, Agent]]
-) -> list[Finding]:
+def consul_validate_findings(consul: Path, agents: Iterable[tuple[str, Agent]]) -> list[Finding]:
     """`consul validate` of each agent's configuration, with the data_dir the official
     image's entrypoint passes as a flag."""
     findings = []

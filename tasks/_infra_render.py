@@ -111,9 +111,7 @@ def consul_joins(inventory: Inventory, dc: Datacenter, host: Host) -> tuple[list
     return join, wan
 
 
-def render_all(
-    inventory: Inventory, pins: Pins, templates: Path = TEMPLATES
-) -> dict[Path, str]:
+def render_all(inventory: Inventory, pins: Pins, templates: Path = TEMPLATES) -> dict[Path, str]:
     """Every host's compose file, by path relative to ``datacenters/``."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates)),
@@ -155,7 +153,8 @@ def render_all(
 def rendered_on_disk(root: Path = DATACENTERS) -> dict[Path, str]:
     """The compose files under ``root/<dc>/<host>/`` now."""
     return {
-        path.relative_to(root): path.read_text() for path in sorted(root.glob(f"*/*/{COMPOSE_FILE}"))
+        path.relative_to(root): path.read_text()
+        for path in sorted(root.glob(f"*/*/{COMPOSE_FILE}"))
     }
 
 

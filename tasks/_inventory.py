@@ -115,9 +115,7 @@ def parse_inventory(data: Any, source: str = "inventory") -> Inventory:
     dcs = _mapping(top.get("datacenters"), f"{source}: datacenters")
     if not dcs:
         raise InventoryError(f"{source}: datacenters is empty")
-    datacenters = tuple(
-        _datacenter(name, hosts, source) for name, hosts in dcs.items()
-    )
+    datacenters = tuple(_datacenter(name, hosts, source) for name, hosts in dcs.items())
     seen: dict[str, str] = {}
     for host in (h for dc in datacenters for h in dc.hosts):
         where = f"{host.datacenter}/{host.name}"

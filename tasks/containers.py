@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from invoke import Context, task
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from tasks._deploy import DeployError, plan_deploy, run_deploy
 from tasks._engines import compose_cli

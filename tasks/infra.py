@@ -6,8 +6,9 @@ datacenters/inventory.yml says what runs where; render turns it into one compose
 
 from __future__ import annotations
 
-from invoke import Context, task
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from tasks._engines import compose_cli
 from tasks._infra_check import check_all, consul_binary

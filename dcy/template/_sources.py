@@ -9,12 +9,26 @@ from pathlib import Path
 from watchdog.events import (
     EVENT_TYPE_CLOSED_NO_WRITE,
     EVENT_TYPE_OPENED,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
 
 _READ_ONLY_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
+# Only writes: then the kernel does not even report the renderer's own reads of a source,
+# which would wake watchdog's threads (and take the GIL) in the middle of every render.
+_WRITE_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+]
 
 
 class SourceWatcher(FileSystemEventHandler):
@@ -33,7 +47,9 @@ class SourceWatcher(FileSystemEventHandler):
         for directory in {p.parent for p in self._paths} - self._directories:
             if directory.is_dir():
                 # Editors replace files by rename, so watch the folder, not the file.
-                self._observer.schedule(self, str(directory), recursive=False)
+                self._observer.schedule(
+                    self, str(directory), recursive=False, event_filter=_WRITE_EVENTS
+                )
                 self._directories.add(directory)
 
     def on_any_event(self, event: FileSystemEvent) -> None:

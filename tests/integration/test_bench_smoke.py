@@ -28,6 +28,14 @@ FIGURES = {
     ),
     "http_by_name": ("by_name_rps", "raw_rps", "ratio_vs_raw"),
     "system_dns": ("libc_cached_p50_us", "libc_uncached_p50_us", "direct_p50_us"),
+    "pipeline": (
+        "nsq_1_worker_per_s",
+        "nsq_2_workers_per_s",
+        "nsq_p99_ms",
+        "http_per_s",
+        "lost",
+        "duplicated",
+    ),
 }
 
 
