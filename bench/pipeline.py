@@ -11,8 +11,9 @@ nsqlookupd and ``python -m svc.<name>``), the app's stdout being the only source
   redeliveries (requeues and timeouts on channels ``worker`` and ``app``) are reported apart.
 * NSQ latency: a sensor at the default rate (1 reading/s) for ``LATENCY_SECONDS``; p99 of the
   app's ``latency_ms`` (sensor timestamp to the app's log line). The same at 50/s is reported
-  too (``nsq_p99_ms_50_per_s``): above a few readings per second nsqd's output buffering, not
-  our code, sets the latency.
+  too (``nsq_p99_ms_50_per_s``): above a few readings per second nsqd's output buffering
+  (at best 25ms per hop, see svc/_nsq.py) sets most of it. The first reading of each run is
+  left out (it includes the sensor's first lookup of nsqd and connection).
 * HTTP: the app orchestrating back to back (``--interval 0``) against a sensor and two
   workers; readings per second over ``HTTP_SECONDS``.
 """
@@ -54,13 +55,14 @@ class ResultTail:
     counts: dict[str, Counter[str]] = field(default_factory=dict)
     latencies: dict[str, list[float]] = field(default_factory=dict)
 
-    def poll(self) -> None:
+    def poll(self) -> int:
+        """Read what was written since the last poll; the number of distinct ids so far."""
         try:
             with self.path.open("rb") as log:
                 log.seek(self.offset)
                 chunk = log.read()
         except FileNotFoundError:
-            return
+            return 0
         self.offset += len(chunk)
         lines = (self.partial + chunk).split(b"\n")
         self.partial = lines.pop()
@@ -74,8 +76,14 @@ class ResultTail:
             prefix = str(result["id"]).rsplit("-", 1)[0]
             self.counts.setdefault(prefix, Counter())[result["id"]] += 1
             self.latencies.setdefault(prefix, []).append(float(result["latency_ms"]))
+        return self.distinct()
+
+    def distinct(self) -> int:
+        return sum(len(ids) for ids in self.counts.values())
 
     def new_prefix(self, known: set[str]) -> str | None:
+        """The sensor whose readings appeared since ``known`` was taken, if any yet."""
+        self.poll()
         fresh = [p for p in self.counts if p not in known]
         return fresh[0] if fresh else None
 
@@ -142,14 +150,12 @@ def burst(system: System, tail: ResultTail, readings: int) -> tuple[float, int, 
     logged, progress_at = 0, started
     while logged < readings and time.monotonic() - progress_at < STALL_SECONDS:
         time.sleep(0.01)
-        tail.poll()
         prefix = tail.new_prefix(known)
         count = len(tail.counts[prefix]) if prefix else 0
         if count > logged:
             logged, progress_at = count, time.monotonic()
             finished = progress_at
     time.sleep(0.5)  # late duplicates, if any, still count
-    tail.poll()
     stop(sensor)
     prefix = tail.new_prefix(known)
     ids = tail.counts[prefix] if prefix else Counter()
@@ -158,17 +164,19 @@ def burst(system: System, tail: ResultTail, readings: int) -> tuple[float, int, 
 
 
 def steady(system: System, tail: ResultTail, rate: float, seconds: float) -> list[float]:
-    """Run a sensor at ``rate`` readings/s for ``seconds``; the latencies the app logged."""
+    """Run a sensor at ``rate`` readings/s for ``seconds``; the latencies the app logged,
+    but for the first reading's, which also paid for the sensor's first lookup of nsqd and
+    its first connection (a start-up cost, not the pipeline's)."""
     known = set(tail.counts)
     sensor = system.start("sensor", "--mode", "nsq", "--rate", str(rate))
-    wait_for(lambda: (tail.poll(), tail.new_prefix(known))[1] is not None, "a first result")
+    wait_for(lambda: tail.new_prefix(known) is not None, "a first result")
     time.sleep(seconds)
     stop(sensor)
     time.sleep(0.5)
     tail.poll()
     prefix = tail.new_prefix(known)
     assert prefix is not None
-    return tail.latencies[prefix]
+    return tail.latencies[prefix][1:]
 
 
 def stop(service: ServiceProcess) -> None:
@@ -222,15 +230,11 @@ def run_http(workdir: Path, seconds: float) -> dict[str, Any]:
         system.wait_passing("worker", 2)
         app = system.start("app", "--mode", "http", "--interval", "0")
         tail = ResultTail(app.proc.log_path)
-        wait_for(lambda: (tail.poll(), tail.counts)[1], "the app's first result")
+        wait_for(lambda: tail.poll() > 0, "the app's first result")
         time.sleep(1.0)  # past the first connections
-        tail.poll()
-        first = sum(len(ids) for ids in tail.counts.values())
-        started = time.monotonic()
+        first, started = tail.poll(), time.monotonic()
         time.sleep(seconds)
-        tail.poll()
-        elapsed = time.monotonic() - started
-        per_s = (sum(len(ids) for ids in tail.counts.values()) - first) / elapsed
+        per_s = (tail.poll() - first) / (time.monotonic() - started)
         latencies = [ms for values in tail.latencies.values() for ms in values]
         note(f"http, interval 0: {per_s:,.0f} readings/s, p99 {percentile(latencies, 99)} ms")
         return {"http_per_s": round(per_s), "http_p99_ms": rounded(percentile(latencies, 99))}

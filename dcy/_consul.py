@@ -242,7 +242,7 @@ class HttpConsul:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CALL_TIMEOUT),
-            headers={"User-Agent": "dcy"},
+            headers={"User-Agent": "dcy", "Accept-Encoding": "identity"},
         )
         self._client = _PyConsul(config, self._session)
 

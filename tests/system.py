@@ -70,7 +70,12 @@ class System:
                 "Port": nsqd_tcp,
                 "Tags": ["tcp"],
                 "Meta": {"http_port": nsqd_http},
-                "Check": {"HTTP": f"http://127.0.0.1:{nsqd_http}/ping", "Interval": "1s"},
+                "Check": {
+                    "Name": "nsqd HTTP /ping",
+                    "Notes": "GET /ping: 200 means nsqd is healthy and accepts /pub",
+                    "HTTP": f"http://127.0.0.1:{nsqd_http}/ping",
+                    "Interval": "1s",
+                },
             }
         )
         self.register(
@@ -81,7 +86,12 @@ class System:
                 "Port": lookupd_http,
                 "Tags": ["http"],
                 "Meta": {"tcp_port": lookupd_tcp},
-                "Check": {"HTTP": f"http://127.0.0.1:{lookupd_http}/ping", "Interval": "1s"},
+                "Check": {
+                    "Name": "nsqlookupd HTTP /ping",
+                    "Notes": "GET /ping on the HTTP API consumers ask for producers",
+                    "HTTP": f"http://127.0.0.1:{lookupd_http}/ping",
+                    "Interval": "1s",
+                },
             }
         )
 
