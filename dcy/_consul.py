@@ -242,6 +242,8 @@ class HttpConsul:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CALL_TIMEOUT),
+            # No gzip: the agent is local, and compressing every answer (Consul) and inflating
+            # it (us) is time between a change and its consumers (bench/template.py).
             headers={"User-Agent": "dcy", "Accept-Encoding": "identity"},
         )
         self._client = _PyConsul(config, self._session)

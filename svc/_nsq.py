@@ -6,23 +6,22 @@
   request (one HTTP request per message caps out far below what nsqd takes). A publish
   resolves only once nsqd accepted its batch; failed batches are retried, against a freshly
   resolved nsqd, until they are accepted or the publisher is closed: nothing is dropped.
-* :func:`start_consumer` runs pynsq's Reader on this asyncio loop (tornado uses it).
+* :func:`start_consumer` runs our batch consumer (:mod:`svc._nsq_reader`) on this loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
-import nsq
 
 from dcy import Dcy, DcyError, Instance
+from svc._nsq_reader import BatchHandler, NsqReader
 
 log = logging.getLogger("svc.nsq")
 T = TypeVar("T")
@@ -100,7 +99,8 @@ def _http_hostport(instance: Instance) -> str:
 @dataclass
 class _Batch:
     bodies: list[bytes] = field(default_factory=list)
-    futures: list[asyncio.Future[None]] = field(default_factory=list)
+    # (number of bodies queued up to and including a caller's, the future it waits on)
+    waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
 
 class BatchPublisher:
@@ -138,16 +138,25 @@ class BatchPublisher:
 
     def publish_nowait(self, topic: str, body: bytes) -> asyncio.Future[None]:
         """Queue one message; the future resolves once nsqd accepted it."""
+        return self.publish_many(topic, [body])
+
+    def publish_many(self, topic: str, bodies: list[bytes]) -> asyncio.Future[None]:
+        """Queue messages; one future for all of them, resolved once nsqd accepted the last
+        (a future per message costs more than the message at thousands a second)."""
         if self._closed:
             raise RuntimeError("publisher is closed")
-        if b"\n" in body:
+        if any(b"\n" in body for body in bodies):
             raise ValueError("an /mpub message cannot contain a newline")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not bodies:
+            future.set_result(None)
+            return future
         batch = self._pending.setdefault(topic, _Batch())
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        batch.bodies.append(body)
-        batch.futures.append(future)
+        batch.bodies.extend(bodies)
+        batch.waiters.append((len(batch.bodies), future))
         if topic not in self._flushers:
-            self._flushers[topic] = asyncio.get_running_loop().create_task(self._flush(topic))
+            self._flushers[topic] = loop.create_task(self._flush(topic))
         return future
 
     async def publish(self, topic: str, body: bytes) -> None:
@@ -168,9 +177,10 @@ class BatchPublisher:
 
     async def _send(self, topic: str, batch: _Batch) -> None:
         failures = 0
+        waiters = iter(batch.waiters)
+        waiter = next(waiters, None)
         for start in range(0, len(batch.bodies), self._max_batch):
             bodies = batch.bodies[start : start + self._max_batch]
-            futures = batch.futures[start : start + self._max_batch]
             while True:
                 try:
                     await self._post(topic, bodies)
@@ -185,9 +195,11 @@ class BatchPublisher:
                     await asyncio.sleep(min(self._retry_cap, 0.05 * 2 ** min(failures, 10)))
             self.published += len(bodies)
             self.last_error = None
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
+            accepted = start + len(bodies)
+            while waiter is not None and waiter[0] <= accepted:
+                if not waiter[1].done():
+                    waiter[1].set_result(None)
+                waiter = next(waiters, None)
 
     async def _post(self, topic: str, bodies: list[bytes]) -> None:
         if self._url is None:
@@ -214,100 +226,25 @@ class BatchPublisher:
         self._closed = True
 
 
-# A handler either finishes its work at once (returns None) or returns what to wait for.
-MessageHandler = Callable[[bytes], Awaitable[None] | None]
-
-
 def start_consumer(
     topic: str,
     channel: str,
     lookupds: list[str],
-    handler: MessageHandler,
+    handler: BatchHandler,
     *,
     max_in_flight: int = 1000,
-    in_flight: set[asyncio.Future[None]] | None = None,
-) -> nsq.Reader:
-    """A pynsq Reader on the running loop. Each message is finished only after ``handler``
-    completed (at-least-once); a handler error requeues it. A synchronous handler costs no
-    task per message: at thousands of messages a second that is a good part of the work."""
-    pending = in_flight if in_flight is not None else set()
-
-    def on_message(message: nsq.Message) -> None:
-        message.enable_async()
-        try:
-            outcome = handler(message.body)
-        except Exception:
-            log.exception("handling a %s message failed; requeueing it", topic)
-            message.requeue(backoff=False)
-            return
-        if outcome is None:
-            message.finish()
-            return
-        future = asyncio.ensure_future(outcome)
-        pending.add(future)
-        future.add_done_callback(functools.partial(settle, message))
-
-    def settle(message: nsq.Message, future: asyncio.Future[None]) -> None:
-        pending.discard(future)
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or error is not None:
-            log.error("handling a %s message failed; requeueing it", topic, exc_info=error)
-            message.requeue(backoff=False)
-        else:
-            message.finish()
-
-    return _CoalescingReader(
-        topic=topic,
-        channel=channel,
-        message_handler=on_message,
-        lookupd_http_addresses=lookupds,
-        lookupd_poll_interval=2,
+) -> NsqReader:
+    """A started batch consumer on the running loop. Each batch is finished only after
+    ``handler`` completed (at-least-once); a handler error requeues the batch."""
+    return NsqReader(
+        topic,
+        channel,
+        lookupds,
+        handler,
         max_in_flight=max_in_flight,
-        max_tries=0,
+        lookupd_poll_interval=2.0,
         # nsqd holds messages for a consumer until its output buffer fills or this timer
         # ticks: 250ms by default, which every reading then waits at any rate above a few per
         # second. 25ms is the least nsqd accepts (--min-output-buffer-timeout).
-        output_buffer_timeout=25,
-    )
-
-
-# pynsq reads one message per event-loop turn, so FINs are gathered over a short time
-# instead; nsqd waits 60s for a FIN, and no reading waits for one.
-COALESCE_SECONDS = 0.001
-
-
-class _CoalescingReader(nsq.Reader):  # type: ignore[misc]
-    """pynsq's Reader, writing each connection's commands (mostly one FIN per message) in one
-    go every millisecond: a system call per FIN was the largest single cost of a consumer."""
-
-    def _on_connection_ready(self, conn: Any, **kwargs: Any) -> None:
-        _coalesce_sends(conn)
-        super()._on_connection_ready(conn, **kwargs)
-
-
-def _coalesce_sends(conn: Any) -> None:
-    send, close = conn.send, conn.close
-    pending: list[bytes] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        data = b"".join(pending)
-        pending.clear()
-        try:
-            send(data)
-        except Exception as exc:  # what pynsq does when a FIN cannot be sent: drop the conn
-            log.warning("nsqd connection %s failed: %s; reconnecting", conn.id, exc)
-            close()
-
-    def send_soon(data: bytes) -> None:
-        if not pending:
-            asyncio.get_running_loop().call_later(COALESCE_SECONDS, flush)
-        pending.append(data)
-
-    def flush_then_close() -> None:
-        flush()  # FINs of work already done go out: nsqd must not deliver it again
-        close()
-
-    conn.send = send_soon
-    conn.close = flush_then_close
+        output_buffer_timeout_ms=25,
+    ).start()

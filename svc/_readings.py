@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 VALUES_PER_READING = 3
+# One encoder for every message: json.dumps with separators builds a new one per call, a
+# measurable share of a reading's CPU at thousands of readings a second.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class BadReading(ValueError):
@@ -33,7 +36,7 @@ class Reading:
         return {"id": self.id, "ts": self.ts, "values": list(self.values)}
 
     def encode(self) -> bytes:
-        return json.dumps(self.as_json(), separators=(",", ":")).encode()
+        return compact_json(self.as_json()).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,7 @@ class Result:
         }
 
     def encode(self) -> bytes:
-        return json.dumps(self.as_json(), separators=(",", ":")).encode()
+        return compact_json(self.as_json()).encode()
 
 
 class ReadingSource:

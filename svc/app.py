@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -25,13 +24,13 @@ from collections import OrderedDict
 from typing import Any
 
 import aiohttp
-import nsq
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from dcy import DcyError, HttpClient
 from svc._nsq import ensure_channel, lookupd_http_addresses, patiently, start_consumer
-from svc._readings import BadReading, Result, parse_reading, parse_result
+from svc._nsq_reader import NsqReader
+from svc._readings import BadReading, Result, compact_json, parse_reading, parse_result
 from svc._runtime import Runtime, Settings, serve
 
 log = logging.getLogger("svc.app")
@@ -62,7 +61,7 @@ class ResultLog:
             "worker": result.worker,
             "latency_ms": round((time.time() - result.ts) * 1000, 3),
         }
-        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        sys.stdout.write(compact_json(line) + "\n")
         self.logged += 1
         # Flush soon, not per line: at 10,000 results/s a flush per line costs more than the
         # work itself, and 20 ms is well within what anyone reading the log notices.
@@ -85,8 +84,7 @@ class App:
         self.runtime: Runtime | None = None
         self.leader = False
         self._task: asyncio.Task[None] | None = None
-        self._reader: nsq.Reader | None = None
-        self._in_flight: set[asyncio.Future[None]] = set()
+        self._reader: NsqReader | None = None
         self._failed_cycles = 0
         self._taking_work = True
         self.cycles: Counter | None = None
@@ -123,8 +121,16 @@ class App:
                     finally:
                         self.leader = False
                         log.info("not leading any more: %s", lead.lost_reason or "stopping")
-            except DcyError as exc:
-                log.warning("leader election failed (%s); trying again", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Whatever went wrong, an app that stays registered must keep contending:
+                # a silently finished task would leave a passing app that does nothing.
+                log.warning(
+                    "leading failed (%s); contending again",
+                    exc,
+                    exc_info=not isinstance(exc, DcyError),
+                )
                 await asyncio.sleep(1)
 
     async def _work_until(self, lost: asyncio.Event) -> None:
@@ -138,14 +144,13 @@ class App:
                 TOPIC,
                 CHANNEL,
                 lookupds,
-                self._on_message,
+                self._on_batch,
                 max_in_flight=2500,
-                in_flight=self._in_flight,
             )
             try:
                 await lost.wait()
             finally:
-                self._reader.close()
+                await self._reader.close()
                 self._reader = None
             return
         assert self.runtime is not None and self.runtime.dcy is not None
@@ -185,13 +190,14 @@ class App:
         if self.results.log(result) and self.latency is not None:
             self.latency.observe(max(0.0, time.time() - result.ts))
 
-    def _on_message(self, body: bytes) -> None:
-        try:
-            result = parse_result(body)
-        except BadReading as exc:
-            log.error("dropping malformed result: %s: %r", exc, body[:200])
-            return
-        self._log(result)
+    def _on_batch(self, bodies: list[bytes]) -> None:
+        for body in bodies:
+            try:
+                result = parse_result(body)
+            except BadReading as exc:
+                log.error("dropping malformed result: %s: %r", exc, body[:200])
+                continue
+            self._log(result)
 
     async def _pushed_result(self, request: web.Request) -> web.Response:
         if not self._taking_work:
@@ -210,7 +216,8 @@ class App:
             self._reader.set_max_in_flight(0)
 
     async def drain(self) -> None:
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._reader is not None:
+            await self._reader.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -66,11 +66,9 @@ class Sensor:
     async def _publish_loop(self) -> None:
         assert self.publisher is not None and self.readings is not None
         if self.burst:
-            pending = [
-                self.publisher.publish_nowait(TOPIC, self.source.next().encode())
-                for _ in range(self.burst)
-            ]
-            await asyncio.gather(*pending)
+            await self.publisher.publish_many(
+                TOPIC, [self.source.next().encode() for _ in range(self.burst)]
+            )
             self.readings.labels("nsq").inc(self.burst)
             log.info("burst of %d readings published", self.burst)
         while self.rate > 0:

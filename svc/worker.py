@@ -16,7 +16,6 @@ import logging
 import sys
 
 import aiohttp
-import nsq
 from aiohttp import web
 from prometheus_client import Counter
 
@@ -29,6 +28,7 @@ from svc._nsq import (
     patiently,
     start_consumer,
 )
+from svc._nsq_reader import NsqReader
 from svc._readings import BadReading, parse_reading, square
 from svc._runtime import Runtime, Settings, serve
 
@@ -41,10 +41,9 @@ class Worker:
         self.settings = settings
         self.max_in_flight = max_in_flight
         self.runtime: Runtime | None = None
-        self.reader: nsq.Reader | None = None
+        self.reader: NsqReader | None = None
         self.publisher: BatchPublisher | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._in_flight: set[asyncio.Future[None]] = set()
         self._client: HttpClient | None = None
         self._taking_work = True
         self.processed: Counter | None = None
@@ -114,25 +113,29 @@ class Worker:
             IN_TOPIC,
             CHANNEL,
             lookupds,
-            self._on_message,
+            self._on_batch,
             max_in_flight=self.max_in_flight,
-            in_flight=self._in_flight,
         )
 
-    def _on_message(self, body: bytes) -> asyncio.Future[None] | None:
-        """The message is finished once the returned publish is accepted by nsqd."""
+    def _on_batch(self, bodies: list[bytes]) -> asyncio.Future[None] | None:
+        """The batch is finished once its results, published in one go, are accepted."""
         assert self.publisher is not None
-        try:
-            reading = parse_reading(body)
-        except BadReading as exc:
-            # Redelivering a malformed message cannot fix it: log it and let it go.
-            log.error("dropping malformed message: %s: %r", exc, body[:200])
-            if self.rejected is not None:
-                self.rejected.inc()
+        results: list[bytes] = []
+        for body in bodies:
+            try:
+                reading = parse_reading(body)
+            except BadReading as exc:
+                # Redelivering a malformed message cannot fix it: log it and let it go.
+                log.error("dropping malformed message: %s: %r", exc, body[:200])
+                if self.rejected is not None:
+                    self.rejected.inc()
+                continue
+            results.append(square(reading, self.settings.instance).encode())
+        if not results:
             return None
-        result = square(reading, self.settings.instance)
-        self._count("nsq")
-        return self.publisher.publish_nowait(OUT_TOPIC, result.encode())
+        if self.processed is not None:
+            self.processed.labels("nsq").inc(len(results))
+        return self.publisher.publish_many(OUT_TOPIC, results)
 
     async def stop_intake(self) -> None:
         self._taking_work = False
@@ -142,13 +145,13 @@ class Worker:
 
     async def drain(self) -> None:
         # HTTP requests in flight finish in the runtime's server shutdown after this.
-        await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self.reader is not None:
+            # Waits for the batches in hand (their results published), finishes them.
+            await self.reader.close()
         if self._client is not None:
             await self._client.aclose()
         if self.publisher is not None:
             await self.publisher.aclose()
-        if self.reader is not None:
-            self.reader.close()
         if self._session is not None:
             await self._session.close()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from dcy._errors import InvalidName
@@ -67,16 +68,31 @@ class _RecordingDependencies:
         return self._specs.datacenters()
 
 
+# The template functions dcy itself provides (``service``, ``key``, ...): known to be safe.
+_OWN_FUNCTIONS = frozenset(
+    f for name, f in vars(DataFunctions).items() if callable(f) and not name.startswith("_")
+)
+
+
 class _RecordSandbox(SandboxedEnvironment):
-    """The sandbox, with a fast path for the data fields of dcy's own immutable records: a
-    template over 200 services reads thousands of them per render, and the generic safety
-    checks were most of its time (see bench/template.py)."""
+    """The sandbox, with fast paths for the data fields of dcy's own immutable records and
+    for dcy's own template functions: a template over 200 services reads thousands of fields
+    and makes hundreds of calls per render, and the generic safety checks were most of its
+    time (see bench/template.py). Everything else goes through the full checks."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         fields = RECORD_FIELDS.get(type(obj))
         if fields is not None and attribute in fields:
             return getattr(obj, attribute)
         return super().getattr(obj, attribute)
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if getattr(obj, "__func__", None) in _OWN_FUNCTIONS:
+            # What Context.call would do for a function that takes no context.
+            kwargs.pop("_loop_vars", None)
+            kwargs.pop("_block_vars", None)
+            return obj(*args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
 
 class TemplateRenderer:

@@ -138,5 +138,8 @@ def spec_from_mapping(raw: dict[str, Any], *, base: Path | None = None) -> Templ
 
 
 def _path(text: str, base: Path | None) -> Path:
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name" of no known user: a shell keeps it literal too
+        path = Path(text)
     return path if path.is_absolute() or base is None else base / path

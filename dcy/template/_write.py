@@ -25,25 +25,34 @@ def render_atomically(
 ) -> bool:
     """Write ``content`` to ``destination`` if it differs; return whether it was written."""
     data = content.encode()
+    # One open gives both the current content and its mode: this runs on every change, in
+    # the time between Consul's answer and the new file (bench/template.py).
     try:
-        current = destination.read_bytes()
+        with open(destination, "rb") as handle:
+            current: bytes | None = handle.read()
+            current_mode: int | None = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
     except FileNotFoundError:
-        current = None
-    if current == data and (perms is None or stat.S_IMODE(destination.stat().st_mode) == perms):
+        current, current_mode = None, None
+    if current == data and (perms is None or current_mode == perms):
         return False
+    mode = perms if perms is not None else current_mode if current_mode is not None else 0o644
     directory = destination.parent
-    if create_dirs:
-        directory.mkdir(parents=True, exist_ok=True)
-    mode = perms
-    if mode is None:
-        mode = stat.S_IMODE(destination.stat().st_mode) if current is not None else 0o644
-    fd, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, mode)
+        fd, temp_name = _temp_file(destination)
+    except FileNotFoundError:
+        if not create_dirs:
+            raise
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = _temp_file(destination)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         if backup and current is not None:
             # One .bak, the previous good output, copied with its mode.
             shutil.copy2(destination, destination.with_name(destination.name + ".bak"))
@@ -54,6 +63,10 @@ def render_atomically(
         raise
     _fsync_directory(directory)
     return True
+
+
+def _temp_file(destination: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -36,6 +36,13 @@ FIGURES = {
         "lost",
         "duplicated",
     ),
+    "template": (
+        "propagation_p50_ratio",
+        "propagation_p99_ratio",
+        "first_render_ratio",
+        "requests_per_change_ratio",
+        "max_connections_ratio",
+    ),
 }
 
 

@@ -298,7 +298,11 @@ async def test_nginx_follows_a_removed_worker_without_a_failed_request(
         with running(renderer, nginx):
             expected = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2, w3))
             await eventually(lambda: sorted(setup.upstream()) == expected, what="3 upstreams")
-            # The first render's reload found no nginx yet: logged, and the renderer lives on.
+            # The first render's reload finds no nginx yet: logged, and the renderer lives on.
+            # Waiting for that failure keeps it from reloading the nginx started next.
+            await eventually(
+                lambda: "nginx.pid" in renderer.log.read_text(), what="first reload failed"
+            )
             nginx.start()
             await eventually(setup.pid_file.exists, what="nginx pid file")
             async with aiohttp.ClientSession() as session:

@@ -1,0 +1,298 @@
+"""svc._nsq_reader.NsqReader against a real nsqd and nsqlookupd: batches finished once,
+requeued on failure, redelivered when a connection dies, RDY respected, heartbeats answered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from svc._nsq import BatchPublisher
+from svc._nsq_reader import BatchHandler, NsqReader
+from tests.harness import NsqCluster
+
+pytestmark = pytest.mark.integration
+TOPIC, CHANNEL = "readings", "tests"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def publish(http: aiohttp.ClientSession, nsq: NsqCluster, bodies: list[bytes]) -> None:
+    async with http.post(
+        f"http://{nsq.nsqd_http}/mpub", params={"topic": TOPIC}, data=b"\n".join(bodies)
+    ) as response:
+        assert response.status == 200, await response.text()
+
+
+async def create_channel(http: aiohttp.ClientSession, nsq: NsqCluster) -> None:
+    """Topic and channel up front: published messages then wait in the channel."""
+    base = f"http://{nsq.nsqd_http}"
+    for path, params in (
+        ("/topic/create", {"topic": TOPIC}),
+        ("/channel/create", {"topic": TOPIC, "channel": CHANNEL}),
+    ):
+        async with http.post(base + path, params=params) as response:
+            assert response.status == 200
+
+
+async def channel_stats(http: aiohttp.ClientSession, nsq: NsqCluster) -> dict[str, Any]:
+    async with http.get(f"http://{nsq.nsqd_http}/stats", params={"format": "json"}) as response:
+        stats = await response.json()
+    for topic in stats.get("topics", []):
+        for channel in topic["channels"] if topic["topic_name"] == TOPIC else []:
+            if channel["channel_name"] == CHANNEL:
+                return dict(channel)
+    return {}
+
+
+async def eventually(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` (sync or async) until it holds, failing after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        value = condition()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def reader(nsq: NsqCluster, handler: BatchHandler, **options: Any) -> NsqReader:
+    options.setdefault("lookupd_poll_interval", 0.5)
+    return NsqReader(TOPIC, CHANNEL, [f"http://{nsq.lookupd_http}"], handler, **options).start()
+
+
+def bodies(count: int, prefix: str = "m") -> list[bytes]:
+    return [f"{prefix}{i}".encode() for i in range(count)]
+
+
+async def settled(http: aiohttp.ClientSession, nsq: NsqCluster) -> bool:
+    stats = await channel_stats(http, nsq)
+    return bool(stats) and stats["depth"] == 0 and stats["in_flight_count"] == 0
+
+
+async def test_two_consumers_receive_every_message_once(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """3,000 messages on one channel, two readers: each message handled exactly once."""
+    await create_channel(http, nsq)
+    seen: Counter[bytes] = Counter()
+    per_reader: list[int] = [0, 0]
+
+    def counting(index: int) -> BatchHandler:
+        def handle(batch: list[bytes]) -> None:
+            seen.update(batch)
+            per_reader[index] += len(batch)
+
+        return handle
+
+    readers = [reader(nsq, counting(0)), reader(nsq, counting(1))]
+    await eventually(lambda: all(r.connected == 1 for r in readers), "both readers connected")
+    await publish(http, nsq, bodies(3000))
+    await eventually(lambda: sum(seen.values()) >= 3000, "3,000 messages handled")
+    await eventually(lambda: settled(http, nsq), "every message finished")
+    for r in readers:
+        await r.close()
+    assert set(seen) == set(bodies(3000))
+    assert max(seen.values()) == 1
+    assert all(per_reader), per_reader
+
+
+async def test_failed_batch_is_requeued_then_finished(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """A handler that raises gets its messages again (REQ); once it succeeds they are done."""
+    await create_channel(http, nsq)
+    failed: set[bytes] = set()
+    done: list[bytes] = []
+
+    async def flaky(batch: list[bytes]) -> None:
+        if not failed.issuperset(batch):
+            failed.update(batch)
+            raise RuntimeError("not this time")
+        done.extend(batch)
+
+    consumer = reader(nsq, flaky, requeue_delay_ms=0)
+    await publish(http, nsq, bodies(100))
+    await eventually(lambda: len(set(done)) == 100, "every message handled successfully")
+    await eventually(lambda: settled(http, nsq), "every message finished")
+    stats = await channel_stats(http, nsq)
+    await consumer.close()
+    assert failed == set(bodies(100))
+    assert stats["requeue_count"] >= 1
+
+
+async def test_lost_connection_messages_go_to_the_other_consumer(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """A connection dropped mid-batch: the messages it never finished reach another reader."""
+    await create_channel(http, nsq)
+    release = asyncio.Event()
+    stuck: list[bytes] = []
+    rescued: list[bytes] = []
+
+    async def hold(batch: list[bytes]) -> None:
+        stuck.extend(batch)
+        await release.wait()
+
+    def take(batch: list[bytes]) -> None:
+        rescued.extend(batch)
+
+    # A short message timeout: nsqd gives a dead client's messages out again after it.
+    victim = reader(nsq, hold, max_in_flight=50, msg_timeout_ms=1000)
+    await eventually(lambda: victim.connected == 1, "victim connected")
+    await publish(http, nsq, bodies(50))
+    await eventually(lambda: len(stuck) == 50, "the victim holding every message")
+    victim.set_max_in_flight(0)  # it reconnects; the rescue must come from the other reader
+    victim.abort_connections()
+    rescuer = reader(nsq, take)
+    await eventually(lambda: len(rescued) >= 50, "the held messages delivered again")
+    release.set()
+    await eventually(lambda: settled(http, nsq), "every message finished")
+    await victim.close()
+    await rescuer.close()
+    assert sorted(rescued) == sorted(bodies(50))
+
+
+async def test_unfinished_messages_never_exceed_max_in_flight(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """With max_in_flight 10, no more than 10 messages are ever in the handlers at once."""
+    await create_channel(http, nsq)
+    await publish(http, nsq, bodies(200))
+    holding = 0
+    most = 0
+    handled = 0
+
+    async def slow(batch: list[bytes]) -> None:
+        nonlocal holding, most, handled
+        holding += len(batch)
+        most = max(most, holding)
+        await asyncio.sleep(0.02)
+        holding -= len(batch)
+        handled += len(batch)
+
+    consumer = reader(nsq, slow, max_in_flight=10)
+    await eventually(lambda: handled >= 200, "200 messages handled")
+    await consumer.close()
+    assert most == 10
+
+
+async def test_heartbeats_keep_an_idle_connection(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """With 1s heartbeats and 3s of silence the first connection stays up and working."""
+    await create_channel(http, nsq)
+    got: list[bytes] = []
+    consumer = reader(nsq, got.extend, heartbeat_interval_ms=1000)
+    await eventually(lambda: consumer.connected == 1, "connected")
+    await asyncio.sleep(3)  # nsqd drops a client that misses two heartbeats
+    await publish(http, nsq, [b"still there"])
+    await eventually(lambda: got == [b"still there"], "the message after the silence")
+    assert consumer.connects == 1
+    await consumer.close()
+
+
+async def test_max_in_flight_zero_stops_delivery(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """set_max_in_flight(0) stops new messages; raising it again resumes them."""
+    await create_channel(http, nsq)
+    got: list[bytes] = []
+    consumer = reader(nsq, got.extend)
+    await publish(http, nsq, bodies(10, "a"))
+    await eventually(lambda: len(got) == 10, "the first messages")
+    consumer.set_max_in_flight(0)
+    await asyncio.sleep(0.2)  # an RDY 0 in transit when nsqd flushed is not a failure
+    await publish(http, nsq, bodies(10, "b"))
+
+    async def waiting_in_channel() -> bool:
+        return bool((await channel_stats(http, nsq))["depth"] == 10)
+
+    await eventually(waiting_in_channel, "the new messages waiting in the channel")
+    await asyncio.sleep(1)  # time enough for nsqd to send them, were it allowed to
+    assert got == bodies(10, "a")
+    assert (await channel_stats(http, nsq))["depth"] == 10
+    consumer.set_max_in_flight(100)
+    await eventually(lambda: len(got) == 20, "the held-back messages")
+    await consumer.close()
+
+
+async def test_close_finishes_what_it_handled(nsq: NsqCluster, http: aiohttp.ClientSession) -> None:
+    """close() during slow handlers waits for them and finishes their messages: nothing
+    handled comes back to the next reader, nothing unhandled is lost."""
+    await create_channel(http, nsq)
+    await publish(http, nsq, bodies(100))
+    first: list[bytes] = []
+
+    async def slow(batch: list[bytes]) -> None:
+        await asyncio.sleep(0.3)
+        first.extend(batch)
+
+    consumer = reader(nsq, slow, max_in_flight=20)
+    await eventually(lambda: len(first) > 0, "handling under way")
+    await consumer.close()
+    handled = list(first)
+    stats = await channel_stats(http, nsq)
+    assert stats["in_flight_count"] == 0 and stats["requeue_count"] == 0
+    second: list[bytes] = []
+    follower = reader(nsq, second.extend)
+    await eventually(lambda: len(handled) + len(second) >= 100, "the rest delivered")
+    await eventually(lambda: settled(http, nsq), "every message finished")
+    await follower.close()
+    assert sorted(handled + second) == sorted(bodies(100))
+
+
+async def test_producer_found_after_start_and_after_restart(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """A reader started before the topic exists finds its nsqd later, and reconnects to it
+    after nsqd restarts."""
+    got: list[bytes] = []
+    consumer = reader(nsq, got.extend)
+    await asyncio.sleep(1)  # lookupd answered at least once: no producer yet
+    assert consumer.connected == 0
+    await create_channel(http, nsq)
+    await publish(http, nsq, [b"first"])
+    await eventually(lambda: got == [b"first"], "the message from the new producer")
+    assert nsq.nsqd is not None
+    nsq.nsqd.stop()
+    await eventually(lambda: consumer.connected == 0, "the connection gone")
+    nsq.start_nsqd()
+    await eventually(lambda: consumer.connected == 1, "connected again")
+    await publish(http, nsq, [b"second"])
+    await eventually(lambda: got == [b"first", b"second"], "the message after the restart")
+    assert consumer.connects == 2
+    await consumer.close()
+
+
+async def test_publish_many_resolves_once_every_chunk_is_accepted(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """publish_many over several /mpub chunks resolves after all of them; a later publish
+    waits for its own chunk; the reader then gets every message once."""
+    await create_channel(http, nsq)
+
+    async def nsqd_url() -> str:
+        return f"http://{nsq.nsqd_http}"
+
+    publisher = BatchPublisher(http, nsqd_url, max_batch=1000)
+    many = publisher.publish_many(TOPIC, bodies(2500))
+    one = publisher.publish_nowait(TOPIC, b"last")
+    await asyncio.gather(many, one)
+    assert publisher.published == 2501
+    got: Counter[bytes] = Counter()
+    consumer = reader(nsq, got.update)
+    await eventually(lambda: sum(got.values()) >= 2501, "every published message")
+    await consumer.close()
+    await publisher.aclose()
+    assert set(got) == {*bodies(2500), b"last"} and max(got.values()) == 1
