@@ -234,9 +234,11 @@ def test_nsq_daemons_are_registered_like_the_procfile_registers_them(raw: dict[s
     defined = _agent_services(raw)
     registered = {}
     for name, command in _procfile().items():
+        # A line may wait for something first (`until ...; done; dcy-register ...`).
         argv = shlex.split(command)
-        if Path(argv[0]).name == "dcy-register":
-            registered[name] = parse_plan(argv[1:])[0].services[0]
+        starts = [i for i, word in enumerate(argv) if Path(word).name == "dcy-register"]
+        if starts:
+            registered[name] = parse_plan(argv[starts[0] + 1 :])[0].services[0]
     assert set(registered) == set(defined) == {"nsqd", "nsqlookupd", "nsqadmin"}
     for name, plan in registered.items():
         service = defined[name]
