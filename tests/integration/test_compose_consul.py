@@ -30,8 +30,10 @@ def _procfile_registrations() -> dict[str, Any]:
     for line in (ROOT / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
         argv = shlex.split(command) if not line.startswith("#") else []
-        if argv and Path(argv[0]).name == "dcy-register":
-            plan, _ = parse_plan(argv[1:])
+        # A line may wait for something first (`until ...; done; dcy-register ...`).
+        starts = [i for i, word in enumerate(argv) if Path(word).name == "dcy-register"]
+        if starts:
+            plan, _ = parse_plan(argv[starts[0] + 1 :])
             plans[name] = plan.services[0]
     return plans
 
