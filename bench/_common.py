@@ -111,10 +111,14 @@ def rounded(value: float, digits: int = 3) -> float:
     return float(f"{value:.{digits}g}") if abs(value) < 1 else round(value, digits)
 
 
-def emit(bench: str, figures: Mapping[str, Any]) -> None:
-    """Print the figures as the last line of output: one JSON object naming the benchmark."""
+def emit(figures: Mapping[str, Any]) -> None:
+    """Print the figures as the last line of output: one JSON object whose "bench" key names
+    the benchmark (each script spells it out, so the line's shape is visible where it is
+    made)."""
+    if not isinstance(figures.get("bench"), str):
+        raise ValueError('figures need a "bench" name')
     sys.stdout.flush()
-    print(json.dumps({"bench": bench, **figures}), flush=True)
+    print(json.dumps(dict(figures)), flush=True)
 
 
 def note(message: str) -> None:

@@ -142,7 +142,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     with consul_agent(AGENT_HCL) as agent:
         figures = asyncio.run(run(agent, args.quick))
-    emit("consul_load", figures)
+    emit({"bench": "consul_load", **figures})
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def main() -> None:
             figures = asyncio.run(run(agent, port, args.quick))
         finally:
             worker.stop()
-    emit("http_by_name", figures)
+    emit({"bench": "http_by_name", **figures})
 
 
 if __name__ == "__main__":

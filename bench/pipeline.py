@@ -252,7 +252,7 @@ def main() -> None:
         figures = run_nsq(Path(workdir), readings, latency_seconds, fast_seconds)
         figures.update(run_http(Path(workdir), http_seconds))
     figures["readings"] = readings
-    emit("pipeline", figures)
+    emit({"bench": "pipeline", **figures})
 
 
 if __name__ == "__main__":

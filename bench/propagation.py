@@ -190,7 +190,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     with consul_agent() as agent:
         figures = asyncio.run(run(agent, args.quick))
-    emit("propagation", figures)
+    emit({"bench": "propagation", **figures})
 
 
 if __name__ == "__main__":

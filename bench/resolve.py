@@ -141,7 +141,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     with consul_agent() as agent:
         figures = asyncio.run(run(agent, args.quick))
-    emit("resolve", figures)
+    emit({"bench": "resolve", **figures})
 
 
 if __name__ == "__main__":

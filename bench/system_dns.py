@@ -160,7 +160,7 @@ def outer(quick: bool) -> None:
     figures["cached_over_uncached"] = rounded(
         float(figures["libc_uncached_p50_us"]) / float(figures["libc_cached_p50_us"])
     )
-    emit("system_dns", figures)
+    emit({"bench": "system_dns", **figures})
 
 
 def _inside(box: Sandbox, argv: list[str]) -> str:

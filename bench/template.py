@@ -591,7 +591,7 @@ async def main(quick: bool) -> None:
         "requests_per_change_ratio": second["case2_requests_per_change_ratio"],
         "max_connections_ratio": second["case2_max_connections_ratio"],
     }
-    emit("template", headline | first | second)
+    emit({"bench": "template", **headline, **first, **second})
 
 
 if __name__ == "__main__":

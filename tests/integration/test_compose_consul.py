@@ -112,22 +112,31 @@ def test_compose_agent_serves_other_containers_and_registers_the_nsq_daemons(
 def test_rendered_host_agent_registers_its_own_nsq_daemons(
     consul_factory: Callable[..., ConsulAgent],
 ) -> None:
-    """The services of dc1/h1's rendered agent, loaded by a real agent, are its nsqd, nsqlookupd
-    and nsqadmin at the host's address, checked on that address."""
+    """The services of dc1/h1's rendered agent name the host's address (10.1.0.11); loaded by
+    a real agent — with that address moved to loopback, because a test must never make the
+    agent's checks reach a private-range address — they are its nsqd, nsqlookupd and nsqadmin,
+    checked on that address."""
     inventory, pins = load_inventory(ROOT / "datacenters" / "inventory.yml"), read_pins()
     files = render_all(inventory, pins)
     config = yaml.safe_load(files[Path("dc1", "h1", "docker-compose.yml")])
     (agent_config,) = consul_agents(config, pins.consul)
-    agent = consul_factory(hcl=[_services_only(agent_config.hcl)])
+    services_hcl = _services_only(agent_config.hcl)
+    assert services_hcl.count("10.1.0.11") >= 6  # three addresses, three check URLs
+    agent = consul_factory(hcl=[services_hcl.replace("10.1.0.11", LOOPBACK_HOST)])
     services = agent.api("/v1/agent/services")
     assert {s["Service"]: (s["Address"], s["Port"]) for s in services.values()} == {
-        "nsqd": ("10.1.0.11", 4150),
-        "nsqlookupd": ("10.1.0.11", 4161),
-        "nsqadmin": ("10.1.0.11", 4171),
+        "nsqd": (LOOPBACK_HOST, 4150),
+        "nsqlookupd": (LOOPBACK_HOST, 4161),
+        "nsqadmin": (LOOPBACK_HOST, 4171),
     }
     for check_id, url in (
-        ("nsqd-ping", "http://10.1.0.11:4151/ping"),
-        ("nsqlookupd-ping", "http://10.1.0.11:4161/ping"),
-        ("nsqadmin-ping", "http://10.1.0.11:4171/ping"),
+        ("nsqd-ping", f"http://{LOOPBACK_HOST}:4151/ping"),
+        ("nsqlookupd-ping", f"http://{LOOPBACK_HOST}:4161/ping"),
+        ("nsqadmin-ping", f"http://{LOOPBACK_HOST}:4171/ping"),
     ):
         assert _names_url(_first_output(agent.url, check_id), url)
+
+
+# Stands in for the inventory's host address: on loopback nothing answers, and nothing
+# leaves the machine.
+LOOPBACK_HOST = "127.0.0.11"
