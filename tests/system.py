@@ -195,3 +195,15 @@ class System:
             self.nsq.stop()
         if self.consul is not None:
             self.consul.stop()
+
+
+def wait(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; the timeout only
+    bounds a failure (tests wait for conditions, not for fixed times)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout}s")

@@ -122,18 +122,27 @@ def test_rendered_host_agent_registers_its_own_nsq_daemons(
     (agent_config,) = consul_agents(config, pins.consul)
     services_hcl = _services_only(agent_config.hcl)
     assert services_hcl.count("10.1.0.11") >= 6  # three addresses, three check URLs
-    agent = consul_factory(hcl=[services_hcl.replace("10.1.0.11", LOOPBACK_HOST)])
+    # The daemons' ports move too (to free ones): the agent's checks must not knock on the
+    # ports a running dev system owns.
+    rendered_ports = (4150, 4151, 4161, 4171)
+    moved = dict(zip(rendered_ports, free_ports(len(rendered_ports)), strict=True))
+    loaded = services_hcl.replace("10.1.0.11", LOOPBACK_HOST)
+    for port in rendered_ports:
+        assert re.search(rf"\b{port}\b", loaded), port
+        loaded = re.sub(rf"\b{port}\b", str(moved[port]), loaded)
+    agent = consul_factory(hcl=[loaded])
     services = agent.api("/v1/agent/services")
     assert {s["Service"]: (s["Address"], s["Port"]) for s in services.values()} == {
-        "nsqd": (LOOPBACK_HOST, 4150),
-        "nsqlookupd": (LOOPBACK_HOST, 4161),
-        "nsqadmin": (LOOPBACK_HOST, 4171),
+        "nsqd": (LOOPBACK_HOST, moved[4150]),
+        "nsqlookupd": (LOOPBACK_HOST, moved[4161]),
+        "nsqadmin": (LOOPBACK_HOST, moved[4171]),
     }
-    for check_id, url in (
-        ("nsqd-ping", f"http://{LOOPBACK_HOST}:4151/ping"),
-        ("nsqlookupd-ping", f"http://{LOOPBACK_HOST}:4161/ping"),
-        ("nsqadmin-ping", f"http://{LOOPBACK_HOST}:4171/ping"),
+    for check_id, http_port in (
+        ("nsqd-ping", moved[4151]),
+        ("nsqlookupd-ping", moved[4161]),
+        ("nsqadmin-ping", moved[4171]),
     ):
+        url = f"http://{LOOPBACK_HOST}:{http_port}/ping"
         assert _names_url(_first_output(agent.url, check_id), url)
 
 

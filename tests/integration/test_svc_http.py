@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.system import ServiceProcess, System
+from tests.system import ServiceProcess, System, wait
 
 pytestmark = pytest.mark.integration
 
@@ -27,16 +27,6 @@ def system(tmp_path: Path) -> Iterator[System]:
         yield running
     finally:
         running.stop()
-
-
-def wait(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def port_of(system: System, service: ServiceProcess) -> int:

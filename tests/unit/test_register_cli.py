@@ -31,11 +31,11 @@ def test_flags_build_one_service_with_tags_meta_and_the_command() -> None:
 def test_check_url_implies_http_with_interval_and_timeout() -> None:
     """--check-url makes an HTTP check of exactly that URL with the given durations."""
     plan, _ = parse_plan(
-        ["--name", "nsqd", "--port", "4150", "--check-url", "http://127.0.0.1:4151/ping",
+        ["--name", "nsqd", "--port", "14150", "--check-url", "http://127.0.0.1:14151/ping",
          "--interval", "2s", "--timeout", "500ms", "--", "nsqd"]
     )  # fmt: skip
     assert plan.services[0].check == HttpCheck(
-        url="http://127.0.0.1:4151/ping", interval=2.0, timeout=0.5
+        url="http://127.0.0.1:14151/ping", interval=2.0, timeout=0.5
     )
 
 
@@ -53,10 +53,10 @@ def test_check_cmd_is_split_into_words_and_fed_to_a_ttl_check() -> None:
 def test_consul_flags_are_read_like_consuls_own_cli() -> None:
     """-http-addr and -token (single dash, as Consul writes them) and --consul-addr work."""
     plan, _ = parse_plan(
-        ["-http-addr", "10.0.0.1:8500", "-token=s3cret", "--name", "x", "--port", "1",
+        ["-http-addr", "10.0.0.1:18500", "-token=s3cret", "--name", "x", "--port", "1",
          "--", "true"]
     )  # fmt: skip
-    assert (plan.consul.address, plan.consul.token) == ("10.0.0.1:8500", "s3cret")
+    assert (plan.consul.address, plan.consul.token) == ("10.0.0.1:18500", "s3cret")
     plan, _ = parse_plan(["--consul-addr", "unix:///run/c.sock", "--name", "x", "--port", "1",
                           "--", "true"])  # fmt: skip
     assert plan.consul.address == "unix:///run/c.sock"
@@ -84,11 +84,11 @@ HCL = """
 service {
   name = "nsqd"
   id   = "nsqd"
-  port = 4150
+  port = 14150
   tags = ["tcp"]
   meta = { "http_port" = "4151" }
   check {
-    http     = "http://127.0.0.1:4151/ping"
+    http     = "http://127.0.0.1:14151/ping"
     interval = "5s"
   }
 }
@@ -107,11 +107,11 @@ def test_hcl_config_describes_several_services(tmp_path: Path) -> None:
     nsqd, probe = load_services(path)
     assert (nsqd.service_id, nsqd.port, nsqd.tags, nsqd.meta) == (
         "nsqd",
-        4150,
+        14150,
         ("tcp",),
         {"http_port": "4151"},
     )
-    assert nsqd.check == HttpCheck(url="http://127.0.0.1:4151/ping", interval=5.0, timeout=2.0)
+    assert nsqd.check == HttpCheck(url="http://127.0.0.1:14151/ping", interval=5.0, timeout=2.0)
     assert isinstance(probe.check, TtlCheck)
 
 
