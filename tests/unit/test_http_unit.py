@@ -57,10 +57,10 @@ def test_service_hosts_route_to_their_query(origin: str, route: Route) -> None:
         "http://example.com",
         "http://v2.worker",  # a real hostname too: tags need the DNS form
         "http://127.0.0.1",
-        "http://10.1.2.3:9002",
+        "http://10.1.2.3:7102",
         "http://[::1]",
         "http://[::1]:8080",
-        "http://worker:9002",  # explicit port: an address (docker-compose style)
+        "http://worker:7102",  # explicit port: an address (docker-compose style)
         "http://2130706433",  # integer IPv4
         "http://under_score",  # not a hostname
         "http://-dash",

@@ -38,11 +38,11 @@ def _fleet() -> tuple[FakeConsul, dict[str, str]]:
     """A fake with workers in every health state, by status."""
     fake = FakeConsul()
     ids = {
-        "passing-a": fake.add_service("worker", port=9001),
-        "passing-b": fake.add_service("worker", port=9002),
-        "passing-c": fake.add_service("worker", port=9003),
-        "warning": fake.add_service("worker", port=9004, status="warning"),
-        "critical": fake.add_service("worker", port=9005, status="critical"),
+        "passing-a": fake.add_service("worker", port=7101),
+        "passing-b": fake.add_service("worker", port=7102),
+        "passing-c": fake.add_service("worker", port=7103),
+        "warning": fake.add_service("worker", port=7104, status="warning"),
+        "critical": fake.add_service("worker", port=7105, status="critical"),
     }
     return fake, ids
 
@@ -52,7 +52,7 @@ async def test_round_robin_cycles_evenly_through_passing_instances() -> None:
     fake, _ = _fleet()
     async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
         picks = [(await dcy.pick("worker")).port for _ in range(300)]
-        assert Counter(picks) == {9001: 100, 9002: 100, 9003: 100}
+        assert Counter(picks) == {7101: 100, 7102: 100, 7103: 100}
         assert len(set(picks[:3])) == 3
         assert picks[:3] == picks[3:6]
 
@@ -62,7 +62,7 @@ async def test_random_picks_only_candidates() -> None:
     fake, _ = _fleet()
     async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
         ports = {(await dcy.pick("worker", "random")).port for _ in range(300)}
-        assert ports == {9001, 9002, 9003}
+        assert ports == {7101, 7102, 7103}
 
 
 async def test_unknown_strategy_is_a_value_error() -> None:
@@ -76,12 +76,12 @@ async def test_unknown_strategy_is_a_value_error() -> None:
 @pytest.mark.parametrize(
     ("query", "ports"),
     [
-        ("worker", {9001, 9002, 9003}),
-        ("worker|passing", {9001, 9002, 9003}),
-        ("worker|passing,warning", {9001, 9002, 9003, 9004}),
-        ("worker|warning", {9004}),
-        ("worker|critical", {9005}),
-        ("worker|any", {9001, 9002, 9003, 9004, 9005}),
+        ("worker", {7101, 7102, 7103}),
+        ("worker|passing", {7101, 7102, 7103}),
+        ("worker|passing,warning", {7101, 7102, 7103, 7104}),
+        ("worker|warning", {7104}),
+        ("worker|critical", {7105}),
+        ("worker|any", {7101, 7102, 7103, 7104, 7105}),
     ],
 )
 async def test_states_filter(query: str, ports: set[int]) -> None:
@@ -111,7 +111,7 @@ async def test_maintenance_instances_only_match_maintenance_or_any() -> None:
         {
             "ID": "worker-m",
             "Name": "worker",
-            "Port": 9009,
+            "Port": 7109,
             "Checks": [
                 {"CheckID": "service:worker-m", "Status": "passing"},
                 {"CheckID": "_service_maintenance:worker-m", "Status": "critical"},
@@ -121,8 +121,8 @@ async def test_maintenance_instances_only_match_maintenance_or_any() -> None:
     async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
         with pytest.raises(NoHealthyInstances):
             await dcy.pick("worker")
-        assert (await dcy.pick("worker|maintenance")).port == 9009
-        assert (await dcy.pick("worker|any")).port == 9009
+        assert (await dcy.pick("worker|maintenance")).port == 7109
+        assert (await dcy.pick("worker|any")).port == 7109
 
 
 async def test_unknown_service_is_service_not_found() -> None:
@@ -172,7 +172,7 @@ async def test_pick_nowait_before_and_after_the_first_answer() -> None:
         await eventually(lambda: fake.calls["health_service"] >= 1)
         await dcy.lookup("worker")
         ports = {dcy.pick_nowait("worker").port for _ in range(3)}
-        assert ports == {9001, 9002, 9003}
+        assert ports == {7101, 7102, 7103}
         assert fake.calls["health_service"] - fake.blocking_calls["health_service"] == 1
 
 
@@ -210,7 +210,7 @@ async def test_lookup_reports_staleness_during_an_outage() -> None:
         stale = lookups[-1]
         assert stale.instances == fresh.instances
         assert stale.age > 0
-        assert (await dcy.pick("worker")).port in {9001, 9002, 9003}
+        assert (await dcy.pick("worker")).port in {7101, 7102, 7103}
         fake.set_unavailable(False)
         lookups.clear()
         while await stale_now():
@@ -235,13 +235,13 @@ async def test_critical_instance_leaves_the_rotation() -> None:
         fake.set_status(ids["passing-b"], "critical")
 
         def without_b() -> bool:
-            return all(dcy.pick_nowait("worker").port != 9002 for _ in range(6))
+            return all(dcy.pick_nowait("worker").port != 7102 for _ in range(6))
 
         await eventually(without_b)
-        assert {dcy.pick_nowait("worker").port for _ in range(20)} == {9001, 9003}
+        assert {dcy.pick_nowait("worker").port for _ in range(20)} == {7101, 7103}
         fake.set_status(ids["passing-b"], "passing")
         await eventually(
-            lambda: {dcy.pick_nowait("worker").port for _ in range(6)} == {9001, 9002, 9003}
+            lambda: {dcy.pick_nowait("worker").port for _ in range(6)} == {7101, 7102, 7103}
         )
 
 
@@ -273,7 +273,7 @@ async def test_idle_lookups_are_evicted_and_their_watch_stops() -> None:
         await eventually(lambda: fake.in_flight == 0)
         with pytest.raises(LookupFailed, match="not resolved yet"):
             dcy.pick_nowait("worker")
-        assert (await dcy.pick("worker")).port in {9001, 9002, 9003}
+        assert (await dcy.pick("worker")).port in {7101, 7102, 7103}
         assert fake.calls["health_service"] - fake.blocking_calls["health_service"] == 2
 
 

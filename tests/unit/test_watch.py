@@ -86,10 +86,10 @@ def _statuses(snapshot: Snapshot[Any]) -> list[str]:
 async def test_fifty_concurrent_picks_share_one_loop() -> None:
     """50 concurrent first picks of one name start exactly one loop and one initial query."""
     fake = FakeConsul()
-    fake.add_service("worker", port=9002)
+    fake.add_service("worker", port=9702)
     async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
         picked = await asyncio.gather(*(dcy.pick("worker") for _ in range(50)))
-        assert {instance.port for instance in picked} == {9002}
+        assert {instance.port for instance in picked} == {9702}
         (watch,) = dcy.engine.watches
         await eventually(lambda: fake.in_flight == 1)
         non_blocking = fake.calls["health_service"] - fake.blocking_calls["health_service"]
@@ -193,9 +193,9 @@ async def test_change_reaches_the_subscriber() -> None:
         fake.set_status(sid, "critical")
         await eventually(lambda: len(recorder.seen) == 2)
         assert _statuses(recorder.last) == ["critical"]
-        fake.add_service("worker", port=9003)
+        fake.add_service("worker", port=9703)
         await eventually(lambda: len(recorder.seen) == 3)
-        assert sorted(i.port for i in recorder.last.value) == [8080, 9003]
+        assert sorted(i.port for i in recorder.last.value) == [8080, 9703]
         indexes = [int(snapshot.index) for snapshot in recorder.seen]
         assert indexes == sorted(set(indexes))
     finally:
@@ -251,7 +251,7 @@ async def test_index_zero_is_treated_as_one() -> None:
 async def test_outage_marks_the_snapshot_stale_and_keeps_the_value() -> None:
     """During an outage subscribers get the last value marked stale; recovery clears it."""
     fake = FakeConsul()
-    fake.add_service("worker", port=9002)
+    fake.add_service("worker", port=9702)
     engine = WatchEngine(fake, OPTIONS)
     try:
         recorder = Recorder()
