@@ -100,7 +100,10 @@ class CountingProxy:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> CountingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        # A listen backlog like a Go server's (the kernel's somaxconn) rather than asyncio's
+        # 100: a client opening 200 connections at once would otherwise see SYNs dropped and
+        # retried a second later, a delay the agent itself never causes.
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096)
         return self
 
     async def aclose(self) -> None:

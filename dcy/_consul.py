@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import consul.aio
 import consul.base
+import orjson
 from consul.exceptions import Timeout as PyConsulTimeout
+from yarl import URL
 
 from dcy._config import ConsulConfig
 from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, TlsError
@@ -247,30 +251,15 @@ class HttpConsul:
             headers={"User-Agent": "dcy", "Accept-Encoding": "identity"},
         )
         self._client = _PyConsul(config, self._session)
+        self._base_url = config.base_url
+        self._read_headers = self._headers()
 
-    # -- the pipeline: _get/_put → _call → py-consul → aiohttp ------------------------------
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        params: list[tuple[str, Any]] | None = None,
-        *,
-        data: str | bytes = "",
-        timeout: float = _CALL_TIMEOUT,
-    ) -> consul.base.Response:
-        headers = self._client.prepare_headers()
-        if self.config.tls_server_name:
-            headers["Host"] = self.config.tls_server_name
-        http = self._client.http
-        self.requests += 1
+    # -- the pipeline: reads (_get) straight on aiohttp; writes _call → py-consul → aiohttp --
+    @contextlib.contextmanager
+    def _errors(self, method: str, path: str, timeout: float) -> Iterator[None]:
+        """Transport failures as dcy's errors; the caller wraps it in asyncio.timeout."""
         try:
-            async with asyncio.timeout(timeout):
-                if method == "GET":
-                    response = await http.get(_raw, path, params=params, headers=headers)
-                elif method == "PUT":
-                    response = await http.put(_raw, path, params=params, data=data, headers=headers)
-                else:
-                    response = await http.delete(_raw, path, params=params, headers=headers)
+            yield
         except TimeoutError as exc:
             raise ConsulUnavailable(
                 f"Consul at {self.config.address} did not answer {method} {path} within "
@@ -288,6 +277,33 @@ class HttpConsul:
                 f"cannot reach Consul at {self.config.address}: {exc}",
                 address=self.config.address,
             ) from exc
+
+    def _headers(self) -> dict[str, str]:
+        headers: dict[str, str] = self._client.prepare_headers()
+        if self.config.tls_server_name:
+            headers["Host"] = self.config.tls_server_name
+        return headers
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        params: list[tuple[str, Any]] | None = None,
+        *,
+        data: str | bytes = "",
+        timeout: float = _CALL_TIMEOUT,
+    ) -> consul.base.Response:
+        headers = self._headers()
+        http = self._client.http
+        self.requests += 1
+        with self._errors(method, path, timeout):
+            async with asyncio.timeout(timeout):
+                if method == "GET":
+                    response = await http.get(_raw, path, params=params, headers=headers)
+                elif method == "PUT":
+                    response = await http.put(_raw, path, params=params, data=data, headers=headers)
+                else:
+                    response = await http.delete(_raw, path, params=params, headers=headers)
         _raise_for_status(response, method, path)
         return response
 
@@ -300,17 +316,36 @@ class HttpConsul:
         wait: float | None,
         hash_index: bool = False,
     ) -> QueryResult:
+        """A (blocking) read. It skips py-consul: this is the path between a change in Consul
+        and every watcher, run hundreds of times at once when a template starts over hundreds
+        of services, and py-consul's URL quoting, text decoding and response wrapping (then
+        aiohttp parsing the URL again) were most of its client-side time (bench/template.py).
+        """
         timeout = _CALL_TIMEOUT
         if index and wait is not None:
             params = [*params, ("index", index), ("wait", f"{max(wait, 0.001) * 1000:.0f}ms")]
             timeout = wait * 1.0625 + _HTTP_SLACK
-        response = await self._call("GET", path, params, timeout=timeout)
+        url = self._base_url + urllib.parse.quote(path, safe="/:")
+        if params:
+            url = f"{url}?{urllib.parse.urlencode(params)}"
+        self.requests += 1
+        with self._errors("GET", path, timeout):
+            async with asyncio.timeout(timeout):
+                async with self._session.get(
+                    URL(url, encoded=True), headers=self._read_headers
+                ) as response:
+                    body = await response.read()
+                    status = response.status
+                    headers = response.headers
+        if status >= 400:
+            text = body.decode("utf-8", "replace")
+            _raise_for_status(consul.base.Response(status, headers, text), "GET", path)
         header = "X-Consul-ContentHash" if hash_index else "X-Consul-Index"
-        raw_index = response.headers.get(header, "")
+        raw_index = headers.get(header, "")
         new_index: Index = raw_index if hash_index else _int_index(raw_index)
-        if response.code == 404:
+        if status == 404:
             return QueryResult(new_index, None)
-        return QueryResult(new_index, json.loads(response.body) if response.body else None)
+        return QueryResult(new_index, orjson.loads(body) if body else None)
 
     # -- ConsulAPI ----------------------------------------------------------------------------
     async def agent_info(self) -> AgentInfo:

@@ -57,6 +57,8 @@ class TemplateError(Exception):
     """A template failed at render time; the message names the template and line."""
 
 
+_MAX_KNOWN_QUERIES = 4096
+
 class DataFunctions:
     """The functions bound to one render: each call records its dependency."""
 
@@ -68,8 +70,10 @@ class DataFunctions:
         sandbox: Path | None,
         error_on_missing_key: bool = False,
         record_cache: dict[Any, tuple[Any, Any]] | None = None,
+        query_cache: dict[Any, Any] | None = None,
     ) -> None:
         self._deps = deps
+        self._queries: dict[Any, Any] = query_cache if query_cache is not None else {}
         # Snapshot values are immutable and kept until they change, so their records are
         # built once per value, not once per render (a big template renders thousands).
         self._record_cache = record_cache if record_cache is not None else {}
@@ -99,14 +103,25 @@ class DataFunctions:
     # -- catalog and health --------------------------------------------------------------
     def service(self, query: str, states: str | None = None) -> list[ServiceEntry]:
         """``service "tag.name@dc|passing,warning"``; a second argument overrides states."""
-        parsed = ServiceQuery.parse(
-            query if states is None else f"{query}|{states}", domain=self._domain
-        )
-        spec = HealthServiceSpec(parsed.name, parsed.tag, parsed.datacenter)
+        # A big template asks for the same hundreds of services on every render: the parsed
+        # query and its watch spec are kept across renders (see TemplateRenderer).
+        key = (query, states)
+        hashable = type(query) is str and (states is None or type(states) is str)
+        known = self._queries.get(key) if hashable else None
+        if known is None:
+            parsed = ServiceQuery.parse(
+                query if states is None else f"{query}|{states}", domain=self._domain
+            )
+            spec = HealthServiceSpec(parsed.name, parsed.tag, parsed.datacenter)
+            known = (spec, parsed.states if parsed.states else STATES)
+            if len(self._queries) >= _MAX_KNOWN_QUERIES:
+                self._queries.clear()  # a template computing endless names: start over
+            if hashable:
+                self._queries[key] = known
+        spec, wanted = known
         value = self._deps.value(spec)
         if value is MISSING:
             return []
-        wanted = parsed.states if parsed.states else STATES
         return [e for e in self._records(spec, value, ServiceEntry.of) if e.Status in wanted]
 
     def _records(self, spec: Any, value: Any, convert: Callable[[Any], Any]) -> tuple[Any, ...]:

@@ -13,6 +13,7 @@ command is logged and the renderer carries on unless ``fatal_commands`` is set.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -92,6 +93,11 @@ class TemplateState:
     writes: int = 0
     files: set[Path] = field(default_factory=set)
     missing_keys: set[str] = field(default_factory=set)
+    # Queries the last render found unanswered: rendering again before all of them answered
+    # could not complete, so their first answers wake the template only together (a template
+    # over 200 services would otherwise render ~200 times before its first write).
+    awaiting: set[Any] = field(default_factory=set)
+    last_written: bytes | None = None  # what the file held after our last write or check
 
 
 class Renderer:
@@ -221,6 +227,30 @@ class Renderer:
         return None
 
     async def _pass(self, due: list[TemplateState]) -> None:
+        # The collector stays off from the first render to the last write of a pass: a render
+        # allocates thousands of objects, and the collections they set off (full ones walk
+        # the whole heap) were about a fifth of a big template's render time, between a
+        # change and its file (bench/template.py, case 2). Collection resumes after the writes.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            commands, written = self._render_and_write(due)
+        finally:
+            if collecting:
+                gc.enable()
+        for argv, timeout in commands.items():
+            result = await run_command(argv, timeout=timeout)
+            self.command_results.append(result)
+            self.metrics.command_runs.labels("ok" if result.ok else "failed").inc()
+            if not result.ok and self.options.fatal_commands:
+                raise CommandFailed(f"command {list(argv)} failed: {result.output.strip()}")
+        if self._on_pass is not None:
+            await self._on_pass(written)
+
+    def _render_and_write(
+        self, due: list[TemplateState]
+    ) -> tuple[dict[tuple[str, ...], float], bool]:
+        """Render the due templates and write what changed; the commands to run after."""
         commands: dict[tuple[str, ...], float] = {}
         written = False
         for state in due:
@@ -238,12 +268,15 @@ class Renderer:
                     perms=state.spec.perms,
                     backup=state.spec.backup,
                     create_dirs=state.spec.create_dest_dirs,
+                    last_written=state.last_written,
                 )
             except OSError as exc:
+                state.last_written = None
                 state.last_error = f"cannot write {state.spec.destination}: {exc}"
                 log.error("%s", state.last_error)
                 self.metrics.render_errors.labels(state.spec.name).inc()
                 continue
+            state.last_written = outcome.content.encode()
             if changed:
                 state.writes += 1
                 written = True
@@ -252,14 +285,7 @@ class Renderer:
                 if state.spec.command:
                     timeout = commands.get(state.spec.command, 0.0)
                     commands[state.spec.command] = max(timeout, state.spec.command_timeout)
-        for argv, timeout in commands.items():
-            result = await run_command(argv, timeout=timeout)
-            self.command_results.append(result)
-            self.metrics.command_runs.labels("ok" if result.ok else "failed").inc()
-            if not result.ok and self.options.fatal_commands:
-                raise CommandFailed(f"command {list(argv)} failed: {result.output.strip()}")
-        if self._on_pass is not None:
-            await self._on_pass(written)
+        return commands, written
 
     def _render(self, state: TemplateState) -> RenderOutcome:
         now = time.monotonic()
@@ -324,6 +350,7 @@ class Renderer:
         for spec in outcome.used:
             self._users.setdefault(spec, set()).add(state)
         state.used = outcome.used
+        state.awaiting = set(outcome.waiting)
         state.files = outcome.files
         state.missing_keys = outcome.missing_keys
 
@@ -351,6 +378,10 @@ class Renderer:
             # A stale flag flipping over an unchanged value changes nothing in the output.
             if used is snapshot or (used is not None and used.value is snapshot.value):
                 continue
+            if used is None and spec in state.awaiting:
+                state.awaiting.discard(spec)
+                if state.awaiting:
+                    continue
             self._mark_dirty(state, now)
 
     def _mark_dirty(self, state: TemplateState, now: float) -> None:

@@ -22,19 +22,33 @@ def render_atomically(
     perms: int | None = None,
     backup: bool = False,
     create_dirs: bool = True,
+    last_written: bytes | None = None,
 ) -> bool:
-    """Write ``content`` to ``destination`` if it differs; return whether it was written."""
+    """Write ``content`` to ``destination`` if it differs; return whether it was written.
+
+    ``last_written`` is what the caller itself wrote there last. Content that differs from it
+    is written without reading the file first: the read is a fifth of the time from Consul's
+    answer to the new file (bench/template.py), and only a file someone else had already
+    filled with exactly the new content could tell them apart (it is then written again).
+    Unchanged content is always checked against the file, which may have been edited."""
     data = content.encode()
-    # One open gives both the current content and its mode: this runs on every change, in
-    # the time between Consul's answer and the new file (bench/template.py).
-    try:
-        with open(destination, "rb") as handle:
-            current: bytes | None = handle.read()
-            current_mode: int | None = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-    except FileNotFoundError:
-        current, current_mode = None, None
-    if current == data and (perms is None or current_mode == perms):
-        return False
+    current: bytes | None = None
+    current_mode: int | None = None
+    if last_written is not None and data != last_written:
+        if perms is None:
+            # The file keeps its mode (someone may have changed it): a stat, not a read.
+            with contextlib.suppress(FileNotFoundError):
+                current_mode = stat.S_IMODE(os.stat(destination).st_mode)
+    else:
+        # One open gives both the current content and its mode.
+        try:
+            with open(destination, "rb") as handle:
+                current = handle.read()
+                current_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        except FileNotFoundError:
+            pass
+        if current == data and (perms is None or current_mode == perms):
+            return False
     mode = perms if perms is not None else current_mode if current_mode is not None else 0o644
     directory = destination.parent
     try:
@@ -53,9 +67,10 @@ def render_atomically(
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
-        if backup and current is not None:
+        if backup:
             # One .bak, the previous good output, copied with its mode.
-            shutil.copy2(destination, destination.with_name(destination.name + ".bak"))
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy2(destination, destination.with_name(destination.name + ".bak"))
         os.replace(temp_name, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

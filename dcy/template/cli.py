@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -200,6 +201,7 @@ class Application:
         self.renderer: Renderer | None = None
         self.child: ChildSupervisor | None = None
         self._stop = asyncio.Event()
+        self._heap_frozen = False
 
     def stop(self, status: int = EXIT_OK) -> None:
         self.exit_status = status
@@ -275,6 +277,19 @@ class Application:
                     self.config.pid_file.unlink()
 
     async def _after_pass(self, written: bool) -> None:
+        if (
+            not self._heap_frozen
+            and self.renderer is not None
+            and not self.args.once
+            and all(s.rendered for s in self.renderer.states)
+        ):
+            # What exists once every template is out (modules, compiled templates, the
+            # watches) lives as long as the process: out of the collector's sight, full
+            # collections stop walking it on every change. Collected first, so no garbage
+            # is kept.
+            self._heap_frozen = True
+            gc.collect()
+            gc.freeze()
         if self.child is None or self.args.dry or self.renderer is None:
             return
         if self.child.process is None:

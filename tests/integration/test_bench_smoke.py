@@ -42,6 +42,8 @@ FIGURES = {
         "first_render_ratio",
         "requests_per_change_ratio",
         "max_connections_ratio",
+        "case1_floor_p50_ratio",
+        "case2_propagation_p50_ratio",
     ),
 }
 

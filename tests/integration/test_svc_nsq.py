@@ -65,7 +65,9 @@ def test_three_workers_share_the_load(system: System) -> None:
     """Workers on one channel split a steady flow: each within ±20% of an even share."""
     app = start_pipeline(system, 3)
     system.start("sensor", "--mode", "nsq", "--rate", "300")
-    results = wait(lambda: len(System.results(app)) >= 1500 and System.results(app))[:1500]
+    # The first second is not steady yet: a worker whose NSQ connection is up first takes
+    # everything until the others have sent their RDY (seen on a busy CI host: 602/449/449).
+    results = wait(lambda: len(System.results(app)) >= 1800 and System.results(app))[300:1800]
     shares = Counter(line["worker"] for line in results)
     assert len(shares) == 3
     assert all(400 <= count <= 600 for count in shares.values()), shares

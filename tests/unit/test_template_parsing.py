@@ -219,6 +219,29 @@ def test_write_keeps_existing_mode_or_applies_perms(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
+def test_write_after_own_write_skips_the_read_but_not_the_checks(tmp_path: Path) -> None:
+    """Knowing what it wrote last, the renderer replaces the file without reading it when the
+    content moved on, still keeps the file's mode and .bak; unchanged content is compared
+    with the file, so an edit made meanwhile is undone."""
+    target = tmp_path / "out.conf"
+    assert render_atomically(target, "one") is True
+    os.chmod(target, 0o600)
+    assert render_atomically(target, "two", last_written=b"one", backup=True) is True
+    assert target.read_text() == "two"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert (tmp_path / "out.conf.bak").read_text() == "one"
+
+    target.write_text("edited by hand")
+    assert render_atomically(target, "two", last_written=b"two") is True
+    assert target.read_text() == "two"
+    assert render_atomically(target, "two", last_written=b"two") is False
+
+    target.unlink()  # gone behind our back: written again, with the default mode
+    assert render_atomically(target, "three", last_written=b"two", backup=True) is True
+    assert target.read_text() == "three"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
 def test_write_backup_and_parent_dirs(tmp_path: Path) -> None:
     """Parent folders are created; backup keeps exactly one .bak with the previous content."""
     target = tmp_path / "deep" / "er" / "out.conf"

@@ -8,10 +8,12 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dcy import Dcy, WatchOptions
+from dcy._consul import QueryResult
 from dcy.template import Renderer, RendererOptions, TemplateSpec
 from dcy.template._kvspecs import TemplateSpecs
 from dcy.testing import FakeConsul
@@ -289,3 +291,57 @@ async def test_helpers(dcy: Dcy, fake: FakeConsul, tmp_path: Path) -> None:
     renderer = make(dcy, inline(out, text))
     assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
     assert out.read_text() == 'blue=1 green=1 x=2 |a+b|a|{"k":1}|y1|True|unset'
+
+
+class _StaggeredFake(FakeConsul):
+    """Answers each service's first query after a delay of its own, so answers come one by
+    one as they do from a real agent (the fake otherwise answers all in one loop turn)."""
+
+    async def health_service(self, name: str, **kwargs: Any) -> QueryResult:
+        if not kwargs.get("index"):
+            await asyncio.sleep(0.002 * int(name.rsplit("-", 1)[1]))
+        return await super().health_service(name, **kwargs)
+
+
+async def test_first_render_waits_for_every_discovered_query(tmp_path: Path) -> None:
+    """Over N services the template renders three times before its file (nothing known, the
+    names known, everything known), not once per answer."""
+    fake = _StaggeredFake()
+    for i in range(20):
+        fake.add_service(f"svc-{i:02d}", port=1000 + i)
+    async with Dcy(api=fake, watch_options=FAST) as client:
+        out = tmp_path / "out.txt"
+        renderer = make(client, inline(out, SERVICES_LOOP))
+        assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
+    assert out.read_text().count("\n") == 20
+    assert renderer.states[0].renders == 3
+
+
+async def test_compiled_shortcuts_keep_jinja_semantics(
+    dcy: Dcy, fake: FakeConsul, tmp_path: Path
+) -> None:
+    """Record fields read inline, other objects through the sandbox's getattr (a dict's
+    ``d.ID`` is its item), joined output in blocks and macros, line numbers in errors."""
+    fake.add_service("web", port=8080, address="10.0.0.5")
+    text = (
+        "{% macro pair(a) %}{{ a }}-{{ a }}{% endmacro %}"
+        "{% set joined %}{{ 1 }}+{{ 2 }}{% endset %}"
+        '{% set d = {"ID": 7} %}'
+        "{% for s in service('web') %}{{ s.Address }}:{{ s.Port }} {{ d.ID }} "
+        "{{ pair(s.Port) }} {{ joined }}{% endfor %}"
+    )
+    out = tmp_path / "out"
+    renderer = make(dcy, inline(out, text))
+    assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
+    assert out.read_text() == "10.0.0.5:8080 7 8080-8080 1+2"
+
+    bad = tmp_path / "bad"
+    for source, message in (
+        ("line one\n\n{{ nope.ID }}", ":3: 'nope' is undefined"),
+        ("{% for s in service('web') %}\n{{ s.__class__.__mro__ }}{% endfor %}", "unsafe"),
+        ("{% for s in service('web') %}\n{{ s.NoSuchField }}{% endfor %}", ":2:"),
+    ):
+        renderer = make(dcy, inline(bad, source))
+        assert await asyncio.wait_for(renderer.run(once=True), 5) == 1
+        assert message in (renderer.states[0].last_error or ""), renderer.states[0].last_error
+        assert not bad.exists()
