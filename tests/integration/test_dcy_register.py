@@ -212,8 +212,9 @@ def test_reregisters_after_the_agent_restarts(
         timeout=60,
         what="registration after the restart",
     )
+    # The line is logged once the PUT returned, a moment after the agent shows the check.
+    until(lambda: "re-registered" in runner.log(), what="the re-registration logged")
     assert process.poll() is None
-    assert "re-registered" in runner.log()
 
 
 def test_child_starts_before_consul_answers_and_is_registered_later(
