@@ -22,10 +22,12 @@ from tasks._infra_check import (
     load_configs,
 )
 from tasks._infra_render import (
+    CONSUL_HOST_PORTS,
     DATACENTERS,
     INVENTORY,
     Pins,
     drift,
+    nsq_services,
     read_pins,
     render_all,
     rendered_on_disk,
@@ -175,9 +177,12 @@ def test_host_files_run_what_the_inventory_says(
     assert services["sensor"]["image"] == "registry.example.net/dcy/sensor:infra-check"
     assert services["sensor"]["environment"]["SVC_MODE"] == "nsq"
     lookupds = [a for a in services["nsqd"]["command"] if a.startswith("--lookupd-tcp-address")]
+    # The lookupds' TCP port as the renderer registers nsqlookupd (no dev port spelled here).
+    lookupd = next(s for s in nsq_services(h1) if s.name == "nsqlookupd")
+    tcp_port = dict(lookupd.meta)["tcp_port"]
     assert lookupds == [
-        "--lookupd-tcp-address=10.1.0.11:4160",
-        "--lookupd-tcp-address=10.1.0.12:4160",
+        f"--lookupd-tcp-address=10.1.0.11:{tcp_port}",
+        f"--lookupd-tcp-address=10.1.0.12:{tcp_port}",
     ]
 
 
@@ -219,12 +224,15 @@ def test_committed_tree_has_no_cross_host_findings(
 def test_a_port_bound_twice_on_a_host_is_reported(
     inventory: Inventory, committed_configs: dict[Host, dict[str, Any]], pins: Pins
 ) -> None:
-    """Publishing Consul's HTTP port from another container of the same host is a finding."""
+    """Publishing one of the agent's host ports from another container of the same host is a
+    finding."""
     configs = copy.deepcopy(committed_configs)
     h1 = _host(configs, "dc1", "h1")
-    configs[h1]["services"]["sensor"]["ports"].append("10.1.0.11:8500:8500/tcp")
+    taken = CONSUL_HOST_PORTS["client"][-1]  # bound by every agent, server or client
+    number, protocol = taken.split("/")
+    configs[h1]["services"]["sensor"]["ports"].append(f"10.1.0.11:{number}:{number}/{protocol}")
     assert [str(f) for f in cross_host_findings(inventory, configs, pins)] == [
-        "dc1/h1: port 8500/tcp is bound twice on the host: by consul, sensor"
+        f"dc1/h1: port {taken} is bound twice on the host: by consul, sensor"
     ]
 
 
@@ -293,9 +301,12 @@ def test_client_agents_join_the_servers_and_pass_every_check(pins: Pins, tmp_pat
     hcl = client["command"][-1]
     assert "server             = false" in hcl and "bootstrap_expect" not in hcl
     assert 'retry_join     = ["10.9.0.1", "10.9.0.2", "10.9.0.3"]' in hcl
-    assert "retry_join_wan" not in hcl and "8300/tcp" not in client["labels"]["dcy.host-ports"]
+    server_only = set(CONSUL_HOST_PORTS["server"]) - set(CONSUL_HOST_PORTS["client"])
+    assert "retry_join_wan" not in hcl and server_only
+    assert not server_only & set(client["labels"]["dcy.host-ports"].split())
     server = yaml.safe_load(files[Path("east", "h1", "docker-compose.yml")])["services"]["consul"]
     assert 'retry_join_wan = ["10.8.0.1", "10.8.0.2", "10.8.0.3"]' in server["command"][-1]
+    assert server_only <= set(server["labels"]["dcy.host-ports"].split())
 
 
 def test_consul_rejections_are_findings(tmp_path: Path) -> None:

@@ -55,6 +55,20 @@ def make(dcy: Dcy, *specs: TemplateSpec, **options: object) -> Renderer:
     )
 
 
+async def run_once(dcy: Dcy, *specs: TemplateSpec, **options: object) -> tuple[int, Renderer]:
+    """Render in once mode; the exit status and the renderer (its states tell the rest)."""
+    renderer = make(dcy, *specs, **options)
+    return await asyncio.wait_for(renderer.run(once=True), 5), renderer
+
+
+async def rendered(dcy: Dcy, text: str, folder: Path) -> str:
+    """What ``text`` renders to in once mode (which must succeed)."""
+    out = folder / "rendered"
+    status, renderer = await run_once(dcy, inline(out, text))
+    assert status == 0, renderer.states[0].last_error
+    return out.read_text()
+
+
 def inline(dest: Path, text: str, **kwargs: object) -> TemplateSpec:
     return TemplateSpec(destination=dest, contents=text, **kwargs)  # type: ignore[arg-type]
 
@@ -244,8 +258,10 @@ async def test_dry_mode_prints_and_writes_nothing(
     out = tmp_path / "out"
     marker = tmp_path / "ran"
     command = (sys.executable, "-c", f"open({str(marker)!r}, 'w')")
-    renderer = make(dcy, inline(out, "{{ service('web')[0].Port }}", command=command), dry=True)
-    assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
+    status, _ = await run_once(
+        dcy, inline(out, "{{ service('web')[0].Port }}", command=command), dry=True
+    )
+    assert status == 0
     assert capsys.readouterr().out == f"> {out}\n8001"
     assert not out.exists() and not marker.exists()
 
@@ -271,8 +287,9 @@ async def test_file_function_stays_in_sandbox(dcy: Dcy, tmp_path: Path) -> None:
 async def test_sandbox_blocks_unsafe_attributes(dcy: Dcy, tmp_path: Path) -> None:
     """Templates run in jinja2's sandbox: no reaching into Python internals."""
     out = tmp_path / "out"
-    renderer = make(dcy, inline(out, "{{ ''.__class__.__mro__[1].__subclasses__() }}"))
-    assert await asyncio.wait_for(renderer.run(once=True), 5) == 1
+    unsafe = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    status, renderer = await run_once(dcy, inline(out, unsafe))
+    assert status == 1
     assert not out.exists()
     assert "unsafe" in (renderer.states[0].last_error or "")
 
@@ -287,10 +304,7 @@ async def test_helpers(dcy: Dcy, fake: FakeConsul, tmp_path: Path) -> None:
         "|{{ '{\"k\": 1}' | parseJSON | toJSON }}|{{ 'x-1' | regexReplaceAll('x-(\\\\d)', 'y$1') }}"
         "|{{ ['a', 'b'] | contains('b') }}|{{ env('DCY_TEST_ENV', 'unset') }}"
     )
-    out = tmp_path / "out"
-    renderer = make(dcy, inline(out, text))
-    assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
-    assert out.read_text() == 'blue=1 green=1 x=2 |a+b|a|{"k":1}|y1|True|unset'
+    assert await rendered(dcy, text, tmp_path) == 'blue=1 green=1 x=2 |a+b|a|{"k":1}|y1|True|unset'
 
 
 class _StaggeredFake(FakeConsul):
@@ -311,8 +325,8 @@ async def test_first_render_waits_for_every_discovered_query(tmp_path: Path) -> 
         fake.add_service(f"svc-{i:02d}", port=1000 + i)
     async with Dcy(api=fake, watch_options=FAST) as client:
         out = tmp_path / "out.txt"
-        renderer = make(client, inline(out, SERVICES_LOOP))
-        assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
+        status, renderer = await run_once(client, inline(out, SERVICES_LOOP))
+        assert status == 0
     assert out.read_text().count("\n") == 20
     assert renderer.states[0].renders == 3
 
@@ -330,10 +344,7 @@ async def test_compiled_shortcuts_keep_jinja_semantics(
         "{% for s in service('web') %}{{ s.Address }}:{{ s.Port }} {{ d.ID }} "
         "{{ pair(s.Port) }} {{ joined }}{% endfor %}"
     )
-    out = tmp_path / "out"
-    renderer = make(dcy, inline(out, text))
-    assert await asyncio.wait_for(renderer.run(once=True), 5) == 0
-    assert out.read_text() == "10.0.0.5:8080 7 8080-8080 1+2"
+    assert await rendered(dcy, text, tmp_path) == "10.0.0.5:8080 7 8080-8080 1+2"
 
     bad = tmp_path / "bad"
     for source, message in (
@@ -341,7 +352,7 @@ async def test_compiled_shortcuts_keep_jinja_semantics(
         ("{% for s in service('web') %}\n{{ s.__class__.__mro__ }}{% endfor %}", "unsafe"),
         ("{% for s in service('web') %}\n{{ s.NoSuchField }}{% endfor %}", ":2:"),
     ):
-        renderer = make(dcy, inline(bad, source))
-        assert await asyncio.wait_for(renderer.run(once=True), 5) == 1
+        status, renderer = await run_once(dcy, inline(bad, source))
+        assert status == 1
         assert message in (renderer.states[0].last_error or ""), renderer.states[0].last_error
         assert not bad.exists()
