@@ -11,9 +11,10 @@ nsqlookupd and ``python -m svc.<name>``), the app's stdout being the only source
   redeliveries (requeues and timeouts on channels ``worker`` and ``app``) are reported apart.
 * NSQ latency: a sensor at the default rate (1 reading/s) for ``LATENCY_SECONDS``; p99 of the
   app's ``latency_ms`` (sensor timestamp to the app's log line). The same at 50/s is reported
-  too (``nsq_p99_ms_50_per_s``): above a few readings per second nsqd's output buffering
-  (at best 25ms per hop, see svc/_nsq.py) sets most of it. The first reading of each run is
-  left out (it includes the sensor's first lookup of nsqd and connection).
+  too (``nsq_p99_ms_50_per_s``; consumers ask nsqd for unbuffered delivery, see
+  svc/_nsq_reader.py, without which nsqd's flush timer added up to 25ms per hop at that
+  rate). The first reading of each run is left out (it includes the sensor's first lookup of
+  nsqd and connection).
 * HTTP: the app orchestrating back to back (``--interval 0``) against a sensor and two
   workers; readings per second over ``HTTP_SECONDS``.
 """

@@ -243,8 +243,7 @@ def start_consumer(
         handler,
         max_in_flight=max_in_flight,
         lookupd_poll_interval=2.0,
-        # nsqd holds messages for a consumer until its output buffer fills or this timer
-        # ticks: 250ms by default, which every reading then waits at any rate above a few per
-        # second. 25ms is the least nsqd accepts (--min-output-buffer-timeout).
-        output_buffer_timeout_ms=25,
+        # Unbuffered (the reader's default): nsqd's output buffer would hold each reading for
+        # up to its flush timer, and its timer wake-ups share a channel's flow unevenly.
+        output_buffer_size=-1,
     ).start()
