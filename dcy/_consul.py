@@ -111,7 +111,10 @@ class ConsulAPI(Protocol):
 
     async def register_service(self, definition: Mapping[str, Any]) -> None: ...
 
-    async def deregister_service(self, service_id: str) -> None: ...
+    async def deregister_service(self, service_id: str) -> None:
+        """Remove a local registration; one the agent does not know (deregistered already,
+        or forgotten by a restarted agent) is no error: either way it is gone."""
+        ...
 
     async def update_ttl(self, check_id: str, status: str, output: str = "") -> None: ...
 
@@ -155,8 +158,11 @@ class ConsulAPI(Protocol):
         lock_delay: float,
         behavior: str = "release",
         node_checks: tuple[str, ...] = ("serfHealth",),
+        service_checks: tuple[str, ...] = (),
     ) -> str:
-        """``PUT /v1/session/create`` on the local node; returns the session ID."""
+        """``PUT /v1/session/create`` on the local node; returns the session ID. Consul
+        invalidates the session when one of ``node_checks`` or ``service_checks`` (check IDs)
+        goes critical or is deregistered, and refuses to create it while one is critical."""
         ...
 
     async def session_renew(self, session_id: str) -> bool:
@@ -434,7 +440,11 @@ class HttpConsul:
         )
 
     async def deregister_service(self, service_id: str) -> None:
-        await self._call("PUT", f"/v1/agent/service/deregister/{service_id}")
+        try:
+            await self._call("PUT", f"/v1/agent/service/deregister/{service_id}")
+        except ConsulError as exc:
+            if exc.status != 404:
+                raise
 
     async def update_ttl(self, check_id: str, status: str, output: str = "") -> None:
         await self._call(
@@ -489,15 +499,18 @@ class HttpConsul:
         lock_delay: float,
         behavior: str = "release",
         node_checks: tuple[str, ...] = ("serfHealth",),
+        service_checks: tuple[str, ...] = (),
     ) -> str:
         check_session_behavior(behavior)
-        payload = {
+        payload: dict[str, Any] = {
             "Name": name,
             "TTL": f"{ttl:g}s",
             "LockDelay": f"{lock_delay * 1000:.0f}ms",
             "Behavior": behavior,
             "NodeChecks": list(node_checks),
         }
+        if service_checks:
+            payload["ServiceChecks"] = [{"ID": check_id} for check_id in service_checks]
         response = await self._call("PUT", "/v1/session/create", data=json.dumps(payload))
         return str(json.loads(response.body)["ID"])
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dcy._config import ConsulConfig
@@ -193,10 +193,13 @@ class Dcy:
         ttl: float = DEFAULT_TTL,
         lock_delay: float = DEFAULT_LOCK_DELAY,
         service_id: str | None = None,
+        checks: Sequence[str] = (),
         on_lost: OnLost | None = None,
     ) -> Leadership:
         """A bid for the leadership ``name``: ``async with dcy.leadership("app") as leader``
-        returns once this process leads; ``leader.lost`` tells when that ends. See
+        returns once this process leads; ``leader.lost`` tells when that ends. ``checks``
+        (service check IDs, e.g. ``registration.check_ids``) end the session when one fails,
+        so a killed holder is replaced within the check's interval, not 2 x ttl. See
         :class:`Leadership` for the session, lock key and timing."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
@@ -208,6 +211,7 @@ class Dcy:
             ttl=ttl,
             lock_delay=lock_delay,
             service_id=service_id,
+            checks=checks,
             on_lost=on_lost,
         )
         self._leaderships.add(leadership)

@@ -8,8 +8,10 @@
 How it works, after Consul's leader-election guide
 (https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions/application-leader-election):
 
-* a **session** on the local node, tied to the node's ``serfHealth`` check, with a TTL that a
-  background task renews every ``ttl/2`` and behavior ``release``;
+* a **session** on the local node, tied to the node's ``serfHealth`` check and to the
+  service checks given as ``checks`` (say ``registration.check_ids``), with a TTL that a
+  background task renews every ``ttl/2`` and behavior ``release``. Consul refuses such a
+  session while one of those checks is critical: the contender waits until it passes;
 * the **lock key** ``dcy/leader/<name>`` (see :data:`LEADER_PREFIX`), acquired with that
   session. Its value names the holder in JSON: ``{"node", "host", "pid", "service_id"}``.
 * contenders wait on a **blocking query** of the lock key (the watch engine's shared loop,
@@ -31,6 +33,10 @@ Timing (Consul semantics, measured against Consul 1.14):
 * ``ttl`` (10s, Consul's minimum): Consul invalidates a session 2 x ttl after its last renewal
   (``SessionTTLMultiplier``). A holder killed with SIGKILL never destroys its session, so the
   next leader takes over after about 2 x ttl + lock_delay.
+* ``checks``: a session bound to the holder's own service check ends as soon as Consul sees
+  that check critical, so a killed holder is replaced after the check's interval (or its TTL)
+  + lock_delay instead. The holder also loses leadership whenever its check fails: bind only
+  checks that fail when this process should not lead.
 * ``lock_delay`` (default 15s, Consul's own default): after a session is invalidated, nobody
   can acquire its locks for this long. It is the time an old leader cut off from the servers
   (its renewal and its watch failing, bounded by ttl/2 plus the HTTP timeout, about 15s) has
@@ -51,7 +57,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +126,7 @@ class Leadership:
         ttl: float = DEFAULT_TTL,
         lock_delay: float = DEFAULT_LOCK_DELAY,
         service_id: str | None = None,
+        checks: Sequence[str] = (),
         on_lost: OnLost | None = None,
         renew_interval: float | None = None,
     ) -> None:
@@ -139,6 +146,9 @@ class Leadership:
         self.lock_delay = lock_delay
         self.renew_interval = ttl / 2 if renew_interval is None else renew_interval
         self.service_id = service_id
+        if isinstance(checks, str):
+            raise TypeError("checks takes a sequence of check IDs, not one string")
+        self.checks = tuple(checks)
         self.session_id: str | None = None
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
@@ -185,7 +195,7 @@ class Leadership:
             raise RuntimeError("a Leadership is entered once; ask dcy.leadership() again")
         self._entered = True
         try:
-            await self._open_session()
+            await self._open_session_once_healthy()
             self._subscription = self._engine.subscribe(LockKeySpec(self.key), self._on_snapshot)
             self._renewer = self._spawn(self._renew_forever(), "renew")
             await self._contend()
@@ -205,8 +215,24 @@ class Leadership:
             lock_delay=self.lock_delay,
             behavior="release",
             node_checks=("serfHealth",),
+            service_checks=self.checks,
         )
         self._session_gone = False
+
+    async def _open_session_once_healthy(self) -> None:
+        """Consul refuses a session bound to a critical check: a process whose own check is
+        not passing yet (just registered, say) waits for it instead of failing."""
+        retry = _RETRY_FIRST
+        while True:
+            try:
+                await self._open_session()
+                return
+            except ConsulError as exc:
+                if not self.checks or "critical state" not in str(exc):
+                    raise
+                log.info("%s waits for its checks to pass: %s", self.key, exc)
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, _RETRY_CAP)
 
     async def _contend(self) -> None:
         retry = _RETRY_FIRST

@@ -192,6 +192,13 @@ class Registration:
     def service_id(self) -> str:
         return self.definition.service_id
 
+    @property
+    def check_ids(self) -> tuple[str, ...]:
+        """The IDs Consul gives this instance's check (none without one): what a leadership
+        binds its session to (``dcy.leadership(name, checks=registration.check_ids)``)."""
+        check = self.definition.payload.get("Check")
+        return (check["CheckID"],) if check else ()
+
     async def start(self) -> None:
         await self._register()
         self._keeper = self._engine.subscribe(

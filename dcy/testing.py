@@ -85,6 +85,7 @@ class _Session:
     lock_delay: float
     behavior: str
     node_checks: tuple[str, ...]
+    service_checks: tuple[str, ...]
     create_index: int
     timer: asyncio.TimerHandle | None = None
 
@@ -97,7 +98,7 @@ class _Session:
             "Behavior": self.behavior,
             "TTL": f"{self.ttl:g}s" if self.ttl else "",
             "NodeChecks": list(self.node_checks),
-            "ServiceChecks": None,
+            "ServiceChecks": [{"ID": c, "Namespace": ""} for c in self.service_checks] or None,
             "CreateIndex": self.create_index,
             "ModifyIndex": self.create_index,
         }
@@ -175,12 +176,14 @@ class FakeConsul:
         for check_id in service.check_ids:
             self._checks[check_id].update(Status=status, Output=output)
         self._touch(service.datacenter, service.definition["Name"])
+        self._invalidate_sessions_of_failed_checks()
 
     def remove_service(self, service_id: str) -> None:
         service = self._services.pop(service_id)
         for check_id in service.check_ids:
             self._checks.pop(check_id, None)
         self._touch(service.datacenter, service.definition["Name"], catalog=True)
+        self._invalidate_sessions_of_failed_checks()
 
     def forget_everything(self) -> None:
         """What a restarted dev agent does: registrations, keys and sessions are gone."""
@@ -314,6 +317,7 @@ class FakeConsul:
             raise ConsulError(f'Unknown check ID "{check_id}"', status=404)
         check.update(Status=status, Output=output)
         self._touch(self.datacenter, check["ServiceName"])
+        self._invalidate_sessions_of_failed_checks()
 
     # -- KV and sessions ---------------------------------------------------------------------
     async def kv_get(
@@ -413,6 +417,7 @@ class FakeConsul:
         lock_delay: float,
         behavior: str = "release",
         node_checks: tuple[str, ...] = ("serfHealth",),
+        service_checks: tuple[str, ...] = (),
     ) -> str:
         self._enter("session_create")
         check_session_behavior(behavior)
@@ -428,6 +433,16 @@ class FakeConsul:
                 )
             if self.node_health != "passing":
                 raise ConsulError(f"Check '{check_id}' is in critical state", status=500)
+        for check_id in service_checks:
+            check = self._checks.get(check_id)
+            if check is None:
+                raise ConsulError(
+                    f"apply failed: Missing check '{check_id}' registration", status=500
+                )
+            if check["Status"] == "critical":
+                raise ConsulError(
+                    f"apply failed: Check '{check_id}' is in critical state", status=500
+                )
         self._index += 1
         session = _Session(
             id=str(uuid.uuid4()),
@@ -437,6 +452,7 @@ class FakeConsul:
             lock_delay=min(lock_delay, 60.0),  # Consul caps lock-delay at 60s
             behavior=behavior,
             node_checks=tuple(node_checks),
+            service_checks=tuple(service_checks),
             create_index=self._index,
         )
         self._sessions[session.id] = session
@@ -495,6 +511,14 @@ class FakeConsul:
         self.node_health = "critical"
         for session in list(self._sessions.values()):
             if "serfHealth" in session.node_checks:
+                self.expire_session(session.id)
+
+    def _invalidate_sessions_of_failed_checks(self) -> None:
+        """Consul ends a session once one of its service checks is critical or gone (a
+        warning keeps it)."""
+        for session in list(self._sessions.values()):
+            checks = (self._checks.get(c) for c in session.service_checks)
+            if any(check is None or check["Status"] == "critical" for check in checks):
                 self.expire_session(session.id)
 
     def heal_node(self) -> None:
@@ -636,8 +660,8 @@ class FakeConsul:
         service_id = definition.get("ID") or definition["Name"]
         definition["ID"] = service_id
         old = self._services.pop(service_id, None)
-        for check_id in old.check_ids if old else ():
-            self._checks.pop(check_id, None)
+        # A re-registration keeps the status of a check it registers again (the agent does).
+        kept = {c: self._checks.pop(c, {}).get("Status") for c in (old.check_ids if old else ())}
         service = _Service(definition, node, dc)
         raw_checks = list(definition.get("Checks") or ())
         if definition.get("Check"):
@@ -649,7 +673,7 @@ class FakeConsul:
                 "Node": node,
                 "CheckID": check_id,
                 "Name": raw.get("Name") or f"Service '{definition['Name']}' check",
-                "Status": raw.get("Status") or "critical",
+                "Status": raw.get("Status") or kept.get(check_id) or "critical",
                 "Notes": raw.get("Notes") or "",
                 "Output": "",
                 "ServiceID": service_id,
@@ -658,6 +682,7 @@ class FakeConsul:
             service.check_ids.append(check_id)
         self._services[service_id] = service
         self._touch(dc, definition["Name"], catalog=True)
+        self._invalidate_sessions_of_failed_checks()
 
     def _health_entry(self, service: _Service) -> dict[str, Any]:
         d = service.definition

@@ -1,8 +1,10 @@
 """The small runtime every service shares: flags, an aiohttp app with /health and /metrics,
 registration through dcy, and a graceful stop.
 
-Stop order on SIGTERM/SIGINT: deregister (peers stop sending), stop taking new work, finish
-what is in flight, close connections, exit 0.
+Stop order on SIGTERM/SIGINT: hand over what another instance takes over (the app's
+leadership, released while still registered: its session is bound to this instance's check),
+deregister (peers stop sending), stop taking new work, finish what is in flight, close
+connections, exit 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Literal, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dcy import Dcy, DcyError, HttpCheck
+from dcy import Dcy, DcyError, HttpCheck, Registration
 
 Mode = Literal["http", "nsq", "push"]
 MODES: tuple[str, ...] = ("http", "nsq", "push")
@@ -105,6 +107,11 @@ class Service(Protocol):
 
     async def start(self, runtime: Runtime) -> None: ...
 
+    async def hand_over(self) -> None:
+        """First on a stop signal, while still registered: give up what another instance
+        should take over at once."""
+        ...
+
     async def stop_intake(self) -> None: ...
 
     async def drain(self) -> None: ...
@@ -122,6 +129,8 @@ class Runtime:
         self.port = settings.port
         self._stop = asyncio.Event()
         self.dcy: Dcy | None = None
+        self.registration: Registration | None = None
+        self.registered = asyncio.Event()
 
     @property
     def tags(self) -> list[str]:
@@ -156,6 +165,8 @@ class Runtime:
                         timeout=min(2.0, self.settings.check_interval),
                     ),
                 )
+                self.registration = registration
+                self.registered.set()
                 log.info(
                     "%s ready on %s:%s (mode %s)",
                     self.settings.name,
@@ -165,6 +176,7 @@ class Runtime:
                 )
                 await self._stop.wait()
                 log.info("stopping: deregistering, then finishing in-flight work")
+                await self.service.hand_over()
                 try:
                     await registration.deregister()
                 except DcyError as exc:

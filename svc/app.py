@@ -111,10 +111,23 @@ class App:
     async def _lead(self) -> None:
         assert self.runtime is not None and self.runtime.dcy is not None
         dcy = self.runtime.dcy
+        # The session is bound to this instance's check: a killed leader is replaced once
+        # Consul's next check of it fails (--check-interval) plus the lock-delay, not after the
+        # session's 2 x TTL. A leader whose check fails (3 cycles in a row failed) hands over.
+        await self.runtime.registered.wait()
+        registration = self.runtime.registration
+        assert registration is not None
         while self._taking_work:
             try:
-                async with dcy.leadership("app", ttl=self.ttl, lock_delay=self.lock_delay) as lead:
+                async with dcy.leadership(
+                    "app",
+                    ttl=self.ttl,
+                    lock_delay=self.lock_delay,
+                    service_id=registration.service_id,
+                    checks=registration.check_ids,
+                ) as lead:
                     self.leader = True
+                    self._failed_cycles = 0
                     log.info("leading: %s mode", self.settings.mode)
                     try:
                         await self._work_until(lead.lost)
@@ -210,6 +223,15 @@ class App:
         return web.json_response({"id": result.id, "logged": True})
 
     # -- lifecycle ---------------------------------------------------------------------------
+    async def hand_over(self) -> None:
+        """Step down while still registered: leaving Consul first would end the session with
+        the instance's check, and the standby would wait out the lock-delay."""
+        self._taking_work = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
     async def stop_intake(self) -> None:
         self._taking_work = False
         if self._reader is not None:

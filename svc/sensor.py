@@ -92,6 +92,9 @@ class Sensor:
                     log.warning("push of %s failed: %s", reading.id, exc)
                 await asyncio.sleep(1 / self.rate)
 
+    async def hand_over(self) -> None:
+        pass  # nothing another instance takes over
+
     async def stop_intake(self) -> None:
         if self._loop is not None:
             self._loop.cancel()

@@ -137,6 +137,9 @@ class Worker:
             self.processed.labels("nsq").inc(len(results))
         return self.publisher.publish_many(OUT_TOPIC, results)
 
+    async def hand_over(self) -> None:
+        pass  # nothing another instance takes over
+
     async def stop_intake(self) -> None:
         self._taking_work = False
         if self.reader is not None:

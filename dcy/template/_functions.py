@@ -59,6 +59,7 @@ class TemplateError(Exception):
 
 _MAX_KNOWN_QUERIES = 4096
 
+
 class DataFunctions:
     """The functions bound to one render: each call records its dependency."""
 

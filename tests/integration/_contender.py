@@ -1,10 +1,12 @@
 """A contender in a leader election, run as its own process by the integration tests.
 
     python -m tests.integration._contender ADDR NAME EVENTS [--ttl 10] [--lock-delay 1]
+        [--check-ttl SECONDS]
 
 Appends one line per event to the file EVENTS: ``waiting <pid>``, ``leader <pid>`` once it
 leads, ``lost <pid> <reason>`` when it loses leadership. It leads until killed; SIGTERM makes
-it step down and exit.
+it step down and exit. With ``--check-ttl`` it registers itself as a service with a TTL
+check of that many seconds and binds its session to that check.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import signal
 from pathlib import Path
 
-from dcy import Dcy
+from dcy import Dcy, TtlCheck
 
 
 def _event(path: Path, text: str) -> None:
@@ -27,9 +29,21 @@ def _event(path: Path, text: str) -> None:
 async def contend(args: argparse.Namespace) -> None:
     events = Path(args.events)
     pid = os.getpid()
-    async with Dcy(args.addr) as dcy:
+    async with Dcy(args.addr) as dcy, contextlib.AsyncExitStack() as stack:
+        checks: tuple[str, ...] = ()
+        if args.check_ttl:
+            registration = await dcy.register(
+                "leader-contender",
+                1,
+                service_id=f"leader-contender-{pid}",
+                check=TtlCheck(ttl=args.check_ttl),
+            )
+            stack.push_async_callback(registration.deregister)
+            checks = registration.check_ids
         _event(events, f"waiting {pid}")
-        leadership = dcy.leadership(args.name, ttl=args.ttl, lock_delay=args.lock_delay)
+        leadership = dcy.leadership(
+            args.name, ttl=args.ttl, lock_delay=args.lock_delay, checks=checks
+        )
         async with leadership as leader:
             _event(events, f"leader {pid}")
             reason = await leader.wait_lost()
@@ -44,6 +58,7 @@ def main() -> None:
     parser.add_argument("events")
     parser.add_argument("--ttl", type=float, default=10.0)
     parser.add_argument("--lock-delay", type=float, default=1.0)
+    parser.add_argument("--check-ttl", type=float, default=0.0)
     args = parser.parse_args()
 
     async def run() -> None:

@@ -27,6 +27,12 @@ FIGURES = {
         "max_connections",
     ),
     "http_by_name": ("by_name_rps", "raw_rps", "ratio_vs_raw"),
+    "leader": (
+        "bound_takeover_s",
+        "ttl_only_takeover_s",
+        "graceful_handover_s",
+        "bound_vs_ttl_only",
+    ),
     "system_dns": ("libc_cached_p50_us", "libc_uncached_p50_us", "direct_p50_us"),
     "pipeline": (
         "nsq_1_worker_per_s",

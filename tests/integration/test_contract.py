@@ -114,7 +114,8 @@ async def test_catalog_services_lists_names_and_tags(api: ConsulAPI, unique_name
 
 
 async def test_agent_service_present_and_absent(api: ConsulAPI, unique_name: str) -> None:
-    """agent_service returns the registration with a content hash, and None once gone."""
+    """agent_service returns the registration with a content hash, and None once gone;
+    deregistering what is gone is no error."""
     await api.register_service(_definition(unique_name, 9106))
     present = await api.agent_service(f"{unique_name}-9106")
     assert present.body["ID"] == f"{unique_name}-9106" and present.index
@@ -122,6 +123,7 @@ async def test_agent_service_present_and_absent(api: ConsulAPI, unique_name: str
     absent = await api.agent_service(f"{unique_name}-9106")
     assert absent.body is None
     assert (await api.health_service(unique_name)).body == []
+    await api.deregister_service(f"{unique_name}-9106")  # gone already: no error
 
 
 async def test_agent_service_blocks_on_hash(api: ConsulAPI, unique_name: str) -> None:
@@ -365,6 +367,51 @@ async def test_session_refusals_are_consul_errors(api: ConsulAPI, unique_name: s
         await _session(api, "unchecked", node_checks=("no-such-check",))
     with pytest.raises(ValueError, match="behavior"):
         await _session(api, "odd", behavior="explode")
+
+
+async def test_session_bound_to_service_checks(api: ConsulAPI, unique_name: str) -> None:
+    """ServiceChecks: refused while the check is critical, listed by session_info, kept on a
+    warning and on re-registration, invalidated (lock released) when the check goes critical
+    or is deregistered."""
+    definition = _definition(unique_name, 9401)
+    del definition["Check"]["Status"]  # a new TTL check starts critical
+    check_id = definition["Check"]["CheckID"]
+    await api.register_service(definition)
+    key = f"{unique_name}/leader"
+    try:
+        with pytest.raises(ConsulError, match=f"Check '{check_id}' is in critical state"):
+            await _session(api, "bound", service_checks=(check_id,))
+        await api.update_ttl(check_id, "passing")
+        session = await _session(api, "bound", service_checks=(check_id,))
+        info = await api.session_info(session)
+        assert info is not None
+        assert [c["ID"] for c in info["ServiceChecks"]] == [check_id]
+        assert info["NodeChecks"] == ["serfHealth"]
+        assert await api.kv_put(key, b"bound", acquire=session)
+        await api.update_ttl(check_id, "warning")
+        assert await api.session_info(session) is not None
+        await api.update_ttl(check_id, "passing")
+        await api.register_service(definition)  # the agent keeps the check's status
+        assert await api.session_info(session) is not None
+        held = await api.kv_get(key)
+        waiting = asyncio.ensure_future(api.kv_get(key, index=held.index, wait=20))
+        await api.update_ttl(check_id, "critical")
+        (freed,) = (await asyncio.wait_for(waiting, 15)).body
+        assert freed["Session"] is None
+        assert await api.session_info(session) is None
+
+        await api.update_ttl(check_id, "passing")
+        again = await _session(api, "bound again", service_checks=(check_id,))
+        await api.deregister_service(definition["ID"])
+        await eventually(
+            lambda: _gone(api, again), what="session ended with its check's deregistration"
+        )
+    finally:
+        await api.deregister_service(definition["ID"])
+
+
+async def _gone(api: ConsulAPI, session: str) -> bool:
+    return await api.session_info(session) is None
 
 
 # -- health states and datacenters -------------------------------------------------------------

@@ -116,7 +116,9 @@ class Contenders:
         self.workdir = workdir
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, agent: ConsulAgent, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, agent: ConsulAgent, name: str, *options: str
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         events = self.workdir / f"contender{len(self.processes)}.events"
         log = (self.workdir / f"contender{len(self.processes)}.log").open("wb")
         process = subprocess.Popen(
@@ -124,6 +126,7 @@ class Contenders:
                 *(sys.executable, "-m", "tests.integration._contender"),
                 *(agent.http_addr, name, str(events)),
                 *("--ttl", str(TTL), "--lock-delay", str(LOCK_DELAY)),
+                *options,
             ],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -169,12 +172,12 @@ def _holder_pid(agent: ConsulAgent, name: str) -> int | None:
 
 
 async def _two_contenders(
-    contenders: Contenders, agent: ConsulAgent, name: str
+    contenders: Contenders, agent: ConsulAgent, name: str, *options: str
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], Path]:
     """Start a holder, then a second contender; return (holder, other, other's events)."""
-    holder, holder_events = contenders.start(agent, name)
+    holder, holder_events = contenders.start(agent, name, *options)
     await eventually(lambda: _leads(holder_events), timeout=30, what="first leader")
-    other, other_events = contenders.start(agent, name)
+    other, other_events = contenders.start(agent, name, *options)
     await eventually(lambda: _events(other_events), timeout=30, what="second contender up")
     # Its session exists once it waits; give its first read time to reach the agent.
     await eventually(
@@ -205,6 +208,31 @@ async def test_sigkilled_holder_is_replaced_after_session_expiry(
         print(
             f"\n[measured] takeover after SIGKILL of the holder: {took:.1f}s "
             f"(ttl {TTL:g}s, lock-delay {LOCK_DELAY:g}s)"
+        )
+
+
+async def test_sigkilled_holder_bound_to_its_check_is_replaced_once_the_check_fails(
+    consul: ConsulAgent,
+    contenders: Contenders,
+    unique_name: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sessions bound to each contender's own TTL check: SIGKILL the holder, its check goes
+    critical, Consul ends the session, and the other leads. The sessions' TTL is 60s, so the
+    dead session could not have expired (2 x 60s) before the wait below gives up."""
+    bound = ("--ttl", "60", "--check-ttl", "2")
+    holder, other, other_events = await _two_contenders(contenders, consul, unique_name, *bound)
+    (session,) = [s for s in consul.api("/v1/session/list") if f"pid {holder.pid}" in s["Name"]]
+    assert [c["ID"] for c in session["ServiceChecks"]] == [f"service:leader-contender-{holder.pid}"]
+    holder.kill()
+    killed_at = time.monotonic()
+    await eventually(lambda: _leads(other_events), timeout=60, what="takeover")
+    took = time.monotonic() - killed_at
+    assert _holder_pid(consul, unique_name) == other.pid
+    with capsys.disabled():
+        print(
+            f"\n[measured] takeover after SIGKILL of a holder bound to its 2s TTL check: "
+            f"{took:.1f}s (lock-delay {LOCK_DELAY:g}s)"
         )
 
 

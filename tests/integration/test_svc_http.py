@@ -164,16 +164,34 @@ def test_push_mode_results_reach_the_app(system: System) -> None:
 
 
 def test_standby_app_takes_over_when_the_leader_dies(system: System) -> None:
-    """Two apps: only the leader orchestrates; killed with SIGKILL, the other takes over
-    (after the leader's session expires: 2 × TTL + lock-delay)."""
+    """Two apps: only the leader orchestrates; killed with SIGKILL, the other takes over once
+    Consul's check of the dead leader fails (its session is bound to that check). With a 60s
+    session TTL, expiry (2 x TTL) could not have done it before the wait gives up."""
     system.start("worker")
     system.start("sensor")
-    first = system.start("app", "--interval", "0.2")
+    first = system.start("app", "--interval", "0.2", "--leader-ttl", "60")
     wait(lambda: System.results(first), what="first app leading")
-    second = system.start("app", "--interval", "0.2")
+    second = system.start("app", "--interval", "0.2", "--leader-ttl", "60")
     system.wait_passing("app", 2)
     time.sleep(1)
     assert System.results(second) == []
     first.proc.kill()
     wait(lambda: System.results(second), timeout=60, what="take-over")
     assert "leading: http mode" in second.log()
+
+
+def test_stopped_leader_hands_over_without_lock_delay(system: System) -> None:
+    """SIGTERM to the leading app: it steps down before leaving Consul, so the lock is
+    released rather than invalidated with its instance's check, and the standby leads at
+    once. The 30s lock-delay would outlast the wait if the release came second."""
+    system.start("worker")
+    system.start("sensor")
+    first = system.start("app", "--interval", "0.2", "--lock-delay", "30")
+    wait(lambda: System.results(first), what="first app leading")
+    second = system.start("app", "--interval", "0.2", "--lock-delay", "30")
+    system.wait_passing("app", 2)
+    assert first.proc.process is not None
+    first.proc.process.send_signal(signal.SIGTERM)
+    wait(lambda: System.results(second), timeout=20, what="hand-over")
+    assert first.proc.process.wait(20) == 0
+    assert "stepped down as leader of app" in first.log()

@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from dcy import AclDenied, ConsulError, Dcy, KeyValue, Leadership, Snapshot, WatchOptions
+from dcy import (
+    AclDenied,
+    ConsulError,
+    Dcy,
+    HttpCheck,
+    KeyValue,
+    Leadership,
+    Snapshot,
+    WatchOptions,
+)
 from dcy._leader import LEADER_PREFIX
 from dcy.testing import FakeConsul
 from tests.harness import eventually
@@ -277,6 +286,46 @@ async def test_failed_node_check_ends_leadership(dcy: Dcy, fake: FakeConsul) -> 
         fake.heal_node()
         async with dcy.leadership("jobs") as again:
             assert again.is_leader
+
+
+async def test_session_bound_to_a_service_check(dcy: Dcy, fake: FakeConsul) -> None:
+    """A leadership bound to its instance's check waits while the check is critical, leads
+    once it passes, and loses as soon as the check fails; another contender then leads
+    after the lock-delay, long before the session's TTL would have run out."""
+    registration = await dcy.register("jobs-runner", 9311, check=HttpCheck(interval=1.0))
+    (check_id,) = registration.check_ids  # critical until the agent's first check
+    bound = dcy.leadership(
+        "jobs", lock_delay=0.2, service_id=registration.service_id, checks=registration.check_ids
+    )
+    entering = asyncio.create_task(bound.__aenter__())
+    await asyncio.sleep(0.3)
+    assert not entering.done() and bound.session_id is None  # waits, does not fail
+    fake.set_status(registration.service_id, "passing")
+    await asyncio.wait_for(entering, 5)
+    assert bound.is_leader
+    assert fake.sessions[bound.session_id]["ServiceChecks"] == [{"ID": check_id, "Namespace": ""}]
+    other = dcy.leadership("jobs")
+    waiting = asyncio.create_task(other.__aenter__())
+    fake.set_status(registration.service_id, "warning")  # Consul keeps the session
+    await asyncio.sleep(0.2)
+    assert bound.is_leader and not waiting.done()
+    fake.set_status(registration.service_id, "critical")
+    reason = await asyncio.wait_for(bound.wait_lost(), 5)
+    assert "released" in reason
+    await asyncio.wait_for(waiting, 5)
+    assert other.is_leader and other.holder is not None
+    await bound.__aexit__(None, None, None)
+    await other.__aexit__(None, None, None)
+    await registration.deregister()
+
+
+async def test_unknown_bound_check_fails_at_once(dcy: Dcy) -> None:
+    """A check ID the agent does not know is a mistake to report, not a state to wait out."""
+    with pytest.raises(ConsulError, match="Missing check 'service:nope'"):
+        async with dcy.leadership("jobs", checks=["service:nope"]):
+            pass
+    with pytest.raises(TypeError, match="sequence of check IDs"):
+        dcy.leadership("jobs", checks="service:nope")
 
 
 async def test_acl_denied_election_fails_at_once(dcy: Dcy, fake: FakeConsul) -> None:
