@@ -188,6 +188,24 @@ async def _two_contenders(
     return holder, other, other_events
 
 
+async def _kill_until_taken_over(
+    agent: ConsulAgent,
+    name: str,
+    holder: subprocess.Popen[bytes],
+    other: subprocess.Popen[bytes],
+    other_events: Path,
+    *,
+    timeout: float,
+) -> float:
+    """SIGKILL the holder, wait for the other to lead and hold the lock; the seconds it took."""
+    holder.kill()
+    killed_at = time.monotonic()
+    await eventually(lambda: _leads(other_events), timeout=timeout, what="takeover")
+    took = time.monotonic() - killed_at
+    assert _holder_pid(agent, name) == other.pid
+    return took
+
+
 async def test_sigkilled_holder_is_replaced_after_session_expiry(
     consul: ConsulAgent,
     contenders: Contenders,
@@ -197,13 +215,9 @@ async def test_sigkilled_holder_is_replaced_after_session_expiry(
     """A holder killed with SIGKILL never releases: the other process leads once Consul
     expires the dead session (2 x TTL after its last renewal) and the lock-delay passes."""
     holder, other, other_events = await _two_contenders(contenders, consul, unique_name)
-    holder.kill()
-    killed_at = time.monotonic()
-    await eventually(
-        lambda: _leads(other_events), timeout=2 * TTL + LOCK_DELAY + 40, what="takeover"
+    took = await _kill_until_taken_over(
+        consul, unique_name, holder, other, other_events, timeout=2 * TTL + LOCK_DELAY + 40
     )
-    took = time.monotonic() - killed_at
-    assert _holder_pid(consul, unique_name) == other.pid
     with capsys.disabled():
         print(
             f"\n[measured] takeover after SIGKILL of the holder: {took:.1f}s "
@@ -224,11 +238,9 @@ async def test_sigkilled_holder_bound_to_its_check_is_replaced_once_the_check_fa
     holder, other, other_events = await _two_contenders(contenders, consul, unique_name, *bound)
     (session,) = [s for s in consul.api("/v1/session/list") if f"pid {holder.pid}" in s["Name"]]
     assert [c["ID"] for c in session["ServiceChecks"]] == [f"service:leader-contender-{holder.pid}"]
-    holder.kill()
-    killed_at = time.monotonic()
-    await eventually(lambda: _leads(other_events), timeout=60, what="takeover")
-    took = time.monotonic() - killed_at
-    assert _holder_pid(consul, unique_name) == other.pid
+    took = await _kill_until_taken_over(
+        consul, unique_name, holder, other, other_events, timeout=60
+    )
     with capsys.disabled():
         print(
             f"\n[measured] takeover after SIGKILL of a holder bound to its 2s TTL check: "

@@ -163,16 +163,22 @@ def test_push_mode_results_reach_the_app(system: System) -> None:
     assert all([v * v for v in line["values"]] == line["result"] for line in results)
 
 
+def _leader_and_standby(system: System, *app_args: str) -> tuple[ServiceProcess, ServiceProcess]:
+    """A worker, a sensor and two apps in HTTP mode: the first leading, the second waiting."""
+    system.start("worker")
+    system.start("sensor")
+    first = system.start("app", "--interval", "0.2", *app_args)
+    wait(lambda: System.results(first), what="first app leading")
+    second = system.start("app", "--interval", "0.2", *app_args)
+    system.wait_passing("app", 2)
+    return first, second
+
+
 def test_standby_app_takes_over_when_the_leader_dies(system: System) -> None:
     """Two apps: only the leader orchestrates; killed with SIGKILL, the other takes over once
     Consul's check of the dead leader fails (its session is bound to that check). With a 60s
     session TTL, expiry (2 x TTL) could not have done it before the wait gives up."""
-    system.start("worker")
-    system.start("sensor")
-    first = system.start("app", "--interval", "0.2", "--leader-ttl", "60")
-    wait(lambda: System.results(first), what="first app leading")
-    second = system.start("app", "--interval", "0.2", "--leader-ttl", "60")
-    system.wait_passing("app", 2)
+    first, second = _leader_and_standby(system, "--leader-ttl", "60")
     time.sleep(1)
     assert System.results(second) == []
     first.proc.kill()
@@ -184,12 +190,7 @@ def test_stopped_leader_hands_over_without_lock_delay(system: System) -> None:
     """SIGTERM to the leading app: it steps down before leaving Consul, so the lock is
     released rather than invalidated with its instance's check, and the standby leads at
     once. The 30s lock-delay would outlast the wait if the release came second."""
-    system.start("worker")
-    system.start("sensor")
-    first = system.start("app", "--interval", "0.2", "--lock-delay", "30")
-    wait(lambda: System.results(first), what="first app leading")
-    second = system.start("app", "--interval", "0.2", "--lock-delay", "30")
-    system.wait_passing("app", 2)
+    first, second = _leader_and_standby(system, "--lock-delay", "30")
     assert first.proc.process is not None
     first.proc.process.send_signal(signal.SIGTERM)
     wait(lambda: System.results(second), timeout=20, what="hand-over")
