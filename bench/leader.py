@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 from bench._common import consul_agent, emit, note, parse_args, rounded
 from tests.harness import ConsulAgent
@@ -42,13 +43,13 @@ SCENARIOS = {
 
 
 def _leads(events: Path) -> bool:
-    return events.exists() and any(line.startswith("leader ") for line in events.open())
+    return events.exists() and "\nleader " in "\n" + events.read_text()
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(0.005)
     raise RuntimeError(f"timed out waiting for {what}")

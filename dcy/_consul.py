@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import socket
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,8 @@ from yarl import URL
 
 from dcy._config import ConsulConfig
 from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, TlsError
+
+log = logging.getLogger("dcy.consul")
 
 Index = int | str
 
@@ -445,6 +448,7 @@ class HttpConsul:
         except ConsulError as exc:
             if exc.status != 404:
                 raise
+            log.debug("%s was not registered with the agent: %s", service_id, exc)
 
     async def update_ttl(self, check_id: str, status: str, output: str = "") -> None:
         await self._call(

@@ -28,7 +28,15 @@ from dcy._http import HttpClient
 from dcy._kv import KeyValueStore
 from dcy._leader import DEFAULT_LOCK_DELAY, DEFAULT_TTL, Leadership, OnLost
 from dcy._query import Instance
-from dcy._register import MIN_DEREGISTER_AFTER, CheckKind, CheckSpec, Registration, define_service
+from dcy._register import (
+    MIN_DEREGISTER_AFTER,
+    CheckKind,
+    CheckSpec,
+    HttpCheck,
+    Registration,
+    TcpCheck,
+    define_service,
+)
 from dcy._resolve import Datacenters, Lookup, Resolver, Strategy
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 from dcy._watch import Callback, Subscription, WatchEngine, WatchOptions
@@ -198,9 +206,10 @@ class Dcy:
     ) -> Leadership:
         """A bid for the leadership ``name``: ``async with dcy.leadership("app") as leader``
         returns once this process leads; ``leader.lost`` tells when that ends. ``checks``
-        (service check IDs, e.g. ``registration.check_ids``) end the session when one fails,
-        so a killed holder is replaced within the check's interval, not 2 x ttl. See
-        :class:`Leadership` for the session, lock key and timing."""
+        (service check IDs, e.g. ``registration.liveness_check_ids``) end the session when
+        one fails, so a killed holder is replaced after the check's interval + lock_delay,
+        not 2 x ttl + lock_delay. See :class:`Leadership` for the session, lock key and
+        timing."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
         leadership = Leadership(
@@ -304,9 +313,12 @@ class Dcy:
         tags: Iterable[str] = (),
         meta: Mapping[str, str] | None = None,
         check: CheckSpec | CheckKind | None = "http",
+        liveness: HttpCheck | TcpCheck | None = None,
         deregister_after: float = MIN_DEREGISTER_AFTER,
     ) -> Registration:
         """Register an instance and keep it registered; deregistered on ``aclose``.
+        ``liveness`` adds a second check that fails only when the process is gone (a
+        ``TcpCheck``), for a leadership to bind to; ``check`` says whether it is ready.
 
         Invalid arguments raise ValueError before anything reaches Consul."""
         if self.agent is None:
@@ -320,6 +332,7 @@ class Dcy:
             tags=tags,
             meta=meta,
             check=check,
+            liveness=liveness,
             deregister_after=deregister_after,
         )
         registration = Registration(definition, self.api, self.engine)

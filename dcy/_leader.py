@@ -9,9 +9,9 @@ How it works, after Consul's leader-election guide
 (https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions/application-leader-election):
 
 * a **session** on the local node, tied to the node's ``serfHealth`` check and to the
-  service checks given as ``checks`` (say ``registration.check_ids``), with a TTL that a
-  background task renews every ``ttl/2`` and behavior ``release``. Consul refuses such a
-  session while one of those checks is critical: the contender waits until it passes;
+  service checks given as ``checks`` (say ``registration.liveness_check_ids``), with a TTL
+  that a background task renews every ``ttl/2`` and behavior ``release``. Consul refuses
+  such a session while one of those checks is critical: the contender waits until it passes;
 * the **lock key** ``dcy/leader/<name>`` (see :data:`LEADER_PREFIX`), acquired with that
   session. Its value names the holder in JSON: ``{"node", "host", "pid", "service_id"}``.
 * contenders wait on a **blocking query** of the lock key (the watch engine's shared loop,
@@ -36,7 +36,8 @@ Timing (Consul semantics, measured against Consul 1.14):
 * ``checks``: a session bound to the holder's own service check ends as soon as Consul sees
   that check critical, so a killed holder is replaced after the check's interval (or its TTL)
   + lock_delay instead. The holder also loses leadership whenever its check fails: bind only
-  checks that fail when this process should not lead.
+  checks that fail when this process should not lead, such as a liveness ``TcpCheck``
+  (``dcy.register(..., liveness=TcpCheck())``), not a readiness check that fails under load.
 * ``lock_delay`` (default 15s, Consul's own default): after a session is invalidated, nobody
   can acquire its locks for this long. It is the time an old leader cut off from the servers
   (its renewal and its watch failing, bounded by ttl/2 plus the HTTP timeout, about 15s) has
@@ -146,7 +147,7 @@ class Leadership:
         self.lock_delay = lock_delay
         self.renew_interval = ttl / 2 if renew_interval is None else renew_interval
         self.service_id = service_id
-        if isinstance(checks, str):
+        if isinstance(checks, str | bytes):
             raise TypeError("checks takes a sequence of check IDs, not one string")
         self.checks = tuple(checks)
         self.session_id: str | None = None
@@ -228,7 +229,8 @@ class Leadership:
                 await self._open_session()
                 return
             except ConsulError as exc:
-                if not self.checks or "critical state" not in str(exc):
+                refusal = str(exc)
+                if not any(f"'{c}' is in critical state" in refusal for c in self.checks):
                     raise
                 log.info("%s waits for its checks to pass: %s", self.key, exc)
             await asyncio.sleep(retry)

@@ -5,6 +5,12 @@ entry in the local agent. When the agent forgets it — a restarted dev agent, a
 deregister — the watch sees it gone and registers again. A TTL check gets a heartbeat task.
 Every check carries ``DeregisterCriticalServiceAfter``, so a crashed process that never said
 goodbye disappears from the catalog on its own.
+
+Besides its check (is it ready to serve?), an instance may have a ``liveness`` check (is the
+process there at all?): a TCP connect succeeds while the process lives, however busy it is,
+and fails at once when it is gone. That is what a leadership binds its session to; a
+readiness check fails under load or while a dependency is down, and would cost the leader
+its lock.
 """
 
 from __future__ import annotations
@@ -73,10 +79,15 @@ class ServiceDefinition:
     check: CheckSpec | None
     deregister_after: float
     payload: Mapping[str, Any] = field(compare=False)
+    liveness: HttpCheck | TcpCheck | None = None
 
     @property
     def check_id(self) -> str:
         return f"service:{self.service_id}"
+
+    @property
+    def liveness_check_id(self) -> str:
+        return f"service:{self.service_id}:alive"
 
 
 def define_service(
@@ -89,6 +100,7 @@ def define_service(
     tags: Iterable[str] = (),
     meta: Mapping[str, str] | None = None,
     check: CheckSpec | CheckKind | None = "http",
+    liveness: HttpCheck | TcpCheck | None = None,
     deregister_after: float = MIN_DEREGISTER_AFTER,
 ) -> ServiceDefinition:
     """Validate every argument and build the agent's registration payload.
@@ -105,6 +117,11 @@ def define_service(
         check = _CHECK_KINDS[check]
     elif check is not None and not isinstance(check, HttpCheck | TcpCheck | TtlCheck):
         raise ValueError(f"unknown check {check!r}: use HttpCheck, TcpCheck, TtlCheck or None")
+    if liveness is not None and not isinstance(liveness, HttpCheck | TcpCheck):
+        raise ValueError(
+            f"liveness={liveness!r}: use TcpCheck (or HttpCheck): Consul must see the process "
+            "gone without its help"
+        )
     if not math.isfinite(deregister_after) or deregister_after < MIN_DEREGISTER_AFTER:
         raise ValueError(
             f"deregister_after={deregister_after!r}: Consul needs at least "
@@ -129,8 +146,16 @@ def define_service(
     }
     if check is not None:
         payload["Check"] = _check_payload(check, name, sid, host, port, deregister_after)
+    if liveness is not None:
+        alive = _check_payload(liveness, name, sid, host, port, deregister_after)
+        alive["CheckID"] = f"service:{sid}:alive"
+        alive["Name"] = f"{alive['Name']} (liveness)"
+        alive["Notes"] = f"{alive['Notes']}; fails only when the process is gone"
+        # Registered by the process itself, which is there: no critical start to wait out.
+        alive["Status"] = "passing"
+        payload["Checks"] = [alive]
     return ServiceDefinition(
-        sid, name, host, port, tag_tuple, meta_dict, check, deregister_after, payload
+        sid, name, host, port, tag_tuple, meta_dict, check, deregister_after, payload, liveness
     )
 
 
@@ -194,10 +219,15 @@ class Registration:
 
     @property
     def check_ids(self) -> tuple[str, ...]:
-        """The IDs Consul gives this instance's check (none without one): what a leadership
-        binds its session to (``dcy.leadership(name, checks=registration.check_ids)``)."""
-        check = self.definition.payload.get("Check")
-        return (check["CheckID"],) if check else ()
+        """The IDs of this instance's checks: its check, then its liveness check."""
+        ids = (self.definition.check_id,) if self.definition.check is not None else ()
+        return ids + self.liveness_check_ids
+
+    @property
+    def liveness_check_ids(self) -> tuple[str, ...]:
+        """The liveness check's ID (none without one): what a leadership binds its session
+        to (``dcy.leadership(name, checks=registration.liveness_check_ids)``)."""
+        return (self.definition.liveness_check_id,) if self.definition.liveness else ()
 
     async def start(self) -> None:
         await self._register()

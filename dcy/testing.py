@@ -660,12 +660,11 @@ class FakeConsul:
         service_id = definition.get("ID") or definition["Name"]
         definition["ID"] = service_id
         old = self._services.pop(service_id, None)
-        # A re-registration keeps the status of a check it registers again (the agent does).
-        kept = {c: self._checks.pop(c, {}).get("Status") for c in (old.check_ids if old else ())}
+        # A check ID registered again keeps its status unless the definition sets one (the
+        # agent does so even when the check's type changes, until the new check first runs).
+        kept = {c: self._checks.pop(c)["Status"] for c in (old.check_ids if old else ())}
         service = _Service(definition, node, dc)
-        raw_checks = list(definition.get("Checks") or ())
-        if definition.get("Check"):
-            raw_checks.append(definition["Check"])
+        raw_checks = _raw_checks(definition)
         for number, raw in enumerate(raw_checks, start=1):
             suffix = f":{number}" if len(raw_checks) > 1 else ""
             check_id = raw.get("CheckID") or raw.get("ID") or f"service:{service_id}{suffix}"
@@ -709,3 +708,10 @@ class FakeConsul:
             return ""
         digest = hashlib.sha256(json.dumps(service.definition, sort_keys=True).encode())
         return digest.hexdigest()[:16]
+
+
+def _raw_checks(definition: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    checks = list(definition.get("Checks") or ())
+    if definition.get("Check"):
+        checks.append(definition["Check"])
+    return checks

@@ -233,9 +233,12 @@ def start_consumer(
     handler: BatchHandler,
     *,
     max_in_flight: int = 1000,
+    msg_timeout: float | None = None,
 ) -> NsqReader:
     """A started batch consumer on the running loop. Each batch is finished only after
-    ``handler`` completed (at-least-once); a handler error requeues the batch."""
+    ``handler`` completed (at-least-once); a handler error requeues the batch. nsqd gives a
+    message to another consumer once it was ``msg_timeout`` seconds in flight unfinished (its
+    own default, 60s, when None)."""
     return NsqReader(
         topic,
         channel,
@@ -246,4 +249,5 @@ def start_consumer(
         # Unbuffered (the reader's default): nsqd's output buffer would hold each reading for
         # up to its flush timer, and its timer wake-ups share a channel's flow unevenly.
         output_buffer_size=-1,
+        msg_timeout_ms=None if msg_timeout is None else round(msg_timeout * 1000),
     ).start()

@@ -2,7 +2,8 @@
 registration through dcy, and a graceful stop.
 
 Stop order on SIGTERM/SIGINT: hand over what another instance takes over (the app's
-leadership, released while still registered: its session is bound to this instance's check),
+leadership, released while still registered: its session is bound to this instance's
+liveness check),
 deregister (peers stop sending), stop taking new work, finish what is in flight, close
 connections, exit 0.
 """
@@ -23,7 +24,7 @@ from typing import Literal, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dcy import Dcy, DcyError, HttpCheck, Registration
+from dcy import Dcy, DcyError, HttpCheck, Registration, TcpCheck
 
 Mode = Literal["http", "nsq", "push"]
 MODES: tuple[str, ...] = ("http", "nsq", "push")
@@ -164,6 +165,12 @@ class Runtime:
                         interval=self.settings.check_interval,
                         timeout=min(2.0, self.settings.check_interval),
                     ),
+                    # What the app's leadership binds to: /health fails under load or while
+                    # a peer is away, a TCP connect only once the process is gone.
+                    liveness=TcpCheck(
+                        interval=self.settings.check_interval,
+                        timeout=min(2.0, self.settings.check_interval),
+                    ),
                 )
                 self.registration = registration
                 self.registered.set()
@@ -175,8 +182,12 @@ class Runtime:
                     self.settings.mode,
                 )
                 await self._stop.wait()
-                log.info("stopping: deregistering, then finishing in-flight work")
-                await self.service.hand_over()
+                log.info("stopping: handing over, deregistering, finishing in-flight work")
+                try:
+                    await self.service.hand_over()
+                except Exception:
+                    # Leaving Consul and finishing the work in flight matter more.
+                    log.exception("handing over failed")
                 try:
                     await registration.deregister()
                 except DcyError as exc:

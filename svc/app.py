@@ -111,9 +111,10 @@ class App:
     async def _lead(self) -> None:
         assert self.runtime is not None and self.runtime.dcy is not None
         dcy = self.runtime.dcy
-        # The session is bound to this instance's check: a killed leader is replaced once
-        # Consul's next check of it fails (--check-interval) plus the lock-delay, not after the
-        # session's 2 x TTL. A leader whose check fails (3 cycles in a row failed) hands over.
+        # The session is bound to this instance's liveness (TCP) check: a killed leader is
+        # replaced once Consul's next connect to it fails (--check-interval) plus the
+        # lock-delay, not after the session's 2 x TTL. Not to /health: that fails when the app
+        # is busy or a peer is away, and a leader would lose its lock under load.
         await self.runtime.registered.wait()
         registration = self.runtime.registration
         assert registration is not None
@@ -124,7 +125,7 @@ class App:
                     ttl=self.ttl,
                     lock_delay=self.lock_delay,
                     service_id=registration.service_id,
-                    checks=registration.check_ids,
+                    checks=registration.liveness_check_ids,
                 ) as lead:
                     self.leader = True
                     self._failed_cycles = 0
@@ -225,12 +226,14 @@ class App:
     # -- lifecycle ---------------------------------------------------------------------------
     async def hand_over(self) -> None:
         """Step down while still registered: leaving Consul first would end the session with
-        the instance's check, and the standby would wait out the lock-delay."""
-        self._taking_work = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        the instance's check, and the standby would wait out the lock-delay. /health stays
+        ready meanwhile, for the same reason (and results are still taken in push mode)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            log.warning("leadership ended with an error while stepping down: %s", outcome)
 
     async def stop_intake(self) -> None:
         self._taking_work = False

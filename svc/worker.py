@@ -37,9 +37,10 @@ IN_TOPIC, CHANNEL, OUT_TOPIC = "sensor_values", "worker", "worker_result"
 
 
 class Worker:
-    def __init__(self, settings: Settings, max_in_flight: int) -> None:
+    def __init__(self, settings: Settings, max_in_flight: int, msg_timeout: float = 10.0) -> None:
         self.settings = settings
         self.max_in_flight = max_in_flight
+        self.msg_timeout = msg_timeout
         self.runtime: Runtime | None = None
         self.reader: NsqReader | None = None
         self.publisher: BatchPublisher | None = None
@@ -115,6 +116,7 @@ class Worker:
             lookupds,
             self._on_batch,
             max_in_flight=self.max_in_flight,
+            msg_timeout=self.msg_timeout,
         )
 
     def _on_batch(self, bodies: list[bytes]) -> asyncio.Future[None] | None:
@@ -173,13 +175,30 @@ def _extend(parser: argparse.ArgumentParser) -> None:
         default=2000,
         help="nsq mode: messages in flight at once (default 2000)",
     )
+    parser.add_argument(
+        "--msg-timeout",
+        type=_msg_timeout,
+        default=10.0,
+        help="nsq mode: seconds before nsqd hands a reading this worker has not finished to "
+        "another worker, e.g. after a crash (default 10; nsqd's own default is 60)",
+    )
+
+
+def _msg_timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 1 <= seconds <= 900:
+        raise argparse.ArgumentTypeError(f"{text}: nsqd takes 1 to 900 seconds (--max-msg-timeout)")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     return serve(
         "worker",
         "Squares the numbers of each reading.",
-        lambda settings, args: Worker(settings, args.max_in_flight),
+        lambda settings, args: Worker(settings, args.max_in_flight, args.msg_timeout),
         _extend,
         argv,
     )

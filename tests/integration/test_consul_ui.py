@@ -157,19 +157,19 @@ def test_worker_page_lists_both_instances_with_all_checks_passing(
 
 
 @pytest.mark.parametrize(
-    ("service", "check_name", "notes_start"),
+    ("service", "check_name", "notes_start", "liveness"),
     [
-        ("sensor", "sensor HTTP /health", "GET http://127.0.0.1:"),
-        ("worker", "worker HTTP /health", "GET http://127.0.0.1:"),
-        ("app", "app HTTP /health", "GET http://127.0.0.1:"),
-        ("nsqadmin", "nsqadmin HTTP http://127.0.0.1:", "GET http://127.0.0.1:"),
+        ("sensor", "sensor HTTP /health", "GET http://127.0.0.1:", True),
+        ("worker", "worker HTTP /health", "GET http://127.0.0.1:", True),
+        ("app", "app HTTP /health", "GET http://127.0.0.1:", True),
+        ("nsqadmin", "nsqadmin HTTP http://127.0.0.1:", "GET http://127.0.0.1:", False),
     ],
 )
 def test_health_check_tab_names_the_check_and_says_what_it_checks(
-    system: System, page: Page, service: str, check_name: str, notes_start: str
+    system: System, page: Page, service: str, check_name: str, notes_start: str, liveness: bool
 ) -> None:
     """An instance's health-checks tab shows its passing check by name, with notes saying
-    what it requests and what counts as healthy."""
+    what it requests and what counts as healthy; our services' liveness check beside it."""
     page.goto(ui(system, f"services/{service}/instances"))
     instances = read_when(page, READ_INSTANCES, "rows => rows.length > 0")
     assert instances, f"no {service} instance shown"
@@ -178,8 +178,13 @@ def test_health_check_tab_names_the_check_and_says_what_it_checks(
         page, READ_CHECKS, f"rows => rows.some(r => r.service === '{service}' && r.notes)"
     )
     own = [c for c in checks if c["service"] == service]
-    assert len(own) == 1, checks
-    check = own[0]
+    alive = [c for c in own if "(liveness)" in c["name"]]
+    assert len(own) == 1 + liveness and len(alive) == liveness, checks
+    for check in alive:
+        assert check["status"] == "passing", check
+        assert check["notes"].startswith("TCP connect to 127.0.0.1:"), check
+        assert check["notes"].endswith("fails only when the process is gone"), check
+    (check,) = [c for c in own if c not in alive]
     assert check["status"] == "passing", check
     assert check["name"].startswith(check_name), check
     assert check["notes"].startswith(notes_start), check

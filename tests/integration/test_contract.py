@@ -76,6 +76,21 @@ async def test_registered_service_appears_in_health(api: ConsulAPI, unique_name:
     assert entry["Node"]["Datacenter"] == "dc1"
 
 
+async def test_check_and_checks_register_together(api: ConsulAPI, unique_name: str) -> None:
+    """A registration with a Check and a Checks list (dcy's readiness and liveness checks)
+    shows both under their IDs, each with its own status."""
+    definition = _definition(unique_name, 9108)
+    alive = {"CheckID": f"service:{unique_name}-9108:alive", "Name": "alive", "TTL": "30s"}
+    await api.register_service(definition | {"Checks": [alive | {"Status": "critical"}]})
+    (entry,) = (await api.health_service(unique_name)).body
+    statuses = {c["CheckID"]: c["Status"] for c in entry["Checks"] if c["ServiceID"]}
+    assert statuses == {
+        f"service:{unique_name}-9108": "passing",
+        f"service:{unique_name}-9108:alive": "critical",
+    }
+    await api.deregister_service(definition["ID"])
+
+
 async def test_tag_filter(api: ConsulAPI, unique_name: str) -> None:
     """health_service with a tag returns only instances carrying it."""
     await api.register_service(_definition(unique_name, 9102))
@@ -392,6 +407,8 @@ async def test_session_bound_to_service_checks(api: ConsulAPI, unique_name: str)
         assert await api.session_info(session) is not None
         await api.update_ttl(check_id, "passing")
         await api.register_service(definition)  # the agent keeps the check's status
+        changed = {**definition, "Check": {**definition["Check"], "TTL": "40s"}}
+        await api.register_service(changed)  # even with the check changed
         assert await api.session_info(session) is not None
         held = await api.kv_get(key)
         waiting = asyncio.ensure_future(api.kv_get(key, index=held.index, wait=20))

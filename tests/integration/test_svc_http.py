@@ -96,7 +96,14 @@ def test_malformed_readings_get_400_and_go_nowhere(system: System) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [("--mode", "carrier-pigeon"), ("--port", "70000"), ("--no-such-flag",)]
+    "args",
+    [
+        ("--mode", "carrier-pigeon"),
+        ("--port", "70000"),
+        ("--no-such-flag",),
+        ("--msg-timeout", "0.5"),
+        ("--msg-timeout", "soon"),
+    ],
 )
 def test_usage_errors_exit_2(args: tuple[str, ...]) -> None:
     """Unknown modes and flags are usage errors: exit 2 with a message, nothing started."""

@@ -297,26 +297,33 @@ async def test_session_bound_to_a_service_check(dcy: Dcy, fake: FakeConsul) -> N
     bound = dcy.leadership(
         "jobs", lock_delay=0.2, service_id=registration.service_id, checks=registration.check_ids
     )
-    entering = asyncio.create_task(bound.__aenter__())
-    await asyncio.sleep(0.3)
-    assert not entering.done() and bound.session_id is None  # waits, does not fail
-    fake.set_status(registration.service_id, "passing")
-    await asyncio.wait_for(entering, 5)
-    assert bound.is_leader
-    assert fake.sessions[bound.session_id]["ServiceChecks"] == [{"ID": check_id, "Namespace": ""}]
     other = dcy.leadership("jobs")
-    waiting = asyncio.create_task(other.__aenter__())
-    fake.set_status(registration.service_id, "warning")  # Consul keeps the session
-    await asyncio.sleep(0.2)
-    assert bound.is_leader and not waiting.done()
-    fake.set_status(registration.service_id, "critical")
-    reason = await asyncio.wait_for(bound.wait_lost(), 5)
-    assert "released" in reason
-    await asyncio.wait_for(waiting, 5)
-    assert other.is_leader and other.holder is not None
-    await bound.__aexit__(None, None, None)
-    await other.__aexit__(None, None, None)
-    await registration.deregister()
+    entering = asyncio.create_task(bound.__aenter__())
+    waiting: asyncio.Task[Leadership] | None = None
+    try:
+        await asyncio.sleep(0.3)
+        assert not entering.done() and bound.session_id is None  # waits, does not fail
+        fake.set_status(registration.service_id, "passing")
+        await asyncio.wait_for(entering, 5)
+        assert bound.is_leader and bound.session_id is not None
+        session = fake.sessions[bound.session_id]
+        assert session["ServiceChecks"] == [{"ID": check_id, "Namespace": ""}]
+        waiting = asyncio.create_task(other.__aenter__())
+        fake.set_status(registration.service_id, "warning")  # Consul keeps the session
+        await asyncio.sleep(0.2)
+        assert bound.is_leader and not waiting.done()
+        fake.set_status(registration.service_id, "critical")
+        reason = await asyncio.wait_for(bound.wait_lost(), 5)
+        assert "released" in reason
+        await asyncio.wait_for(waiting, 5)
+        assert other.is_leader and other.holder is not None
+    finally:
+        for task in (entering, waiting):
+            if task is not None:
+                task.cancel()
+        await bound.__aexit__(None, None, None)
+        await other.__aexit__(None, None, None)
+        await registration.deregister()
 
 
 async def test_unknown_bound_check_fails_at_once(dcy: Dcy) -> None:

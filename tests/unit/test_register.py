@@ -80,6 +80,8 @@ async def eventually_async(condition: Callable[[], Any], *, timeout: float = 5.0
         ({"tags": ["v2", 3]}, "tags"),
         ({"meta": {"zone": 1}}, "meta"),
         ({"meta": {"": "a"}}, "meta"),
+        ({"liveness": TtlCheck()}, "liveness=.*use TcpCheck"),
+        ({"liveness": "tcp"}, "liveness=.*use TcpCheck"),
     ],
 )
 async def test_invalid_registration_fails_before_reaching_consul(
@@ -153,6 +155,42 @@ def test_ttl_check_payload_starts_passing() -> None:
     assert check["Status"] == "passing"
     assert check["DeregisterCriticalServiceAfter"] == "60000ms"
     assert check["Name"] and check["Notes"]
+
+
+def test_liveness_check_payload_is_a_second_check() -> None:
+    """liveness adds a TCP check beside the readiness check, under its own ID, passing from
+    the start (the process registering it is there) and reaped like the other."""
+    definition = define_service(
+        "app", 9003, agent=AGENT, check=HttpCheck(interval=1), liveness=TcpCheck(interval=1)
+    )
+    ready = definition.payload["Check"]
+    (alive,) = definition.payload["Checks"]
+    assert ready["CheckID"] == "service:app-node1-9003"
+    assert alive["CheckID"] == "service:app-node1-9003:alive"
+    assert (alive["TCP"], alive["Interval"], alive["Status"]) == (
+        "10.0.0.5:9003",
+        "1000ms",
+        "passing",
+    )
+    assert alive["DeregisterCriticalServiceAfter"] == "60000ms"
+    assert "liveness" in alive["Name"] and "HTTP" in ready
+    assert "Checks" not in define_service("app", 9003, agent=AGENT).payload
+
+
+async def test_liveness_check_ids_and_health() -> None:
+    """Both checks reach the agent: the instance is passing only when both pass, and
+    liveness_check_ids names the one a leadership binds to."""
+    fake = FakeConsul()
+    async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
+        registration = await dcy.register("app", 9003, check="ttl", liveness=TcpCheck())
+        sid = registration.service_id
+        assert registration.liveness_check_ids == (f"service:{sid}:alive",)
+        assert registration.check_ids == (f"service:{sid}", f"service:{sid}:alive")
+        assert (await dcy.pick("app")).id == sid
+        plain = await dcy.register("plain", 9004, check="ttl")
+        assert plain.liveness_check_ids == () and plain.check_ids == (
+            f"service:{plain.service_id}",
+        )
 
 
 def test_no_check_and_explicit_id_and_address() -> None:
