@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from dcy import Dcy, DcyError, HttpCheck, Registration, TcpCheck
 
@@ -127,6 +128,11 @@ class Runtime:
         self.settings = settings
         self.service = service
         self.registry = CollectorRegistry()
+        Gauge(
+            "svc_gc_frozen_objects",
+            "Objects of the start-up heap moved out of the garbage collector's reach",
+            registry=self.registry,
+        ).set_function(gc.get_freeze_count)
         self.port = settings.port
         self._stop = asyncio.Event()
         self.dcy: Dcy | None = None
@@ -174,6 +180,11 @@ class Runtime:
                 )
                 self.registration = registration
                 self.registered.set()
+                # The heap built while starting (modules, dcy, aiohttp, prometheus) never
+                # becomes garbage; left in the collector's care, each full collection walked it
+                # and held a reading for ~40 ms (1 in 40 at 2 readings/s). Frozen, it is skipped.
+                gc.collect()
+                gc.freeze()
                 log.info(
                     "%s ready on %s:%s (mode %s)",
                     self.settings.name,
