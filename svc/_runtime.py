@@ -3,9 +3,8 @@ registration through dcy, and a graceful stop.
 
 Stop order on SIGTERM/SIGINT: hand over what another instance takes over (the app's
 leadership, released while still registered: its session is bound to this instance's
-liveness check),
-deregister (peers stop sending), stop taking new work, finish what is in flight, close
-connections, exit 0.
+liveness check), deregister (peers stop sending), stop taking new work, finish what is in
+flight, close connections, exit 0.
 """
 
 from __future__ import annotations

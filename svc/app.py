@@ -226,8 +226,8 @@ class App:
     # -- lifecycle ---------------------------------------------------------------------------
     async def hand_over(self) -> None:
         """Step down while still registered: leaving Consul first would end the session with
-        the instance's check, and the standby would wait out the lock-delay. /health stays
-        ready meanwhile, for the same reason (and results are still taken in push mode)."""
+        the instance's liveness check, and the standby would wait out the lock-delay. Intake
+        goes on until deregistered (push mode still takes results meanwhile)."""
         if self._task is None:
             return
         self._task.cancel()
