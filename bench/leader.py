@@ -27,10 +27,9 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 
 from bench._common import consul_agent, emit, note, parse_args, rounded
-from tests.harness import ConsulAgent
+from tests.harness import ConsulAgent, until
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK_DELAY = 1.0
@@ -44,15 +43,6 @@ SCENARIOS = {
 
 def _leads(events: Path) -> bool:
     return events.exists() and "\nleader " in "\n" + events.read_text()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def _contender(
@@ -80,20 +70,21 @@ def take_over(agent: ConsulAgent, workdir: Path, scenario: str, round_: int) -> 
     holder, holder_events = _contender(agent, workdir, name, 0, options)
     processes = [holder]
     try:
-        _wait(lambda: _leads(holder_events), 60, "the first leader")
+        until(lambda: _leads(holder_events), timeout=60, interval=0.005, what="the first leader")
         other, other_events = _contender(agent, workdir, name, 1, options)
         processes.append(other)
         # The other one waits once its session exists.
-        _wait(
+        until(
             lambda: sum(name in s["Name"] for s in agent.api("/v1/session/list")) >= 2,
-            60,
-            "the second contender's session",
+            timeout=60,
+            interval=0.005,
+            what="the second contender's session",
         )
         if _leads(other_events):
             raise RuntimeError("both contenders lead")
         started = time.monotonic()
         holder.send_signal(how)
-        _wait(lambda: _leads(other_events), 120, "the take-over")
+        until(lambda: _leads(other_events), timeout=120, interval=0.005, what="the take-over")
         return time.monotonic() - started
     finally:
         for process in processes:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench._common import emit, note, parse_args, percentile, rounded
+from tests.harness import until
 from tests.system import ServiceProcess, System
 
 BURST_FULL, BURST_QUICK = 50_000, 5_000
@@ -119,21 +120,13 @@ def redeliveries(system: System) -> int:
     return total
 
 
-def wait_for(condition: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} not reached within {timeout:.0f}s")
-
-
 def start_nsq_worker(system: System, count: int) -> None:
     system.start("worker", "--mode", "nsq")
     system.wait_passing("worker", count)
-    wait_for(
+    until(
         lambda: channel_clients(system, "sensor_values", "worker") >= count,
-        f"{count} workers consuming",
+        timeout=60,
+        what=f"{count} workers consuming",
     )
 
 
@@ -142,9 +135,10 @@ def burst(system: System, tail: ResultTail, readings: int) -> tuple[float, int, 
     known = set(tail.counts)
     before = int(topic_stats(system, "sensor_values").get("message_count", 0))
     sensor = system.start("sensor", "--mode", "nsq", "--rate", "0", "--burst", str(readings))
-    wait_for(
+    until(
         lambda: int(topic_stats(system, "sensor_values").get("message_count", 0)) > before,
-        "the first published reading",
+        timeout=60,
+        what="the first published reading",
     )
     started = time.monotonic()
     finished = started
@@ -170,7 +164,7 @@ def steady(system: System, tail: ResultTail, rate: float, seconds: float) -> lis
     its first connection (a start-up cost, not the pipeline's)."""
     known = set(tail.counts)
     sensor = system.start("sensor", "--mode", "nsq", "--rate", str(rate))
-    wait_for(lambda: tail.new_prefix(known) is not None, "a first result")
+    until(lambda: tail.new_prefix(known) is not None, timeout=60, what="a first result")
     time.sleep(seconds)
     stop(sensor)
     time.sleep(0.5)
@@ -191,7 +185,11 @@ def run_nsq(
     try:
         app = system.start("app", "--mode", "nsq")
         system.wait_passing("app", 1)
-        wait_for(lambda: channel_clients(system, "worker_result", "app") >= 1, "app consuming")
+        until(
+            lambda: channel_clients(system, "worker_result", "app") >= 1,
+            timeout=60,
+            what="app consuming",
+        )
         tail = ResultTail(app.proc.log_path)
         start_nsq_worker(system, 1)
         note(f"nsq, 1 worker: burst of {readings}")
@@ -231,7 +229,7 @@ def run_http(workdir: Path, seconds: float) -> dict[str, Any]:
         system.wait_passing("worker", 2)
         app = system.start("app", "--mode", "http", "--interval", "0")
         tail = ResultTail(app.proc.log_path)
-        wait_for(lambda: tail.poll() > 0, "the app's first result")
+        until(lambda: tail.poll() > 0, timeout=60, what="the app's first result")
         time.sleep(1.0)  # past the first connections
         first, started = tail.poll(), time.monotonic()
         time.sleep(seconds)

@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,6 +365,25 @@ def nsq_cluster(workdir: Path) -> Iterator[NsqCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that. The blocking twin
+    of :func:`eventually`, for tests and benchmarks driving processes from plain code."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last value: {last!r})")
 
 
 async def eventually(

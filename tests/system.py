@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ConsulAgent, ManagedProcess, NsqCluster, free_ports
+from tests.harness import ConsulAgent, ManagedProcess, NsqCluster, free_ports, until
 from tests.harness import _ping as ping
 from tests.harness import _wait_until as wait_until
 from tools.build import require_binary
@@ -200,10 +200,4 @@ class System:
 def wait(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy and return that; the timeout only
     bounds a failure (tests wait for conditions, not for fixed times)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    return until(predicate, timeout=timeout, interval=0.1, what=what)

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import ConsulAgent, free_ports
+from tests.harness import ConsulAgent, free_ports, until
 
 pytestmark = pytest.mark.integration
 
@@ -44,19 +43,6 @@ out.write_text(json.dumps(sys.argv[3:]))
 print("check says", code_file.read_text().strip())
 sys.exit(int(code_file.read_text()))
 """
-
-
-def until(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; the timeout only bounds a
-    failure."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last value: {last!r})")
 
 
 class Runner:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +31,12 @@ from tasks._dns_setup import (
     setup,
     undo,
 )
-from tests.harness import ConsulAgent, ManagedProcess, free_ports
+from tests.harness import ConsulAgent, ManagedProcess, free_ports, until
 from tests.sandbox import CONSUL_DNS_PORT, CONSUL_HTTP_PORT, VENV_BIN, Sandbox
 
 pytestmark = pytest.mark.integration
 
 HOST_RESOLV = Path("/etc/resolv.conf")
-
-
-def until(predicate: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; the timeout only bounds a
-    failure."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last value: {last!r})")
 
 
 def pid_alive(pid: int) -> bool:

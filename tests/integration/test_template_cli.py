@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ConsulAgent, ManagedProcess, free_ports
+from tests.harness import ConsulAgent, ManagedProcess, free_ports, until
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,6 @@ def deregister(agent: ConsulAgent, service_id: str) -> None:
         f"{agent.url}/v1/agent/service/deregister/{service_id}", data=b"", method="PUT"
     )
     urllib.request.urlopen(request, timeout=5).close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def read(path: Path) -> str | None:
@@ -171,11 +161,11 @@ def test_consul_outage_keeps_files_and_renderer_recovers(
         "-status-addr",
         f"127.0.0.1:{status_port}",
     )
-    wait_for(lambda: read(out) == "7101 ", what="first render")
-    wait_for(lambda: health(status_port)[0] == 200, what="healthy")
+    until(lambda: read(out) == "7101 ", what="first render")
+    until(lambda: health(status_port)[0] == 200, what="healthy")
     written = out.stat().st_mtime_ns
     agent.stop()
-    wait_for(lambda: health(status_port)[0] == 503, what="stale reported")
+    until(lambda: health(status_port)[0] == 503, what="stale reported")
     time.sleep(3)  # dozens of failed retries at this schedule (consul-template gives up)
     code, body = health(status_port)
     assert code == 503 and body["stale_seconds"] > 2
@@ -183,8 +173,8 @@ def test_consul_outage_keeps_files_and_renderer_recovers(
     assert renderer.alive and out.read_text() == "7101 " and out.stat().st_mtime_ns == written
     agent.start()  # same ports, empty state: the service is gone until registered again
     register(agent, "web-2", 7102)
-    wait_for(lambda: read(out) == "7102 ", what="re-render after recovery")
-    wait_for(lambda: health(status_port)[0] == 200, what="fresh again")
+    until(lambda: read(out) == "7102 ", what="re-render after recovery")
+    until(lambda: health(status_port)[0] == 200, what="fresh again")
     assert renderer.alive
 
 
@@ -200,12 +190,12 @@ def test_template_errors_keep_old_output_and_edits_are_live(
     src, out = tmp_path / "in.j2", tmp_path / "out"
     src.write_text(f"ports: {{{{ service('{unique_name}') | length }}}}")
     renderer = start_renderer(consul, "-template", f"{src}:{out}")
-    wait_for(lambda: read(out) == "ports: 1", what="first render")
+    until(lambda: read(out) == "ports: 1", what="first render")
     src.write_text("ok\n{% for x in %}")
-    wait_for(lambda: "syntax error" in renderer.log(), what="error logged")
+    until(lambda: "syntax error" in renderer.log(), what="error logged")
     assert f"{src}:2" in renderer.log() and read(out) == "ports: 1" and renderer.alive
     src.write_text(f"count={{{{ service('{unique_name}') | length }}}}")
-    wait_for(lambda: read(out) == "count=1", what="fixed template rendered")
+    until(lambda: read(out) == "count=1", what="fixed template rendered")
 
 
 def test_failing_command_does_not_stop_rendering(
@@ -220,10 +210,10 @@ def test_failing_command_does_not_stop_rendering(
     src.write_text(f"{{% for i in service('{unique_name}') %}}{{{{ i.Port }}}} {{% endfor %}}")
     command = f"{sys.executable} -c \"print('reload refused'); raise SystemExit(4)\""
     renderer = start_renderer(consul, "-template", f"{src}:{out}:{command}")
-    wait_for(lambda: "reload refused" in renderer.log(), what="command output logged")
+    until(lambda: "reload refused" in renderer.log(), what="command output logged")
     register(consul, f"{unique_name}-2", 7302, name=unique_name)
-    wait_for(lambda: read(out) == "7301 7302 ", what="render after the failure")
-    wait_for(lambda: renderer.log().count("exited 4") >= 2, what="second command run")
+    until(lambda: read(out) == "7301 7302 ", what="render after the failure")
+    until(lambda: renderer.log().count("exited 4") >= 2, what="second command run")
     assert renderer.alive
 
 
@@ -246,13 +236,13 @@ def test_sighup_reloads_config_and_sigterm_stops(
     )
     pid_file = tmp_path / "pid"
     renderer = start_renderer(consul, "-config", str(config_dir), "-pid-file", str(pid_file))
-    wait_for(lambda: read(first) == "1", what="first template")
+    until(lambda: read(first) == "1", what="first template")
     assert pid_file.read_text().strip() == str(renderer.proc.process.pid)  # type: ignore[union-attr]
     (config_dir / "b.hcl").write_text(
         f'template {{\n source = "{src}"\n destination = "{second}"\n perms = 0600\n}}\n'
     )
     renderer.signal(signal.SIGHUP)
-    wait_for(lambda: read(second) == "1", what="template added by reload")
+    until(lambda: read(second) == "1", what="template added by reload")
     assert second.stat().st_mode & 0o777 == 0o600
     renderer.signal(signal.SIGTERM)
     assert renderer.wait() == 0
@@ -297,10 +287,10 @@ def test_exec_mode_reloads_and_stops_the_child(
         "-exec-kill-timeout",
         "5s",
     )
-    wait_for(lambda: read(events) == "started\n", what="child started")
+    until(lambda: read(events) == "started\n", what="child started")
     assert read(out) == "7501 "
     register(consul, f"{unique_name}-2", 7502, name=unique_name)
-    wait_for(lambda: read(events) == "started\nreload\n", what="child reloaded")
+    until(lambda: read(events) == "started\nreload\n", what="child reloaded")
     renderer.signal(signal.SIGTERM)
     assert renderer.wait() == 0
     assert read(events) == "started\nreload\nstopped\n"
