@@ -1,17 +1,23 @@
 """dcy: service discovery for asyncio Python services, on HashiCorp Consul.
 
 Long-lived blocking-query watches shared per query, resolution by name (HTTP API and Consul
-DNS), self-registration that survives agent restarts. Everything public is listed in
-``__all__``; modules starting with an underscore are private.
+DNS), self-registration that survives agent restarts, leader election. Everything public is
+listed in ``__all__``; modules starting with an underscore are private. ``import dcy`` loads
+only what the client needs: dnspython when the DNS resolver is first used, and the programs
+(dcy-template, dcy-register, dcy-alert) only when run.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from dcy._backoff import Backoff, Retry, is_transient, retrying
 from dcy._config import ConsulConfig
-from dcy._consul import AgentInfo, ConsulAPI, HttpConsul, QueryResult
+from dcy._consul import AgentInfo
 from dcy._dcy import Dcy
-from dcy._dns import DnsResolver, DnsTarget
 from dcy._errors import (
     AclDenied,
     AllInstancesFailed,
+    CheckCritical,
     ConsulError,
     ConsulUnavailable,
     DcyError,
@@ -19,27 +25,59 @@ from dcy._errors import (
     LookupFailed,
     NoHealthyInstances,
     ServiceNotFound,
+    SessionInvalid,
     TlsError,
+    UnknownCheck,
+    UnknownService,
 )
-from dcy._health_events import HealthWatch, Transition
-from dcy._http import HttpClient
-from dcy._kv import KeyValueStore
-from dcy._leader import Leadership
 from dcy._query import Check, Instance, ServiceQuery
-from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
-from dcy._resolve import Lookup
-from dcy._specs import KeyValue
-from dcy._watch import Snapshot, Subscription, WatchOptions
+from dcy._resolve import Datacenters, Lookup, Strategy
+from dcy._watch import Callback, Snapshot, Subscription, WatchOptions
+
+if TYPE_CHECKING:
+    from dcy._dns import DnsResolver, DnsTarget
+    from dcy._health_events import HealthWatch, Transition, TransitionCallback
+    from dcy._http import HttpClient
+    from dcy._http_balancing import Strategy as HttpStrategy
+    from dcy._kv import KeyValueStore
+    from dcy._kv_specs import KeyValue
+    from dcy._leader import Leadership, OnLost
+    from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
+
+# Loaded on first use: a service that never elects a leader or calls by name does not pay
+# for importing how (dnspython alone costs as much as the rest of dcy).
+_LAZY = {
+    "DnsResolver": ("dcy._dns", "DnsResolver"),
+    "DnsTarget": ("dcy._dns", "DnsTarget"),
+    "HealthWatch": ("dcy._health_events", "HealthWatch"),
+    "Transition": ("dcy._health_events", "Transition"),
+    "TransitionCallback": ("dcy._health_events", "TransitionCallback"),
+    "HttpClient": ("dcy._http", "HttpClient"),
+    "HttpStrategy": ("dcy._http_balancing", "Strategy"),
+    "KeyValueStore": ("dcy._kv", "KeyValueStore"),
+    "Leadership": ("dcy._leader", "Leadership"),
+    "OnLost": ("dcy._leader", "OnLost"),
+    "HttpCheck": ("dcy._register", "HttpCheck"),
+    "Registration": ("dcy._register", "Registration"),
+    "TcpCheck": ("dcy._register", "TcpCheck"),
+    "TtlCheck": ("dcy._register", "TtlCheck"),
+    "KeyValue": ("dcy._kv_specs", "KeyValue"),
+}
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AclDenied",
     "AgentInfo",
     "AllInstancesFailed",
+    "Backoff",
+    "Callback",
     "Check",
-    "ConsulAPI",
+    "CheckCritical",
     "ConsulConfig",
     "ConsulError",
     "ConsulUnavailable",
+    "Datacenters",
     "Dcy",
     "DcyError",
     "DnsResolver",
@@ -47,7 +85,7 @@ __all__ = [
     "HealthWatch",
     "HttpCheck",
     "HttpClient",
-    "HttpConsul",
+    "HttpStrategy",
     "Instance",
     "InvalidName",
     "KeyValue",
@@ -56,15 +94,34 @@ __all__ = [
     "Lookup",
     "LookupFailed",
     "NoHealthyInstances",
-    "QueryResult",
+    "OnLost",
     "Registration",
+    "Retry",
     "ServiceNotFound",
     "ServiceQuery",
+    "SessionInvalid",
     "Snapshot",
+    "Strategy",
     "Subscription",
     "TcpCheck",
     "TlsError",
     "Transition",
+    "TransitionCallback",
     "TtlCheck",
+    "UnknownCheck",
+    "UnknownService",
     "WatchOptions",
+    "__version__",
+    "is_transient",
+    "retrying",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'dcy' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value

@@ -1,13 +1,26 @@
 """The seam between dcy and Consul: a small async interface, and its real implementation.
 
-Everything dcy asks Consul goes through :class:`ConsulAPI`. :class:`HttpConsul` implements it on
-py-consul with one aiohttp session (one connection pool) for every call of a process;
-``dcy.testing.FakeConsul`` implements it in memory for unit tests. The contract tests in
-``tests/`` run the same assertions against both.
+Everything dcy asks Consul goes through :class:`ConsulAPI`. :class:`HttpConsul` implements it
+with one aiohttp session (one connection pool) for every request of a process, read or write,
+through one pipeline (:meth:`HttpConsul._request`): the URL built once, the answer read, its
+index taken from the headers, its JSON decoded with orjson, and every error status classified
+where it arrives (``dcy._answers``) into dcy's typed errors. ``dcy.testing.FakeConsul``
+implements the same interface in memory for unit tests; the contract tests in ``tests/`` run
+the same assertions against both.
+
+Why no Consul client library (py-consul, measured here with Consul 1.14): importing
+``consul.aio`` adds ~40 ms to ``import aiohttp`` (~150 ms), because it imports ``requests``
+for its sync client; its aiohttp adapter opens a session of its own (no unix socket, no
+client certificate of ours) unless one overrides its private methods; and its URL quoting,
+text decoding and response wrapping were most of the client-side time of a blocking read
+(bench/template.py). Consul's HTTP API is small and stable: the dozen requests dcy makes are
+less code than the adapter around a client.
 
 Indexes: Consul's blocking queries take an ``index`` (an int from ``X-Consul-Index``); agent
 endpoints block on a content ``hash`` instead (``X-Consul-ContentHash``). Both travel as the
 ``index`` of :class:`QueryResult`, an ``int`` or a ``str``.
+
+Reads outside the watch engine are deliberate one-shot reads, all of them in ``dcy._reads``.
 """
 
 from __future__ import annotations
@@ -15,23 +28,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import socket
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import consul.aio
-import consul.base
 import orjson
-from consul.exceptions import Timeout as PyConsulTimeout
 from yarl import URL
 
+from dcy._answers import classify
 from dcy._config import ConsulConfig
-from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, TlsError
+from dcy._errors import ConsulUnavailable, TlsError, UnknownService
 
 log = logging.getLogger("dcy.consul")
 
@@ -119,7 +129,9 @@ class ConsulAPI(Protocol):
         or forgotten by a restarted agent) is no error: either way it is gone."""
         ...
 
-    async def update_ttl(self, check_id: str, status: str, output: str = "") -> None: ...
+    async def update_ttl(self, check_id: str, status: str, output: str = "") -> None:
+        """``PUT /v1/agent/check/update/<id>``; UnknownCheck when the agent has no such check."""
+        ...
 
     async def kv_get(
         self,
@@ -145,8 +157,9 @@ class ConsulAPI(Protocol):
         release: str | None = None,
         flags: int | None = None,
     ) -> bool:
-        """``PUT /v1/kv/<key>``: False when a check-and-set, acquire or release was refused.
-        At most one of ``cas``, ``acquire``, ``release`` (ValueError otherwise)."""
+        """``PUT /v1/kv/<key>``: False when a check-and-set, acquire or release was refused;
+        SessionInvalid when ``acquire`` names a session that does not exist. At most one of
+        ``cas``, ``acquire``, ``release`` (ValueError otherwise)."""
         ...
 
     async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
@@ -165,11 +178,12 @@ class ConsulAPI(Protocol):
     ) -> str:
         """``PUT /v1/session/create`` on the local node; returns the session ID. Consul
         invalidates the session when one of ``node_checks`` or ``service_checks`` (check IDs)
-        goes critical or is deregistered, and refuses to create it while one is critical."""
+        goes critical or is deregistered, and refuses to create it: CheckCritical while one is
+        critical, UnknownCheck when one is not registered."""
         ...
 
-    async def session_renew(self, session_id: str) -> bool:
-        """``PUT /v1/session/renew/<id>``: False when the session no longer exists."""
+    async def session_renew(self, session_id: str) -> None:
+        """``PUT /v1/session/renew/<id>``; SessionInvalid when the session no longer exists."""
         ...
 
     async def session_destroy(self, session_id: str) -> None:
@@ -205,33 +219,25 @@ class ConsulAPI(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _SharedSessionHTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
-    """py-consul's aiohttp adapter, but on a session dcy built (unix sockets, full TLS)."""
+class _Answer:
+    """What the pipeline hands back: the status, the index header, the raw body."""
 
-    def __init__(self, config: ConsulConfig, session: aiohttp.ClientSession) -> None:
-        consul.base.HTTPClient.__init__(self, "localhost", config.port, "http", True, None)
-        self.base_uri = config.base_url
-        self._session = session
+    __slots__ = ("body", "index", "status")
 
+    def __init__(self, status: int, index: Index, body: bytes) -> None:
+        self.status = status
+        self.index = index
+        self.body = body
 
-class _PyConsul(consul.aio.Consul):  # type: ignore[misc]
-    def __init__(self, config: ConsulConfig, session: aiohttp.ClientSession) -> None:
-        self._dcy_http = _SharedSessionHTTPClient(config, session)
-        super().__init__(host=config.host, port=config.port or 1, scheme="http", verify=False)
-        # py-consul prefers CONSUL_HTTP_TOKEN from the environment over its argument; dcy's
-        # config already resolved the precedence (explicit argument first), so set it here.
-        self.token = config.token
-
-    def http_connect(self, *args: Any, **kwargs: Any) -> _SharedSessionHTTPClient:
-        return self._dcy_http
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
 
 
-def _raw(response: consul.base.Response) -> consul.base.Response:
-    return response
+Params = Sequence[tuple[str, Any]]
 
 
 class HttpConsul:
-    """The real Consul, over HTTP(S) or a unix socket, through py-consul."""
+    """The real Consul, over HTTP(S) or a unix socket."""
 
     def __init__(self, config: ConsulConfig, *, max_connections: int = 0) -> None:
         """Create inside a running event loop. ``max_connections`` 0 means unbounded: every
@@ -252,21 +258,71 @@ class HttpConsul:
                 ttl_dns_cache=300,
                 family=socket.AF_UNSPEC,
             )
+        headers = {
+            "User-Agent": "dcy",
+            # No gzip: the agent is local, and compressing every answer (Consul) and inflating
+            # it (us) is time between a change and its consumers (bench/template.py).
+            "Accept-Encoding": "identity",
+        }
+        if config.token:
+            headers["X-Consul-Token"] = config.token
+        if config.tls_server_name:
+            headers["Host"] = config.tls_server_name
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CALL_TIMEOUT),
-            # No gzip: the agent is local, and compressing every answer (Consul) and inflating
-            # it (us) is time between a change and its consumers (bench/template.py).
-            headers={"User-Agent": "dcy", "Accept-Encoding": "identity"},
+            headers=headers,
         )
-        self._client = _PyConsul(config, self._session)
         self._base_url = config.base_url
-        self._read_headers = self._headers()
 
-    # -- the pipeline: reads (_get) straight on aiohttp; writes _call → py-consul → aiohttp --
+    # -- the pipeline: every request, read or write --------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        params: Params = (),
+        *,
+        body: bytes | None = None,
+        index: Index = 0,
+        wait: float | None = None,
+        hash_index: bool = False,
+    ) -> _Answer:
+        """Send one request and classify its outcome. A ``wait`` with a non-empty ``index``
+        makes it a blocking query. A GET answered 404 comes back (an unknown key or agent
+        service is an answer); every other error status raises what ``classify`` says."""
+        timeout = _CALL_TIMEOUT
+        if index and wait is not None:
+            name = "hash" if hash_index else "index"
+            params = [*params, (name, index), ("wait", f"{max(wait, 0.001) * 1000:.0f}ms")]
+            timeout = wait * 1.0625 + _HTTP_SLACK
+        # Built by hand, once: yarl parsing and re-quoting the URL was a measurable part of
+        # each blocking read (bench/template.py).
+        url = self._base_url + urllib.parse.quote(path, safe="/:")
+        if params:
+            url = f"{url}?{urllib.parse.urlencode(params)}"
+        self.requests += 1
+        with self._transport_errors(method, path, timeout):
+            async with (
+                asyncio.timeout(timeout),
+                self._session.request(method, URL(url, encoded=True), data=body) as response,
+            ):
+                raw = await response.read()
+                status = response.status
+                header = response.headers.get(
+                    "X-Consul-ContentHash" if hash_index else "X-Consul-Index", ""
+                )
+        if status >= 400 and not (status == 404 and method == "GET"):
+            raise classify(
+                status,
+                raw.decode("utf-8", "replace"),
+                operation=f"{method} {path}",
+                address=self.config.address,
+            )
+        return _Answer(status, header if hash_index else _int_index(header), raw)
+
     @contextlib.contextmanager
-    def _errors(self, method: str, path: str, timeout: float) -> Iterator[None]:
-        """Transport failures as dcy's errors; the caller wraps it in asyncio.timeout."""
+    def _transport_errors(self, method: str, path: str, timeout: float) -> Iterator[None]:
+        """Failures below HTTP as dcy's errors."""
         try:
             yield
         except TimeoutError as exc:
@@ -281,85 +337,21 @@ class HttpConsul:
                 "(the CA that signed the agent's certificate), CONSUL_TLS_SERVER_NAME and the "
                 "client certificate"
             ) from exc
-        except (aiohttp.ClientError, OSError, PyConsulTimeout) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise ConsulUnavailable(
                 f"cannot reach Consul at {self.config.address}: {exc}",
                 address=self.config.address,
             ) from exc
 
-    def _headers(self) -> dict[str, str]:
-        headers: dict[str, str] = self._client.prepare_headers()
-        if self.config.tls_server_name:
-            headers["Host"] = self.config.tls_server_name
-        return headers
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        params: list[tuple[str, Any]] | None = None,
-        *,
-        data: str | bytes = "",
-        timeout: float = _CALL_TIMEOUT,
-    ) -> consul.base.Response:
-        headers = self._headers()
-        http = self._client.http
-        self.requests += 1
-        with self._errors(method, path, timeout):
-            async with asyncio.timeout(timeout):
-                if method == "GET":
-                    response = await http.get(_raw, path, params=params, headers=headers)
-                elif method == "PUT":
-                    response = await http.put(_raw, path, params=params, data=data, headers=headers)
-                else:
-                    response = await http.delete(_raw, path, params=params, headers=headers)
-        _raise_for_status(response, method, path)
-        return response
-
-    async def _get(
-        self,
-        path: str,
-        params: list[tuple[str, Any]],
-        *,
-        index: Index,
-        wait: float | None,
-        hash_index: bool = False,
+    async def _read(
+        self, path: str, params: Params, *, index: Index, wait: float | None
     ) -> QueryResult:
-        """A (blocking) read. It skips py-consul: this is the path between a change in Consul
-        and every watcher, run hundreds of times at once when a template starts over hundreds
-        of services, and py-consul's URL quoting, text decoding and response wrapping (then
-        aiohttp parsing the URL again) were most of its client-side time (bench/template.py).
-        """
-        timeout = _CALL_TIMEOUT
-        if index and wait is not None:
-            params = [*params, ("index", index), ("wait", f"{max(wait, 0.001) * 1000:.0f}ms")]
-            timeout = wait * 1.0625 + _HTTP_SLACK
-        url = self._base_url + urllib.parse.quote(path, safe="/:")
-        if params:
-            url = f"{url}?{urllib.parse.urlencode(params)}"
-        self.requests += 1
-        with self._errors("GET", path, timeout):
-            async with asyncio.timeout(timeout):
-                async with self._session.get(
-                    URL(url, encoded=True), headers=self._read_headers
-                ) as response:
-                    body = await response.read()
-                    status = response.status
-                    headers = response.headers
-        if status >= 400:
-            text = body.decode("utf-8", "replace")
-            _raise_for_status(consul.base.Response(status, headers, text), "GET", path)
-        header = "X-Consul-ContentHash" if hash_index else "X-Consul-Index"
-        raw_index = headers.get(header, "")
-        new_index: Index = raw_index if hash_index else _int_index(raw_index)
-        if status == 404:
-            return QueryResult(new_index, None)
-        return QueryResult(new_index, orjson.loads(body) if body else None)
+        answer = await self._request("GET", path, params, index=index, wait=wait)
+        return QueryResult(answer.index, None if answer.status == 404 else answer.json())
 
     # -- ConsulAPI ----------------------------------------------------------------------------
     async def agent_info(self) -> AgentInfo:
-        response = await self._call("GET", "/v1/agent/self")
-        body = json.loads(response.body)
+        body = (await self._request("GET", "/v1/agent/self")).json() or {}
         config = body.get("Config") or {}
         debug = body.get("DebugConfig") or {}
         dns_address = "127.0.0.1"
@@ -393,19 +385,19 @@ class HttpConsul:
             params.append(("tag", tag))
         if datacenter:
             params.append(("dc", datacenter))
-        return await self._get(f"/v1/health/service/{name}", params, index=index, wait=wait)
+        return await self._read(f"/v1/health/service/{name}", params, index=index, wait=wait)
 
     async def catalog_services(
         self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
     ) -> QueryResult:
         params = [("dc", datacenter)] if datacenter else []
-        return await self._get("/v1/catalog/services", params, index=index, wait=wait)
+        return await self._read("/v1/catalog/services", params, index=index, wait=wait)
 
     async def catalog_nodes(
         self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
     ) -> QueryResult:
         params = [("dc", datacenter)] if datacenter else []
-        return await self._get("/v1/catalog/nodes", params, index=index, wait=wait)
+        return await self._read("/v1/catalog/nodes", params, index=index, wait=wait)
 
     async def catalog_node(
         self,
@@ -416,45 +408,37 @@ class HttpConsul:
         wait: float | None = None,
     ) -> QueryResult:
         params = [("dc", datacenter)] if datacenter else []
-        return await self._get(f"/v1/catalog/node/{node}", params, index=index, wait=wait)
+        return await self._read(f"/v1/catalog/node/{node}", params, index=index, wait=wait)
 
     async def agent_service(
         self, service_id: str, *, index: Index = "", wait: float | None = None
     ) -> QueryResult:
-        params: list[tuple[str, Any]] = []
-        timeout = _CALL_TIMEOUT
-        if index and wait is not None:
-            params = [("hash", index), ("wait", f"{max(wait, 0.001) * 1000:.0f}ms")]
-            timeout = wait * 1.0625 + _HTTP_SLACK
-        response = await self._call(
-            "GET", f"/v1/agent/service/{service_id}", params, timeout=timeout
+        answer = await self._request(
+            "GET", f"/v1/agent/service/{service_id}", index=index, wait=wait, hash_index=True
         )
-        new_hash = response.headers.get("X-Consul-ContentHash", "")
-        if response.code == 404:
+        if answer.status == 404:
             return QueryResult("", None)
-        return QueryResult(new_hash, json.loads(response.body))
+        return QueryResult(answer.index, answer.json())
 
     async def register_service(self, definition: Mapping[str, Any]) -> None:
-        await self._call(
+        await self._request(
             "PUT",
             "/v1/agent/service/register",
             [("replace-existing-checks", "true")],
-            data=json.dumps(definition),
+            body=orjson.dumps(definition),
         )
 
     async def deregister_service(self, service_id: str) -> None:
         try:
-            await self._call("PUT", f"/v1/agent/service/deregister/{service_id}")
-        except ConsulError as exc:
-            if exc.status != 404:
-                raise
+            await self._request("PUT", f"/v1/agent/service/deregister/{service_id}")
+        except UnknownService as exc:
             log.debug("%s was not registered with the agent: %s", service_id, exc)
 
     async def update_ttl(self, check_id: str, status: str, output: str = "") -> None:
-        await self._call(
+        await self._request(
             "PUT",
             f"/v1/agent/check/update/{check_id}",
-            data=json.dumps({"Status": status, "Output": output}),
+            body=orjson.dumps({"Status": status, "Output": output}),
         )
 
     async def kv_get(
@@ -469,7 +453,7 @@ class HttpConsul:
         params: list[tuple[str, Any]] = [("recurse", "true")] if recurse else []
         if datacenter:
             params.append(("dc", datacenter))
-        result = await self._get(f"/v1/kv/{key}", params, index=index, wait=wait)
+        result = await self._read(f"/v1/kv/{key}", params, index=index, wait=wait)
         if result.body is None:
             return result
         return QueryResult(result.index, [_kv_entry(raw) for raw in result.body])
@@ -487,13 +471,13 @@ class HttpConsul:
         params = kv_write_params(cas=cas, acquire=acquire, release=release)
         if flags is not None:
             params.append(("flags", flags))
-        response = await self._call("PUT", f"/v1/kv/{key}", params, data=bytes(value))
-        return (response.body or "").strip() == "true"
+        answer = await self._request("PUT", f"/v1/kv/{key}", params, body=bytes(value))
+        return answer.json() is True
 
     async def kv_delete(self, key: str, *, recurse: bool = False, cas: int | None = None) -> bool:
         params = kv_write_params(cas=cas, recurse=recurse)
-        response = await self._call("DELETE", f"/v1/kv/{key}", params)
-        return (response.body or "").strip() == "true"
+        answer = await self._request("DELETE", f"/v1/kv/{key}", params)
+        return answer.json() is True
 
     async def session_create(
         self,
@@ -515,24 +499,17 @@ class HttpConsul:
         }
         if service_checks:
             payload["ServiceChecks"] = [{"ID": check_id} for check_id in service_checks]
-        response = await self._call("PUT", "/v1/session/create", data=json.dumps(payload))
-        return str(json.loads(response.body)["ID"])
+        answer = await self._request("PUT", "/v1/session/create", body=orjson.dumps(payload))
+        return str(answer.json()["ID"])
 
-    async def session_renew(self, session_id: str) -> bool:
-        try:
-            await self._call("PUT", f"/v1/session/renew/{session_id}")
-        except ConsulError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+    async def session_renew(self, session_id: str) -> None:
+        await self._request("PUT", f"/v1/session/renew/{session_id}")
 
     async def session_destroy(self, session_id: str) -> None:
-        await self._call("PUT", f"/v1/session/destroy/{session_id}")
+        await self._request("PUT", f"/v1/session/destroy/{session_id}")
 
     async def session_info(self, session_id: str) -> dict[str, Any] | None:
-        response = await self._call("GET", f"/v1/session/info/{session_id}")
-        sessions = json.loads(response.body) if response.body else None
+        sessions = (await self._request("GET", f"/v1/session/info/{session_id}")).json()
         return dict(sessions[0]) if sessions else None
 
     async def health_state(
@@ -545,15 +522,14 @@ class HttpConsul:
     ) -> QueryResult:
         check_health_state(state)
         params = [("dc", datacenter)] if datacenter else []
-        return await self._get(f"/v1/health/state/{state}", params, index=index, wait=wait)
+        return await self._read(f"/v1/health/state/{state}", params, index=index, wait=wait)
 
     async def catalog_datacenters(self) -> list[str]:
-        response = await self._call("GET", "/v1/catalog/datacenters")
-        return [str(dc) for dc in json.loads(response.body or "[]")]
+        answer = await self._request("GET", "/v1/catalog/datacenters")
+        return [str(dc) for dc in answer.json() or ()]
 
     async def coordinate_datacenters(self) -> list[dict[str, Any]]:
-        response = await self._call("GET", "/v1/coordinate/datacenters")
-        return list(json.loads(response.body or "[]"))
+        return list((await self._request("GET", "/v1/coordinate/datacenters")).json() or ())
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -618,24 +594,3 @@ def _kv_entry(raw: Mapping[str, Any]) -> dict[str, Any]:
         "CreateIndex": int(raw.get("CreateIndex") or 0),
         "LockIndex": int(raw.get("LockIndex") or 0),
     }
-
-
-# Consul answers these refusals of a request with 500; they are not outages to retry.
-_REFUSALS_AS_500 = ("invalid session", "Invalid Session TTL", "Missing check", "critical state")
-
-
-def _raise_for_status(response: consul.base.Response, method: str, path: str) -> None:
-    code = response.code
-    if code < 400 or (code == 404 and method == "GET"):
-        return
-    detail = (response.body or "").strip()[:300]
-    where = f"{method} {path}"
-    if code == 403 or (code == 401):
-        raise AclDenied(f"Consul denied {where}: {detail or 'permission denied'}", status=code)
-    if code == 500 and any(phrase in detail for phrase in _REFUSALS_AS_500):
-        raise ConsulError(f"Consul refused {where}: {detail}", status=code)
-    if code in (429, 500, 502, 503, 504):
-        # Rate limiting, leader elections and "no path to datacenter" are outages that
-        # pass; a watch retries them with backoff like a refused connection.
-        raise ConsulUnavailable(f"Consul could not serve {where}: {code} {detail}")
-    raise ConsulError(f"Consul refused {where}: {code} {detail}", status=code)

@@ -6,42 +6,48 @@
         async with dcy.subscribe("worker") as updates:
             async for snapshot in updates: ...
 
-Nothing happens at import or construction; ``__aenter__`` asks the agent who it is (retrying
-for at most ``connect_timeout`` seconds, then ConsulUnavailable) and starts the engine.
+Nothing happens at import or construction; ``__aenter__`` asks the agent who it is (waiting
+for it at most ``wait_for_agent`` seconds, then ConsulUnavailable) and starts the engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
+from dcy._backoff import Backoff, Retry, retrying
 from dcy._config import ConsulConfig
 from dcy._consul import AgentInfo, ConsulAPI, HttpConsul
-from dcy._dns import DnsResolver
-from dcy._errors import ConsulError, ConsulUnavailable
-from dcy._health_events import HealthWatch, TransitionCallback, health_watch
-from dcy._http import HttpClient
-from dcy._kv import KeyValueStore
-from dcy._leader import DEFAULT_LOCK_DELAY, DEFAULT_TTL, Leadership, OnLost
-from dcy._query import Instance
-from dcy._register import (
+from dcy._defaults import (
+    DEFAULT_LOCK_DELAY,
+    DEFAULT_TTL,
     MIN_DEREGISTER_AFTER,
-    CheckKind,
-    CheckSpec,
-    HttpCheck,
-    Registration,
-    TcpCheck,
-    define_service,
+    RETRY_STATUSES,
 )
+from dcy._errors import ConsulUnavailable, DcyError
+from dcy._query import Instance
+from dcy._reads import read_agent
 from dcy._resolve import Datacenters, Lookup, Resolver, Strategy
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 from dcy._watch import Callback, Subscription, WatchEngine, WatchOptions
 
+# Loaded when first used, so that `import dcy` stays cheap (see dcy/__init__.py).
+if TYPE_CHECKING:
+    from dcy._dns import DnsResolver
+    from dcy._health_events import HealthWatch, TransitionCallback
+    from dcy._http import HttpClient
+    from dcy._http_balancing import Strategy as HttpStrategy
+    from dcy._kv import KeyValueStore
+    from dcy._leader import Leadership, OnLost
+    from dcy._register import CheckKind, CheckSpec, HttpCheck, Registration, TcpCheck
+
 log = logging.getLogger("dcy")
+
+# Waiting for an agent that is starting (or restarting): it usually answers within a second.
+AGENT_BACKOFF = Backoff(base=0.1, cap=2.0)
 
 
 class Dcy:
@@ -59,12 +65,14 @@ class Dcy:
         client_key: str | None = None,
         tls_server_name: str | None = None,
         verify: bool | None = None,
-        connect_timeout: float = 10.0,
+        wait_for_agent: float | None = 10.0,
         watch_options: WatchOptions | None = None,
         lookup_idle_timeout: float = 600.0,
         api: ConsulAPI | None = None,
     ) -> None:
-        """Arguments win over the environment (see ``ConsulConfig.from_env``). ``api``
+        """Arguments win over the environment (see ``ConsulConfig.from_env``).
+        ``wait_for_agent``: how long opening waits for an agent that does not answer yet
+        (None: as long as it takes; an ACL or TLS refusal is raised at once). ``api``
         replaces the HTTP seam, e.g. with ``dcy.testing.FakeConsul``."""
         self.config = ConsulConfig.from_env(
             address,
@@ -77,9 +85,9 @@ class Dcy:
             tls_server_name=tls_server_name,
             verify=verify,
         )
-        if connect_timeout <= 0:
-            raise ValueError(f"connect_timeout must be positive, got {connect_timeout!r}")
-        self._connect_timeout = connect_timeout
+        if wait_for_agent is not None and not wait_for_agent > 0:
+            raise ValueError(f"wait_for_agent must be positive or None, got {wait_for_agent!r}")
+        self._wait_for_agent = wait_for_agent
         self._watch_options = watch_options or WatchOptions()
         self._lookup_idle_timeout = lookup_idle_timeout
         self._given_api = api
@@ -119,44 +127,60 @@ class Dcy:
         )
 
     async def _ask_agent(self, api: ConsulAPI) -> AgentInfo:
-        deadline = time.monotonic() + self._connect_timeout
-        failures = 0
-        while True:
-            try:
-                return await api.agent_info()
-            except ConsulUnavailable as exc:
-                failures += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ConsulUnavailable(
-                        f"no Consul agent answered at {self.config.address} within "
-                        f"{self._connect_timeout:g}s: {exc}",
-                        address=self.config.address,
-                    ) from exc
-                await asyncio.sleep(min(self._watch_options.backoff(failures), remaining))
+        waited = self._wait_for_agent
+        policy = replace(AGENT_BACKOFF, deadline=waited)
+        reported = [0.0]
+
+        def report(exc: BaseException, retry: Retry, delay: float) -> None:
+            # Once at first, then every half minute: a long wait should be visible, not noisy.
+            if retry.failures == 1 or retry.elapsed - reported[0] >= 30:
+                reported[0] = retry.elapsed
+                log.warning("waiting for Consul at %s: %s", self.config.address, exc)
+
+        try:
+            return await retrying(lambda: read_agent(api), policy, on_retry=report)
+        except ConsulUnavailable as exc:
+            raise ConsulUnavailable(
+                f"no Consul agent answered at {self.config.address} within {waited:g}s: {exc}",
+                address=self.config.address,
+                status=exc.status,
+            ) from exc
 
     async def aclose(self) -> None:
-        """Deregister what this client registered, stop every watch, close connections."""
-        for registration in reversed(self._registrations):
-            try:
-                await registration.deregister()
-            except (ConsulError, ConsulUnavailable) as exc:
-                log.warning("could not deregister %s: %s", registration.service_id, exc)
-        self._registrations.clear()
-        for watch in list(self._health_watches):
-            await watch.aclose()
-        self._health_watches.clear()
-        for leadership in list(self._leaderships):
-            # A leadership still held when its client closes steps down like a normal exit.
-            await leadership.__aexit__(None, None, None)
-        self._leaderships.clear()
-        if self._resolver is not None:
-            await self._resolver.aclose()
-        if self._engine is not None:
-            await self._engine.aclose()
-        if self._api is not None and self._given_api is None:
-            await self._api.aclose()
-        self._api = self._engine = self._resolver = None
+        """Step down from leaderships, stop health watches, deregister what this client
+        registered, stop every watch and close connections. Every step runs even when an
+        earlier one fails with a DcyError (logged): an agent that is away must not leave
+        sessions, tasks or sockets behind."""
+        try:
+            for leadership in list(self._leaderships):
+                # A leadership still held when its client closes steps down like a normal
+                # exit, before its registration (and the check its session may be bound to)
+                # goes away.
+                await self._quietly(leadership.__aexit__(None, None, None), "step down")
+            self._leaderships.clear()
+            for watch in list(self._health_watches):
+                await self._quietly(watch.aclose(), "stop a health watch")
+            self._health_watches.clear()
+            for registration in reversed(self._registrations):
+                await self._quietly(
+                    registration.deregister(), f"deregister {registration.service_id}"
+                )
+            self._registrations.clear()
+            if self._resolver is not None:
+                await self._quietly(self._resolver.aclose(), "close the resolver")
+            if self._engine is not None:
+                await self._quietly(self._engine.aclose(), "stop the watches")
+        finally:
+            if self._api is not None and self._given_api is None:
+                await self._api.aclose()
+            self._api = self._engine = self._resolver = None
+
+    @staticmethod
+    async def _quietly(step: Awaitable[None], what: str) -> None:
+        try:
+            await step
+        except DcyError as exc:
+            log.warning("could not %s while closing: %s", what, exc)
 
     # -- parts -------------------------------------------------------------------------------
     @property
@@ -183,6 +207,8 @@ class Dcy:
         if self._dns is None:
             if self.agent is None:
                 raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+            from dcy._dns import DnsResolver  # dnspython is loaded on first use
+
             self._dns = DnsResolver(
                 self.agent.dns_address, self.agent.dns_port, domain=self.agent.domain
             )
@@ -192,6 +218,8 @@ class Dcy:
     @property
     def kv(self) -> KeyValueStore:
         """Consul's key/value store: get/put/delete/list, check-and-set, and watches."""
+        from dcy._kv import KeyValueStore
+
         return KeyValueStore(self.api, self.engine)
 
     def leadership(
@@ -212,6 +240,8 @@ class Dcy:
         timing."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        from dcy._leader import Leadership
+
         leadership = Leadership(
             self.api,
             self.engine,
@@ -261,22 +291,45 @@ class Dcy:
         """``pick`` for synchronous code, once ``name`` has been resolved."""
         return self.resolver.pick_nowait(name, strategy)
 
-    def http_client(self, **options: Any) -> HttpClient:
+    def http_client(
+        self,
+        *,
+        strategy: HttpStrategy = "round_robin",
+        attempts: int = 3,
+        budget: float = 10.0,
+        eject_after: int = 3,
+        eject_for: float = 10.0,
+        retry_statuses: Iterable[int] = RETRY_STATUSES,
+        external_hosts: Iterable[str] = (),
+        datacenters: Datacenters | None = None,
+        **session_options: Any,
+    ) -> HttpClient:
         """An aiohttp client that resolves service names in URLs (``http://worker/x``)
-        through this client's cache, with retries and outlier ejection. ``options``:
-        strategy, attempts, budget, eject_after, eject_for, retry_statuses, external_hosts,
-        and aiohttp.ClientSession arguments; see :class:`HttpClient`. Use it as
-        ``async with dcy.http_client() as client``."""
+        through this client's cache, with retries and outlier ejection; see
+        :class:`HttpClient` for each option. ``session_options`` go to the
+        ``aiohttp.ClientSession``. Use it as ``async with dcy.http_client() as client``."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
-        return HttpClient(self.resolver, domain=self.agent.domain, **options)
+        from dcy._http import HttpClient
+
+        return HttpClient(
+            self.resolver,
+            domain=self.agent.domain,
+            strategy=strategy,
+            attempts=attempts,
+            budget=budget,
+            eject_after=eject_after,
+            eject_for=eject_for,
+            retry_statuses=retry_statuses,
+            external_hosts=external_hosts,
+            datacenters=datacenters,
+            **session_options,
+        )
 
     def subscribe(self, name: str, callback: Callback | None = None) -> Subscription[Any]:
         """Snapshots of every instance of ``name`` (all states) as they change: pass a
         callback (sync or async), or iterate the subscription with ``async for``."""
-        query = self.resolver.parse(name)
-        spec = HealthServiceSpec(query.name, query.tag, query.datacenter)
-        return self.engine.subscribe(spec, callback)
+        return self.engine.subscribe(HealthServiceSpec.of(self.resolver.parse(name)), callback)
 
     def watch_health(
         self,
@@ -289,6 +342,8 @@ class Dcy:
         """Check-state transitions of one service (``"worker"``, ``"v2.worker@dc2"``) or of
         every check in the datacenter (``service`` None), reported once a state has held
         for ``debounce`` seconds. Pass a callback or iterate with ``async for``."""
+        from dcy._health_events import health_watch
+
         query = self.resolver.parse(service) if service is not None else None
         watch = health_watch(
             self.engine, query, datacenter=datacenter, debounce=debounce, callback=callback
@@ -323,6 +378,8 @@ class Dcy:
         Invalid arguments raise ValueError before anything reaches Consul."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
+        from dcy._register import Registration, define_service
+
         definition = define_service(
             name,
             port,

@@ -16,7 +16,7 @@ import dns.rdatatype
 import dns.resolver
 
 from dcy._errors import ConsulUnavailable, NoHealthyInstances, ServiceNotFound
-from dcy._query import ServiceQuery
+from dcy._query import PASSING_ONLY, ServiceQuery
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +47,26 @@ class DnsResolver:
         resolver.cache = None
         self._resolver = resolver
 
-    def name_for(self, name: str) -> str:
-        """The DNS name of any query form: ``v2.worker@dc2`` → ``v2.worker.service.dc2.sd``."""
-        query = ServiceQuery.parse(name, domain=self.domain)
+    def name_for(self, name: str | ServiceQuery) -> str:
+        """The DNS name of any query form: ``v2.worker@dc2`` → ``v2.worker.service.dc2.sd``.
+
+        Consul's DNS interface cannot select health states: it answers with the instances
+        its ``dns_config.only_passing`` setting allows. A query naming states (``|any``,
+        ``|passing,warning``) raises ValueError rather than being answered for other states
+        than it asks for; use ``Dcy.instances`` for those."""
+        query = (
+            name if isinstance(name, ServiceQuery) else ServiceQuery.parse(name, domain=self.domain)
+        )
+        if query.states != PASSING_ONLY:
+            raise ValueError(
+                f"{str(query)!r}: Consul DNS cannot select health states (it answers as the "
+                "agent's dns_config.only_passing says); drop the '|states' part or use "
+                "Dcy.instances()"
+            )
         labels = [query.tag, query.name, "service", query.datacenter, self.domain]
         return ".".join(label for label in labels if label) + "."
 
-    async def srv(self, name: str) -> tuple[DnsTarget, ...]:
+    async def srv(self, name: str | ServiceQuery) -> tuple[DnsTarget, ...]:
         """SRV records of a service, with the addresses Consul put in the additional section."""
         qname = self.name_for(name)
         answer = await self._resolve(qname, dns.rdatatype.SRV, name)
@@ -69,24 +82,24 @@ class DnsResolver:
             targets.append(DnsTarget(target, address, rdata.port, rdata.priority, rdata.weight))
         return tuple(sorted(targets, key=lambda t: (t.address, t.port)))
 
-    async def addresses(self, name: str) -> tuple[str, ...]:
+    async def addresses(self, name: str | ServiceQuery) -> tuple[str, ...]:
         """A records of a service: the address of every healthy instance."""
         return await self._addresses(self.name_for(name), name)
 
-    async def _addresses(self, qname: str, name: str) -> tuple[str, ...]:
+    async def _addresses(self, qname: str, name: str | ServiceQuery) -> tuple[str, ...]:
         answer = await self._resolve(qname, dns.rdatatype.A, name)
         return tuple(sorted({rdata.to_text() for rdata in answer}))
 
     async def _resolve(
-        self, qname: str, rdtype: dns.rdatatype.RdataType, name: str
+        self, qname: str, rdtype: dns.rdatatype.RdataType, name: str | ServiceQuery
     ) -> dns.resolver.Answer:
         try:
             return await self._resolver.resolve(qname, rdtype, tcp=True, search=False)
         except dns.resolver.NXDOMAIN as exc:
-            raise ServiceNotFound(f"{qname} does not exist in Consul DNS", query=name) from exc
+            raise ServiceNotFound(f"{qname} does not exist in Consul DNS", query=str(name)) from exc
         except dns.resolver.NoAnswer as exc:
             raise NoHealthyInstances(
-                f"{qname} has no healthy instance in Consul DNS", query=name
+                f"{qname} has no healthy instance in Consul DNS", query=str(name)
             ) from exc
         except (dns.exception.Timeout, dns.resolver.NoNameservers, OSError) as exc:
             raise ConsulUnavailable(

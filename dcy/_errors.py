@@ -1,10 +1,15 @@
 """The exceptions dcy raises.
 
     DcyError
-    ├── ConsulUnavailable       the agent could not be reached or did not answer in time
-    ├── TlsError                the agent's certificate (or ours) was refused: not transient
-    ├── ConsulError             the agent answered, but with an error (bad request, 5xx)
-    │   └── AclDenied           the token is missing or lacks a permission (HTTP 403)
+    ├── ConsulUnavailable       the agent could not be reached, or could not serve the request
+    │                           now (no cluster leader, rate limited, 5xx): transient, retried
+    ├── TlsError                the agent's certificate (or ours) was refused: never retried
+    ├── ConsulError             the agent answered with a refusal: never retried
+    │   ├── AclDenied           the token is missing or lacks a permission (HTTP 401/403)
+    │   ├── SessionInvalid      the session does not exist (expired, destroyed, never was)
+    │   ├── CheckCritical       a session was refused because a check it names is critical
+    │   ├── UnknownCheck        the agent (or a session) names a check that is not registered
+    │   └── UnknownService      the agent has no local service with that ID
     ├── LookupFailed            a name could not be resolved to an instance
     │   ├── ServiceNotFound     Consul knows no instance of the service at all
     │   └── NoHealthyInstances  instances exist, none in the wanted health states
@@ -13,8 +18,11 @@
 Invalid arguments (a malformed name, a port out of range) raise ``ValueError`` before anything
 reaches Consul; ``InvalidName`` is that ``ValueError`` for names and queries.
 
-Errors of the layers below (aiohttp, py-consul, dnspython) never escape: they are mapped here at
-the boundary with ``raise ... from exc``, so the original stays on ``__cause__``.
+Consul's answers are classified once, where they arrive (``dcy._answers``): callers look at
+the class and its attributes, never at the message text. Errors of the layers below (aiohttp,
+dnspython) never escape: they are mapped at the boundary with ``raise ... from exc``, so the
+original stays on ``__cause__``. :attr:`DcyError.transient` says whether waiting can help;
+the one retry policy (``dcy.Backoff``) retries only those.
 """
 
 from __future__ import annotations
@@ -28,13 +36,23 @@ if TYPE_CHECKING:
 class DcyError(Exception):
     """Base of every error dcy raises on purpose."""
 
+    #: Whether the same request may succeed later without anything being changed.
+    transient: bool = False
+
 
 class ConsulUnavailable(DcyError):
-    """The Consul agent could not be reached, or did not answer within the allowed time."""
+    """The Consul agent could not be reached, did not answer within the allowed time, or
+    answered that it cannot serve the request now (``status``: 429, 500, 502, 503, 504;
+    None when no answer came at all)."""
 
-    def __init__(self, message: str, *, address: str | None = None) -> None:
+    transient = True
+
+    def __init__(
+        self, message: str, *, address: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.address = address
+        self.status = status
 
 
 class TlsError(DcyError):
@@ -44,15 +62,80 @@ class TlsError(DcyError):
 
 
 class ConsulError(DcyError):
-    """Consul answered with an error."""
+    """Consul answered with a refusal: ``status`` is the HTTP status, ``operation`` the
+    request (``"PUT /v1/session/create"``)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, operation: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.operation = operation
 
 
 class AclDenied(ConsulError):
-    """Consul refused the request for lack of an ACL permission (HTTP 403)."""
+    """Consul refused the request for lack of an ACL permission (HTTP 403, or 401)."""
+
+
+class SessionInvalid(ConsulError):
+    """The session ``session_id`` does not exist: it expired, was destroyed, was invalidated
+    by a failed check, or never existed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        session_id: str = "",
+        status: int | None = None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, operation=operation)
+        self.session_id = session_id
+
+
+class CheckCritical(ConsulError):
+    """Consul refused a session because the check ``check_id`` it names is critical."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        check_id: str = "",
+        status: int | None = None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, operation=operation)
+        self.check_id = check_id
+
+
+class UnknownCheck(ConsulError):
+    """The check ``check_id`` is not registered (a TTL update, or a session naming it)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        check_id: str = "",
+        status: int | None = None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, operation=operation)
+        self.check_id = check_id
+
+
+class UnknownService(ConsulError):
+    """The local agent has no service ``service_id`` (deregistered, or a restarted agent)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service_id: str = "",
+        status: int | None = None,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, status=status, operation=operation)
+        self.service_id = service_id
 
 
 class LookupFailed(DcyError):

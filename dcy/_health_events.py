@@ -33,8 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dcy._consul import ConsulAPI, Index, QueryResult
 from dcy._query import Check, Instance, ServiceQuery
-from dcy._specs import HealthServiceSpec, HealthStateSpec
+from dcy._specs import HealthServiceSpec
 from dcy._watch import Snapshot, Subscription, WatchEngine, WatchSpec
 
 log = logging.getLogger("dcy.health")
@@ -170,6 +171,23 @@ class TransitionTracker:
 TransitionCallback = Callable[[Transition], Awaitable[None] | None]
 
 
+@dataclass(frozen=True, slots=True)
+class HealthStateSpec:
+    """Every check of a datacenter, node and service checks alike, in any state."""
+
+    datacenter: str | None = None
+
+    async def fetch(self, api: ConsulAPI, index: Index, wait: float) -> QueryResult:
+        return await api.health_state("any", datacenter=self.datacenter, index=index, wait=wait)
+
+    def decode(self, body: Any) -> tuple[Check, ...]:
+        checks = (Check.from_api(raw) for raw in body or ())
+        return tuple(sorted(checks, key=lambda c: (c.node, c.check_id)))
+
+    def __str__(self) -> str:
+        return f"health state{'@' + self.datacenter if self.datacenter else ''}"
+
+
 class HealthWatch:
     """Transitions of the checks one watch sees. Give a callback (sync or async, run in
     order, one at a time), or iterate with ``async for``; close with :meth:`aclose` or
@@ -290,7 +308,7 @@ def health_watch(
         return HealthWatch(
             engine, HealthStateSpec(datacenter), _same, debounce=debounce, callback=callback
         )
-    spec = HealthServiceSpec(query.name, query.tag, query.datacenter or datacenter)
+    spec = HealthServiceSpec.of(query, datacenter=datacenter)
     return HealthWatch(engine, spec, _checks_of_instances, debounce=debounce, callback=callback)
 
 

@@ -44,17 +44,17 @@ import aiohttp
 from aiohttp import ClientResponse
 from yarl import URL
 
+from dcy._defaults import RETRY_STATUSES
 from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
 from dcy._http_retry import (
     NOT_CONNECTED,
-    RETRY_STATUSES,
     all_failed,
     may_retry,
     status_error,
     within,
 )
 from dcy._http_routing import Route, Router
-from dcy._query import Instance
+from dcy._query import Instance, ServiceQuery
 from dcy._resolve import Datacenters, Resolver
 
 # How long a pool serves requests before asking the resolver's cache again. The cache follows
@@ -137,7 +137,7 @@ class HttpClient:
         self._session_options = session_options
         self._session: aiohttp.ClientSession | None = None
         self._first_timeout = aiohttp.ClientTimeout(total=self._budget)
-        self._pools: dict[str, Pool] = {}
+        self._pools: dict[ServiceQuery, Pool] = {}
         self._endpoints: dict[str, Endpoint] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -210,9 +210,9 @@ class HttpClient:
     ) -> ClientResponse:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        pool = self._pools.get(route.service)
-        if pool is None or not self._pool_current(pool, route.service, now):
-            pool = await self._refresh(route.service, now)
+        pool = self._pools.get(route.query)
+        if pool is None or not self._pool_current(pool, route.query, now):
+            pool = await self._refresh(route.query, now)
         deadline = now + self._budget
         bounded = "timeout" not in options
         tried: list[tuple[Instance, BaseException]] = []
@@ -248,7 +248,7 @@ class HttpClient:
                 if may_retry(method, options, sent=sent):
                     continue
                 if sent:
-                    raise all_failed(method, route.service, tried, sent=True) from exc
+                    raise all_failed(method, str(route.query), tried, sent=True) from exc
                 break
             finally:
                 endpoint.in_flight -= 1
@@ -269,9 +269,9 @@ class HttpClient:
             tried.append((instance, status_error(response)))
             response.release()
         cause = tried[-1][1] if tried else None
-        raise all_failed(method, route.service, tried, sent=False) from cause
+        raise all_failed(method, str(route.query), tried, sent=False) from cause
 
-    def _pool_current(self, pool: Pool, service: str, now: float) -> bool:
+    def _pool_current(self, pool: Pool, service: ServiceQuery, now: float) -> bool:
         if self._datacenters is None:
             # Same snapshot object, same instances: a dict lookup and an identity check.
             return pool.snapshot is not None and (
@@ -279,7 +279,7 @@ class HttpClient:
             )
         return now < pool.fresh_until
 
-    async def _refresh(self, service: str, now: float) -> Pool:
+    async def _refresh(self, service: ServiceQuery, now: float) -> Pool:
         """The service's pool, brought up to date with the resolver's cached answer."""
         resolver, datacenters = self._resolver, self._datacenters
         instances = (await resolver.lookup(service, datacenters=datacenters)).instances

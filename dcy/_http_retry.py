@@ -17,7 +17,6 @@ from dcy._errors import AllInstancesFailed
 from dcy._query import Instance
 
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 # Raised before a single byte of the request left: safe to send anywhere else.
 NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _REPLAYABLE_BODIES = (bytes, bytearray, str, Mapping, list, tuple)

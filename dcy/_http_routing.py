@@ -19,16 +19,13 @@ Hostnames are case-insensitive, and so are Consul's service names, so hosts are 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dcy._query import ServiceQuery
+from dcy._query import ServiceQuery, is_registrable_name
 
 LOCAL_HOSTS: frozenset[str] = frozenset({"localhost"})
 _SCHEMES = ("http://", "https://")
-# A hostname label (RFC 1123); Consul's registrable service names are the same set.
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
 # More distinct origins than this means URLs are built from data; start over rather than grow.
 _MAX_ROUTES = 4096
 
@@ -37,7 +34,7 @@ _MAX_ROUTES = 4096
 class Route:
     """Where requests to one origin go: the service to resolve, and the URL start to keep."""
 
-    service: str  # the query text the resolver is asked, e.g. "worker" or "v2.worker@dc2"
+    query: ServiceQuery  # what the resolver is asked, parsed once from the host
     prefix: str  # scheme and user info, e.g. "http://" or "https://user:secret@"
 
 
@@ -76,7 +73,7 @@ def route_for(
     query = service_query_of(host, domain=domain, external_hosts=external_hosts)
     if query is None:
         return None
-    return Route(str(query), scheme + (userinfo + "@" if userinfo else ""))
+    return Route(query, scheme + (userinfo + "@" if userinfo else ""))
 
 
 def service_query_of(
@@ -84,14 +81,10 @@ def service_query_of(
 ) -> ServiceQuery | None:
     """The service a lowercased host (no port) names, or None for a real host."""
     if "." not in host:
-        if host in external_hosts or host.isdigit() or not _LABEL.fullmatch(host):
+        if host in external_hosts or host.isdigit() or not is_registrable_name(host):
             return None
         return ServiceQuery.parse(host, domain=domain)
-    suffix = "." + domain.strip(".").lower()
-    name = host[:-1] if host.endswith(".") else host
-    if not name.endswith(suffix) or "service" not in name[: -len(suffix)].split("."):
-        return None
-    return ServiceQuery.parse(name, domain=domain)
+    return ServiceQuery.parse_dns(host, domain=domain)
 
 
 class Router:

@@ -28,7 +28,8 @@ from types import MappingProxyType
 from typing import Any
 
 from dcy._consul import ConsulAPI
-from dcy._specs import KeyPrefixSpec, KeySpec, KeyValue
+from dcy._kv_specs import KeyPrefixSpec, KeySpec, KeyValue
+from dcy._reads import read_key, read_prefix
 from dcy._watch import Callback, Subscription, WatchEngine
 
 Value = str | bytes | bytearray | memoryview
@@ -44,8 +45,7 @@ class KeyValueStore:
     # -- reads ---------------------------------------------------------------------------
     async def entry(self, key: str, *, datacenter: str | None = None) -> KeyValue | None:
         """The entry of ``key`` with its flags, lock holder and indexes; None if absent."""
-        result = await self._api.kv_get(_checked_key(key), datacenter=datacenter)
-        return KeyValue.from_entry(result.body[0]) if result.body else None
+        return await read_key(self._api, _checked_key(key), datacenter=datacenter)
 
     async def get(
         self, key: str, default: str | None = None, *, datacenter: str | None = None
@@ -67,9 +67,9 @@ class KeyValueStore:
         self, prefix: str = "", *, datacenter: str | None = None
     ) -> MappingProxyType[str, KeyValue]:
         """Every key under ``prefix`` (all keys for ""), in key order."""
-        spec = KeyPrefixSpec(_checked_key(prefix, allow_empty=True), datacenter)
-        result = await self._api.kv_get(spec.prefix, recurse=True, datacenter=datacenter)
-        return spec.decode(result.body)
+        return await read_prefix(
+            self._api, KeyPrefixSpec(_checked_key(prefix, allow_empty=True), datacenter)
+        )
 
     # -- writes --------------------------------------------------------------------------
     async def put(

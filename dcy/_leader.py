@@ -20,17 +20,28 @@ How it works, after Consul's leader-election guide
   (Consul does not say when), or sooner when the key changes.
 
 The holder is told that it lost leadership (``leader.lost`` is set, ``wait_lost()`` returns,
-``on_lost`` is called) as soon as it can no longer prove it holds the lock: the lock key
-shows another session, no session or no key; a renewal answers that the session is gone; or
-a renewal or the lock-key watch fails because the agent cannot be reached. Losing contact
-counts as losing leadership on purpose: the servers may already have invalidated the
-session (its node looks dead to them), and only the lock-delay keeps a new leader out while
-the old one finds out. After a loss dcy releases the lock and destroys the session when it
-can; it never re-acquires inside the same ``async with``.
+``on_lost`` is called) when Consul says so, or when it can no longer be sure:
+
+* the lock key shows another session, no session, or no key;
+* a renewal answers that the session is gone (``SessionInvalid``), or is refused for good
+  (an ACL refusal: never retried);
+* no renewal succeeded for ``ttl`` minus a margin (a tenth of the TTL, at most 1 s), counted
+  from when the last successful one was sent. Consul keeps a session for 2 x ttl after its
+  last renewal, so until then the session cannot have expired.
+
+Losing contact is not a loss by itself: a Consul server election (seconds of "No cluster
+leader"), an agent restart or a stalled agent only mark the lock watch stale, and renewals
+are retried (``dcy.Backoff``) until one succeeds or the validity runs out. What the validity
+does not cover is a holder whose whole host is cut off from the servers: they may invalidate
+its session (its node's ``serfHealth`` fails) while it still counts on its TTL, and only the
+lock-delay keeps a new leader out meanwhile. Keep ``lock_delay`` at least ``ttl`` where hosts
+can be partitioned (the defaults, 15 s and 10 s, do). After a loss dcy releases the lock and
+destroys the session when it can; it never re-acquires inside the same ``async with``.
 
 Timing (Consul semantics, measured against Consul 1.14):
 
-* ``ttl`` (10s, Consul's minimum): Consul invalidates a session 2 x ttl after its last renewal
+* ``ttl`` (10s, Consul's minimum): renewed every ttl/3, so that an outage of up to 2/3 of
+  the TTL costs nothing. Consul invalidates a session 2 x ttl after its last renewal
   (``SessionTTLMultiplier``). A holder killed with SIGKILL never destroys its session, so the
   next leader takes over after about 2 x ttl + lock_delay.
 * ``checks``: a session bound to the holder's own service check ends as soon as Consul sees
@@ -40,10 +51,9 @@ Timing (Consul semantics, measured against Consul 1.14):
   (``dcy.register(..., liveness=TcpCheck())``), not a readiness check that fails under load.
 * ``lock_delay`` (default 15s, Consul's own default): after a session is invalidated, nobody
   can acquire its locks for this long. It is the time an old leader cut off from the servers
-  (its renewal and its watch failing, bounded by ttl/2 plus the HTTP timeout, about 15s) has
-  to notice before a new one starts. A smaller value (1s) gives faster takeover after a crash
-  and is fine where a holder cannot be partitioned from its agent's servers (one host, dev,
-  tests); it is capped at 60s by Consul.
+  has to notice (at most its validity, ttl minus the margin) before a new one starts. A
+  smaller value (1s) gives faster takeover after a crash and is fine where a holder cannot be
+  partitioned from its agent's servers (one host, dev, tests); Consul caps it at 60s.
 * a graceful exit releases the lock before destroying the session, so no lock-delay applies
   and a waiting contender takes over at once.
 """
@@ -58,23 +68,30 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dcy._backoff import Backoff, is_transient
 from dcy._consul import AgentInfo, ConsulAPI, Index, QueryResult
-from dcy._errors import AclDenied, ConsulError, DcyError
-from dcy._specs import KeyValue
+from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL
+from dcy._errors import CheckCritical, DcyError, SessionInvalid
+from dcy._kv_specs import KeyValue
+from dcy._reads import read_lock
 from dcy._watch import Snapshot, Subscription, WatchEngine
 
 log = logging.getLogger("dcy.leader")
 
 LEADER_PREFIX = "dcy/leader/"
-DEFAULT_TTL = 10.0
-DEFAULT_LOCK_DELAY = 15.0
 MIN_TTL, MAX_TTL = 10.0, 86400.0  # Consul refuses other session TTLs
 MAX_LOCK_DELAY = 60.0
-_RETRY_FIRST, _RETRY_CAP = 0.5, 2.0
+# Bids refused (another contender, a lock-delay, our check still critical, an outage): Consul
+# does not say when to try again, so try soon, then every 2 s until something changes.
+BID_BACKOFF = Backoff(base=0.5, cap=2.0)
+# Renewals that failed for a transient reason: retried at least every second, so that the
+# first renewal after an outage comes within a second of its end.
+RENEW_BACKOFF = Backoff(base=0.1, cap=1.0)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
 
 OnLost = Callable[["Leadership"], Awaitable[None] | None]
@@ -130,8 +147,10 @@ class Leadership:
         checks: Sequence[str] = (),
         on_lost: OnLost | None = None,
         renew_interval: float | None = None,
+        validity: float | None = None,
     ) -> None:
-        """``renew_interval`` defaults to ttl/2; a shorter one only makes sense in tests."""
+        """``renew_interval`` (default ttl/3) and ``validity`` (default ttl minus a margin,
+        see the module's docstring) are for tests; other values defeat their purpose."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(
                 f"invalid leadership name {name!r}: use letters, digits, '.', '_', '-', "
@@ -145,7 +164,12 @@ class Leadership:
         self.key = LEADER_PREFIX + name
         self.ttl = ttl
         self.lock_delay = lock_delay
-        self.renew_interval = ttl / 2 if renew_interval is None else renew_interval
+        self.renew_interval = ttl / 3 if renew_interval is None else renew_interval
+        # How long after sending a successful renewal this process may still count on its
+        # session (see the module's docstring).
+        self.validity = ttl - min(1.0, ttl / 10) if validity is None else validity
+        self._valid_until = 0.0
+        self._renew_error: DcyError | None = None
         self.service_id = service_id
         if isinstance(checks, str | bytes):
             raise TypeError("checks takes a sequence of check IDs, not one string")
@@ -210,6 +234,7 @@ class Leadership:
 
     # -- contending --------------------------------------------------------------------------
     async def _open_session(self) -> None:
+        sent = time.monotonic()
         self.session_id = await self._api.session_create(
             name=f"dcy leader {self.name} ({self._agent.node_name} pid {os.getpid()})",
             ttl=self.ttl,
@@ -218,40 +243,44 @@ class Leadership:
             node_checks=("serfHealth",),
             service_checks=self.checks,
         )
+        self._valid_until = sent + self.validity
         self._session_gone = False
 
     async def _open_session_once_healthy(self) -> None:
         """Consul refuses a session bound to a critical check: a process whose own check is
-        not passing yet (just registered, say) waits for it instead of failing."""
-        retry = _RETRY_FIRST
+        not passing yet (just registered, say) waits for it instead of failing, as it waits
+        out an outage. Other refusals (an unknown check, an ACL) are raised at once."""
+        retry = BID_BACKOFF.start()
         while True:
             try:
                 await self._open_session()
                 return
-            except ConsulError as exc:
-                refusal = str(exc)
-                if not any(f"'{c}' is in critical state" in refusal for c in self.checks):
+            except DcyError as exc:
+                if not self._may_wait(exc):
                     raise
-                log.info("%s waits for its checks to pass: %s", self.key, exc)
-            await asyncio.sleep(retry)
-            retry = min(retry * 2, _RETRY_CAP)
+                log.info("%s waits to open its session: %s", self.key, exc)
+            await retry.wait()
+
+    def _may_wait(self, exc: DcyError) -> bool:
+        """Whether a refused bid heals by waiting: an outage, or one of our checks critical."""
+        return is_transient(exc) or (isinstance(exc, CheckCritical) and exc.check_id in self.checks)
 
     async def _contend(self) -> None:
-        retry = _RETRY_FIRST
+        retry = BID_BACKOFF.start()
         while True:
             self._changed.clear()
             snapshot = self._latest
             timeout: float | None = None
             if self._session_gone and not await self._reopen_session():
-                timeout, retry = retry, min(retry * 2, _RETRY_CAP)
+                timeout = retry.next_delay()
             elif snapshot is not None and not snapshot.stale and self._free(snapshot.value.entry):
                 if await self._try_acquire():
                     return
                 # Free but refused: another contender was faster (the watch will show it),
                 # the lock-delay of an invalidated holder runs, or our session just ended.
-                timeout, retry = retry, min(retry * 2, _RETRY_CAP)
+                timeout = retry.next_delay()
             else:
-                retry = _RETRY_FIRST
+                retry.reset()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
@@ -259,9 +288,9 @@ class Leadership:
         """A new session after ours ended while waiting (an agent restart, say)."""
         try:
             await self._open_session()
-        except AclDenied:
-            raise
         except DcyError as exc:
+            if not self._may_wait(exc):
+                raise
             log.warning("cannot open a new session for %s yet: %s", self.key, exc)
             return False
         return True
@@ -277,26 +306,32 @@ class Leadership:
                 return False
             # Learn the index of our acquisition: snapshots older than it say nothing about
             # this leadership and must not end it.
-            result = await self._api.kv_get(self.key)
-        except AclDenied:
-            raise  # waiting cannot fix a missing permission
-        except ConsulError as exc:
-            if "invalid session" in str(exc):
-                self._session_gone = True
-            log.warning("cannot acquire %s: %s", self.key, exc)
+            entry = await read_lock(self._api, self.key)
+        except SessionInvalid as exc:
+            self._session_gone = True
+            log.info("cannot acquire %s: %s", self.key, exc)
             return False
         except DcyError as exc:
+            if not is_transient(exc):
+                raise  # waiting cannot fix a missing permission
             log.debug("cannot acquire %s yet: %s", self.key, exc)
             await self._release_quietly()
             return False
-        entry = KeyValue.from_entry(result.body[0]) if result.body else None
         if entry is None or entry.session != self.session_id:
             return False
         self._held_index = entry.modify_index
         self._leader = True
         log.info("this process leads %s (session %s)", self.name, self.session_id)
-        if self._latest is not None:
-            self._on_snapshot(self._latest)
+        self._spawn(self._expire_when_invalid(), "validity")
+        latest = self._latest
+        if latest is None or latest.value.index < entry.modify_index:
+            # Our read is newer than what the watch showed so far: `holder` names us now,
+            # not once the watch catches up.
+            self._latest = Snapshot(
+                LockState(entry, entry.modify_index), entry.modify_index, time.time()
+            )
+        else:
+            self._on_snapshot(latest)
         return True
 
     def _identity(self) -> bytes:
@@ -320,7 +355,7 @@ class Leadership:
 
     def _loss_in(self, snapshot: Snapshot[LockState]) -> str | None:
         if snapshot.stale:
-            return f"lost contact with Consul: {snapshot.error}"
+            return None  # no news; the validity deadline covers a long silence
         if snapshot.value.index < self._held_index:
             return None  # from before our acquisition
         entry = snapshot.value.entry
@@ -333,24 +368,49 @@ class Leadership:
         return None
 
     async def _renew_forever(self) -> None:
+        retry = RENEW_BACKOFF.start()
+        delay = self.renew_interval
         while True:
-            await asyncio.sleep(self.renew_interval)
+            await asyncio.sleep(delay)
+            delay = self.renew_interval
             session_id = self.session_id
             assert session_id is not None
+            sent = time.monotonic()
             try:
-                alive = await self._api.session_renew(session_id)
-            except DcyError as exc:
-                if self.is_leader:
-                    self._lose(f"could not renew session {session_id}: {exc}")
-                    return
-                log.debug("could not renew session %s: %s", session_id, exc)
-                continue
-            if not alive:
+                await self._api.session_renew(session_id)
+            except SessionInvalid:
                 if self.is_leader:
                     self._lose(f"session {session_id} was invalidated")
                     return
                 self._session_gone = True
                 self._changed.set()
+                continue
+            except DcyError as exc:
+                self._renew_error = exc
+                if not is_transient(exc):
+                    if self.is_leader:
+                        self._lose(f"Consul refused to renew session {session_id}: {exc}")
+                        return
+                    log.warning("cannot renew session %s: %s", session_id, exc)
+                    continue
+                log.info("could not renew session %s (retrying): %s", session_id, exc)
+                delay = retry.next_delay() or self.renew_interval
+                continue
+            self._valid_until = max(self._valid_until, sent + self.validity)
+            self._renew_error = None
+            retry.reset()
+
+    async def _expire_when_invalid(self) -> None:
+        """Lose the leadership once no renewal succeeded within the session's validity."""
+        while self.is_leader:
+            remaining = self._valid_until - time.monotonic()
+            if remaining <= 0:
+                self._lose(
+                    f"no renewal of session {self.session_id} succeeded within "
+                    f"{self.validity:g}s: {self._renew_error or 'no answer'}"
+                )
+                return
+            await asyncio.sleep(remaining)
 
     def _lose(self, reason: str) -> None:
         if self.lost.is_set():

@@ -9,13 +9,19 @@ A query names a service in one of these forms (``D`` is the agent's DNS domain, 
     _worker._v2.service.sd          RFC 2782 SRV form (``_tcp`` means no tag)
 
 States are ``passing`` (the default), ``warning``, ``critical``, ``maintenance`` or ``any``.
+
+A name is parsed here once; everything after works on the :class:`ServiceQuery`: its watch
+(``HealthServiceSpec.of(query)``), its health filter (:meth:`ServiceQuery.admits`), its DNS
+name. This module also holds the one rule for which text is in DNS form
+(:meth:`ServiceQuery.parse_dns`) and for which names can be registered
+(:func:`is_registrable_name`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal
@@ -54,11 +60,21 @@ class ServiceQuery:
             raise InvalidName(f"a service name must be a string, not {type(text).__name__}")
         return _parse_cached(text, domain)
 
-    @property
-    def watch_key(self) -> tuple[str, str | None, str | None]:
-        """What the Consul query depends on: states are filtered locally, so
-        ``worker|passing`` and ``worker|any`` share one watch."""
-        return (self.name, self.tag, self.datacenter)
+    @classmethod
+    def parse_dns(cls, text: str, *, domain: str = "sd") -> ServiceQuery | None:
+        """The query of ``[tag.]name.service[.dc].<domain>`` (or the SRV form); None when
+        ``text`` is not in DNS form at all; InvalidName when it is, but malformed."""
+        return _parse_dns_form(text.strip(), domain)
+
+    def admits(self, status: str) -> bool:
+        """Whether an instance in ``status`` matches this query's health states: the one
+        filter behind lookups, picks, HTTP by name and templates."""
+        return status in self.states
+
+    def with_states(self, states: str) -> ServiceQuery:
+        """This query with its states replaced by ``states`` (``"passing,warning"``,
+        ``"any"``): consul-template's second argument to ``service``."""
+        return replace(self, states=_parse_states(states, f"{self}|{states}"))
 
     def __str__(self) -> str:
         text = self.name
@@ -133,10 +149,16 @@ def _parse_dns_form(text: str, domain: str) -> ServiceQuery | None:
     return ServiceQuery(before[-1], before[0] if len(before) == 2 else None, datacenter)
 
 
+def is_registrable_name(name: str) -> bool:
+    """Whether ``name`` can be a service's name: a DNS label, so ``<name>.service.sd``
+    resolves (and so a URL's host can name it)."""
+    # fullmatch: "$" would also match before a trailing newline.
+    return _REGISTRABLE.fullmatch(name) is not None
+
+
 def validate_service_name(name: str) -> str:
     """A name to register: a DNS label, so ``<name>.service.sd`` resolves."""
-    # fullmatch: "$" would also match before a trailing newline.
-    if not isinstance(name, str) or not _REGISTRABLE.fullmatch(name):
+    if not isinstance(name, str) or not is_registrable_name(name):
         raise InvalidName(
             f"invalid service name {name!r}: use 1-63 letters, digits and dashes, "
             "not starting or ending with a dash (it must work as a DNS label)"

@@ -22,16 +22,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dcy._consul import AgentInfo, ConsulAPI
-from dcy._errors import ConsulError, DcyError
+from dcy._consul import AgentInfo, ConsulAPI, Index, QueryResult
+from dcy._defaults import MIN_DEREGISTER_AFTER
+from dcy._errors import DcyError, UnknownCheck
 from dcy._query import validate_service_name
-from dcy._specs import AgentServiceSpec
 from dcy._watch import Snapshot, Subscription, WatchEngine
 
 log = logging.getLogger("dcy.register")
 
-# Consul's reaper runs every 30s and refuses values under one minute.
-MIN_DEREGISTER_AFTER = 60.0
+# Consul answers a hash-blocking query for an unknown agent service at once with a 404, so an
+# absent service cannot be waited on: poll it at this pace until it exists again.
+ABSENT_POLL_INTERVAL = 1.0
+_ABSENT = "absent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +202,28 @@ def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f}ms"
 
 
+@dataclass(frozen=True, slots=True)
+class AgentServiceSpec:
+    """One service registered with the local agent; the value is None when the agent does
+    not know it (never registered, deregistered, or forgotten by a restarted agent)."""
+
+    service_id: str
+
+    async def fetch(self, api: ConsulAPI, index: Index, wait: float) -> QueryResult:
+        if index == _ABSENT:
+            await asyncio.sleep(ABSENT_POLL_INTERVAL)
+            index = ""
+        result = await api.agent_service(self.service_id, index=index, wait=wait)
+        return result if result.body is not None else QueryResult(_ABSENT, None)
+
+    def decode(self, body: Any) -> str | None:
+        # Presence is all the keeper of a registration needs; the ID says it.
+        return None if body is None else str(body.get("ID") or self.service_id)
+
+    def __str__(self) -> str:
+        return f"agent service {self.service_id}"
+
+
 class Registration:
     """A registered instance. Keeps itself registered until :meth:`deregister`."""
 
@@ -262,13 +286,14 @@ class Registration:
             status, output = self._ttl_status
             try:
                 await self._api.update_ttl(self.definition.check_id, status, output)
-            except ConsulError as exc:
-                if exc.status == 404 or "unknown check" in str(exc).lower():
-                    await self._reregister_quietly()
+            except UnknownCheck:
+                # The agent forgot us (restarted) before our watch of the entry noticed.
+                await self._reregister_quietly()
+            except DcyError as exc:
+                if exc.transient:
+                    log.debug("heartbeat of %s failed: %s", self.service_id, exc)
                 else:
                     log.warning("heartbeat of %s refused: %s", self.service_id, exc)
-            except DcyError as exc:
-                log.debug("heartbeat of %s failed: %s", self.service_id, exc)
             await asyncio.sleep(every)
 
     async def _reregister_quietly(self) -> None:

@@ -1,10 +1,12 @@
 """Resolution by name from the watch cache: instances(), lookup() and pick().
 
-Each distinct query text gets an entry holding its parsed query and a reference to the shared
-watch. ``pick`` is synchronous over the cached snapshot once the first answer is in: a dict
-lookup, an identity check and an index, so it costs well under two microseconds. Entries not
-used for ``idle_timeout`` seconds let go of their watch, which stops the loop when nobody
-else uses it.
+Each distinct query gets an entry holding the parsed query and a reference to the shared
+watch; callers name it by text (parsed once, then found by that text) or pass the
+:class:`ServiceQuery` they already have (the HTTP client's routes, failover to another
+datacenter), never a text rebuilt from a query. ``pick`` is synchronous over the cached
+snapshot once the first answer is in: a dict lookup, an identity check and an index, so it
+costs well under two microseconds. Entries not used for ``idle_timeout`` seconds let go of
+their watch, which stops the loop when nobody else uses it.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ class Lookup:
     index: int | str
 
 
-class _Entry:
-    __slots__ = ("candidates", "counter", "known", "last_used", "query", "seen", "text", "watch")
+Name = str | ServiceQuery
 
-    def __init__(self, text: str, query: ServiceQuery, watch: Watch[tuple[Instance, ...]]) -> None:
-        self.text = text
+
+class _Entry:
+    __slots__ = ("candidates", "counter", "known", "last_used", "query", "seen", "texts", "watch")
+
+    def __init__(self, query: ServiceQuery, watch: Watch[tuple[Instance, ...]]) -> None:
+        self.texts: list[str] = []  # the texts it was asked by, forgotten with it
         self.query = query
         self.watch = watch
         self.seen: Snapshot[tuple[Instance, ...]] | None = None
@@ -57,8 +62,8 @@ class _Entry:
         snapshot = self.watch.snapshot
         assert snapshot is not None
         if snapshot is not self.seen:
-            states = self.query.states
-            self.candidates = tuple(i for i in snapshot.value if i.status in states)
+            admits = self.query.admits
+            self.candidates = tuple(i for i in snapshot.value if admits(i.status))
             self.known = len(snapshot.value)
             self.seen = snapshot
         return snapshot
@@ -103,31 +108,37 @@ class Resolver:
         self._datacenter = datacenter  # the agent's own, where unqualified names resolve
         self._distances: Watch[tuple[str, ...]] | None = None
         self._idle_timeout = idle_timeout
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[Name, _Entry] = {}  # by text and by query: one entry per query
         self._janitor: asyncio.Task[None] | None = None
 
-    def parse(self, name: str) -> ServiceQuery:
+    def parse(self, name: Name) -> ServiceQuery:
+        if isinstance(name, ServiceQuery):
+            return name
         return ServiceQuery.parse(name, domain=self._domain)
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: Name) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
             query = self.parse(name)
-            spec = HealthServiceSpec(query.name, query.tag, query.datacenter)
-            entry = _Entry(name, query, self._engine.acquire(spec))
-            self._entries[name] = entry
+            entry = self._entries.get(query)
+            if entry is None:
+                entry = _Entry(query, self._engine.acquire(HealthServiceSpec.of(query)))
+                self._entries[query] = entry
+            if isinstance(name, str):
+                entry.texts.append(name)
+                self._entries[name] = entry
             if self._janitor is None:
                 self._janitor = asyncio.get_running_loop().create_task(
                     self._evict_idle(), name="dcy-resolver-janitor"
                 )
         return entry
 
-    async def _ready(self, name: str, timeout: float | None) -> _Entry:
+    async def _ready(self, name: Name, timeout: float | None) -> _Entry:
         entry = self._entry(name)
         await entry.watch.first(timeout)
         return entry
 
-    def cached_snapshot(self, name: str) -> Snapshot[tuple[Instance, ...]] | None:
+    def cached_snapshot(self, name: Name) -> Snapshot[tuple[Instance, ...]] | None:
         """The watch snapshot behind ``name`` if it has been resolved, without awaiting:
         callers keep derived state (an HTTP pool) and rebuild it only when this object
         changes identity."""
@@ -138,7 +149,7 @@ class Resolver:
         return entry.watch.snapshot
 
     async def lookup(
-        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+        self, name: Name, *, timeout: float | None = None, datacenters: Datacenters | None = None
     ) -> Lookup:
         """Matching instances with freshness. Raises ConsulUnavailable only when Consul has
         never answered for this query; afterwards a stale answer is returned, marked.
@@ -156,13 +167,13 @@ class Resolver:
         )
 
     async def instances(
-        self, name: str, *, timeout: float | None = None, datacenters: Datacenters | None = None
+        self, name: Name, *, timeout: float | None = None, datacenters: Datacenters | None = None
     ) -> tuple[Instance, ...]:
         return (await self.lookup(name, timeout=timeout, datacenters=datacenters)).instances
 
     async def pick(
         self,
-        name: str,
+        name: Name,
         strategy: Strategy = "round_robin",
         *,
         datacenters: Datacenters | None = None,
@@ -174,17 +185,17 @@ class Resolver:
             entry = await self._ready(name, None)
         return entry.choose(strategy)
 
-    def pick_nowait(self, name: str, strategy: Strategy = "round_robin") -> Instance:
+    def pick_nowait(self, name: Name, strategy: Strategy = "round_robin") -> Instance:
         """``pick`` without awaiting: raises LookupFailed when the name has no answer yet
         (then the first lookup has started in the background)."""
         entry = self._entries.get(name) or self._entry(name)
         if entry.watch.snapshot is None:
-            raise LookupFailed(f"{name!r} is not resolved yet", query=name)
+            raise LookupFailed(f"{str(name)!r} is not resolved yet", query=str(name))
         return entry.choose(strategy)
 
     # -- failover to other datacenters --------------------------------------------------------
     async def _pick_with_failover(
-        self, name: str, strategy: Strategy, datacenters: Datacenters
+        self, name: Name, strategy: Strategy, datacenters: Datacenters
     ) -> Instance:
         entry, tried = await self._failover(name, datacenters, None)
         if entry.candidates or len(tried) == 1:
@@ -200,7 +211,7 @@ class Resolver:
         )
 
     async def _failover(
-        self, name: str, datacenters: Datacenters, timeout: float | None
+        self, name: Name, datacenters: Datacenters, timeout: float | None
     ) -> tuple[_Entry, list[_Entry]]:
         """The entry of the first datacenter with a matching instance, else the query's own;
         and every entry that answered. Other datacenters are asked only when the query's own
@@ -218,7 +229,7 @@ class Resolver:
             return home, tried
         own = home.query.datacenter or self._datacenter
         for dc in await self._failover_order(own, datacenters, timeout):
-            entry = self._entry(str(replace(home.query, datacenter=dc)))
+            entry = self._entry(replace(home.query, datacenter=dc))
             entry.last_used = time.monotonic()
             watch = entry.watch
             if watch.snapshot is None:
@@ -251,9 +262,11 @@ class Resolver:
         while True:
             await asyncio.sleep(period)
             cutoff = time.monotonic() - self._idle_timeout
-            for text, entry in list(self._entries.items()):
-                if entry.last_used < cutoff:
-                    del self._entries[text]
+            for key, entry in list(self._entries.items()):
+                if entry.last_used < cutoff and key is entry.query:
+                    for text in entry.texts:
+                        del self._entries[text]
+                    del self._entries[key]
                     self._engine.release(entry.watch)
 
     async def aclose(self) -> None:
@@ -261,8 +274,9 @@ class Resolver:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
-        for entry in self._entries.values():
-            self._engine.release(entry.watch)
+        for key, entry in self._entries.items():
+            if key is entry.query:
+                self._engine.release(entry.watch)
         self._entries.clear()
         if self._distances is not None:
             self._engine.release(self._distances)

@@ -10,8 +10,13 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
   query after an error does not block either, so a restarted agent is seen at once;
 * ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
 * at most one query per ``min_interval`` per loop, whatever Consul answers;
-* on errors: jittered exponential backoff, capped, retrying forever. Consumers keep the last
-  good snapshot, marked stale; nothing is ever replaced by an empty answer we did not get.
+* on transient errors (``dcy.Backoff``'s rule: an unreachable agent, an election, 429/5xx):
+  the shared retry policy, retrying forever. Consumers keep the last good snapshot, marked
+  stale; nothing is ever replaced by an empty answer we did not get;
+* on errors that will not heal (ACL refused, TLS, a refused request) the loop ends at once:
+  the error is kept (``Watch.first`` and iterating subscribers raise it, callbacks see the
+  snapshot marked stale with it) and the engine forgets the watch, so that a later user starts
+  a new one (after the token or the policy was fixed, say).
 
 Consumers are woken through their own mailbox (latest snapshot wins) and their own task, so a
 slow or failing subscriber never delays the loop or the others. There are no locks: the loop
@@ -23,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol, TypeVar
 
+from dcy._backoff import Backoff
 from dcy._consul import ConsulAPI, Index, QueryResult
-from dcy._errors import AclDenied, ConsulError, ConsulUnavailable, DcyError
+from dcy._errors import ConsulError, ConsulUnavailable, DcyError
 
 log = logging.getLogger("dcy.watch")
 
@@ -38,27 +43,28 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+# Retries after an outage: quick at first (an agent restart takes a second or two), then every
+# few seconds at most.
+WATCH_BACKOFF = Backoff(base=0.1, cap=5.0)
+
+
 @dataclass(frozen=True, slots=True)
 class WatchOptions:
-    """Tuning of every loop of an engine. Times in seconds."""
+    """Tuning of every loop of an engine. Times in seconds. ``backoff`` paces the retries of
+    a loop after transient errors (its deadline, if any, is ignored: a watch never gives up
+    on an outage)."""
 
     wait: float = 60.0
     min_interval: float = 0.01
-    backoff_base: float = 0.1
-    backoff_cap: float = 5.0
+    backoff: Backoff = WATCH_BACKOFF
     first_answer_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("wait", "backoff_base", "backoff_cap", "first_answer_timeout"):
+        for name in ("wait", "first_answer_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.min_interval < 0:
             raise ValueError(f"min_interval must not be negative, got {self.min_interval!r}")
-
-    def backoff(self, failures: int) -> float:
-        """Delay before retry number ``failures`` (1-based): exponential, capped, jittered."""
-        ceiling = min(self.backoff_cap, self.backoff_base * 2 ** min(failures - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +101,9 @@ class Subscription(Generic[T]):
     """A consumer of one watch: a callback run in its own task, or an async iterator.
 
     Its mailbox keeps only the newest snapshot, so a slow consumer skips intermediate states
-    instead of queueing them. It is given the current snapshot first, if there is one.
+    instead of queueing them. It is given the current snapshot first, if there is one. When
+    the watch ends on an error that will not heal (an ACL refusal), iteration raises it after
+    the last snapshot; a callback is not called again.
     """
 
     def __init__(self, watch: Watch[T], callback: Callback | None) -> None:
@@ -104,6 +112,7 @@ class Subscription(Generic[T]):
         self._latest: Snapshot[T] | None = None
         self._pending = asyncio.Event()
         self._closed = False
+        self._error: DcyError | None = None
         self._task: asyncio.Task[None] | None = None
         if callback is not None:
             self._task = asyncio.get_running_loop().create_task(
@@ -113,6 +122,11 @@ class Subscription(Generic[T]):
     def offer(self, snapshot: Snapshot[T]) -> None:
         """Called by the loop: never awaits, never runs user code."""
         self._latest = snapshot
+        self._pending.set()
+
+    def end(self, error: DcyError) -> None:
+        """Called by the loop when it ends for good."""
+        self._error = error
         self._pending.set()
 
     async def _deliver(self) -> None:
@@ -129,9 +143,21 @@ class Subscription(Generic[T]):
 
     async def _next(self) -> Snapshot[T] | None:
         """The newest snapshot once there is one; None once the subscription is closed."""
-        await self._pending.wait()
-        self._pending.clear()
-        return None if self._closed else self._latest
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            if self._closed:
+                return None
+            latest, self._latest = self._latest, None
+            if latest is not None:
+                if self._error is not None:
+                    self._pending.set()  # the error follows this last snapshot
+                return latest
+            if self._error is not None:
+                if self._callback is not None:
+                    log.error("watch of %s ended: %s", self.watch.spec, self._error)
+                    return None
+                raise self._error
 
     def __aiter__(self) -> AsyncIterator[Snapshot[T]]:
         return self._iterate()
@@ -158,19 +184,19 @@ class Subscription(Generic[T]):
         await self.aclose()
 
 
-@dataclass(eq=False)
 class Watch(Generic[T]):
     """One blocking-query loop and its consumers. Create through :meth:`WatchEngine.acquire`."""
 
-    spec: WatchSpec[T]
-    engine: WatchEngine
-    snapshot: Snapshot[T] | None = None
-    queries: int = 0
-    users: int = 0
-    last_error: DcyError | None = None
-    _subscribers: list[Subscription[T]] = field(default_factory=list)
-    _answered: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
+    def __init__(self, spec: WatchSpec[T], engine: WatchEngine) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.snapshot: Snapshot[T] | None = None
+        self.queries = 0
+        self.users = 0
+        self.last_error: DcyError | None = None
+        self._subscribers: list[Subscription[T]] = []
+        self._answered = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -187,7 +213,7 @@ class Watch(Generic[T]):
         limit = self.engine.options.first_answer_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while self.snapshot is None:
-            if self.last_error is not None and not isinstance(self.last_error, ConsulUnavailable):
+            if self.last_error is not None and not self.last_error.transient:
                 raise self.last_error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -222,8 +248,8 @@ class Watch(Generic[T]):
     async def _run(self) -> None:
         options = self.engine.options
         api = self.engine.api
+        retry = replace(options.backoff, deadline=None).start()
         index: Index = 0
-        failures = 0
         last_start = float("-inf")
         while True:
             pause = last_start + options.min_interval - time.monotonic()
@@ -237,16 +263,17 @@ class Watch(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
-                self._fail(exc)
+                if not self._fail(exc):
+                    self.engine._forget(self)
+                    return
                 # After an error the agent may be a new one (restarted, or a server restored
                 # from a snapshot) whose index is below ours: a blocking query with our index
                 # would then wait out the whole `wait` before the backwards rule could fire.
                 # Ask without blocking first; it costs one request per recovery.
                 index = 0
-                await asyncio.sleep(options.backoff(failures))
+                await retry.wait()
                 continue
-            failures = 0
+            retry.reset()
             # Let the subscribers this answer woke run before the next request goes out:
             # sending it first puts a socket write (milliseconds on a busy host, see
             # bench/propagation.py) ahead of every callback. The index keeps any change
@@ -283,18 +310,29 @@ class Watch(Generic[T]):
             return 0
         return new_index
 
-    def _fail(self, exc: Exception) -> None:
-        error = exc if isinstance(exc, DcyError) else ConsulError(f"unexpected answer: {exc!r}")
-        if not isinstance(exc, DcyError):
-            log.exception("watch of %s got an unusable answer", self.spec)
+    def _fail(self, exc: Exception) -> bool:
+        """Record a failed query; whether the loop should retry it."""
+        if isinstance(exc, DcyError):
+            error = exc
+            retry = exc.transient
+            if retry:
+                log.debug("watch of %s failed: %s", self.spec, exc)
+            else:
+                log.warning("watch of %s ended: %s", self.spec, exc)
         else:
-            log.debug("watch of %s failed: %s", self.spec, exc)
-        if isinstance(exc, AclDenied) and self.snapshot is None:
-            log.warning("watch of %s: %s", self.spec, exc)
+            # Not an answer Consul gives (a proxy's garbage, a truncated body): worth another
+            # try, and worth a stack trace.
+            log.exception("watch of %s got an unusable answer", self.spec)
+            error = ConsulError(f"unexpected answer for {self.spec}: {exc!r}")
+            retry = True
         self.last_error = error
         self._answered.set()
         if self.snapshot is not None and not self.snapshot.stale:
             self._publish(replace(self.snapshot, stale=True, error=str(error)))
+        if not retry:
+            for subscriber in tuple(self._subscribers):
+                subscriber.end(error)
+        return retry
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -330,6 +368,11 @@ class WatchEngine:
     def subscribe(self, spec: WatchSpec[T], callback: Callback | None = None) -> Subscription[T]:
         """Subscribe to ``spec``'s snapshots; the loop lives as long as a subscriber does."""
         return self.acquire(spec)._add_subscriber(callback)
+
+    def _forget(self, watch: Watch[Any]) -> None:
+        """A loop that ended for good leaves the table: the next user starts a new one."""
+        if self._watches.get(watch.spec) is watch:
+            del self._watches[watch.spec]
 
     def release(self, watch: Watch[Any]) -> None:
         watch.users -= 1

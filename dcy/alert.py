@@ -25,27 +25,32 @@ import contextlib
 import json
 import logging
 import os
-import random
-import signal
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Sequence
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from dcy._backoff import Backoff
+from dcy._cli import (
+    CONSUL_FLAGS_TITLE,
+    add_consul_flags,
+    consul_client,
+    stop_on_signals,
+    unless_stopped,
+)
 from dcy._dcy import Dcy
 from dcy._errors import ConsulUnavailable, DcyError, InvalidName
 from dcy._health_events import Transition
 
 log = logging.getLogger("dcy.alert")
 
-T = TypeVar("T")
-
 # Queued transitions still get this long to reach their destinations after a signal.
 SHUTDOWN_GRACE = 5.0
-WEBHOOK_BACKOFF_BASE = 0.5
-WEBHOOK_BACKOFF_CAP = 30.0
+WEBHOOK_BACKOFF = Backoff(base=0.5, cap=30.0)
+# How long to wait for the agent at start before exiting 1.
+WAIT_FOR_CONSUL = 10.0
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -133,22 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         " variables; must be the last option",
     )
     out.add_argument("--exec-timeout", type=_positive, default=30.0, metavar="SECONDS")
-    consul = parser.add_argument_group("Consul")
-    consul.add_argument("-http-addr", "--http-addr", "--consul-addr", dest="http_addr")
-    consul.add_argument("-token", "--token")
-    consul.add_argument("-token-file", "--token-file")
-    consul.add_argument("-ca-file", "--ca-file")
-    consul.add_argument("-ca-path", "--ca-path")
-    consul.add_argument("-client-cert", "--client-cert")
-    consul.add_argument("-client-key", "--client-key")
-    consul.add_argument("-tls-server-name", "--tls-server-name")
-    consul.add_argument(
-        "--connect-timeout",
-        type=_positive,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long to wait for the agent at start before giving up (exit 1)",
-    )
+    add_consul_flags(parser.add_argument_group(CONSUL_FLAGS_TITLE), wait_default=WAIT_FOR_CONSUL)
     parser.add_argument(
         "--log-level",
         default="info",
@@ -201,10 +191,10 @@ class WebhookDestination:
                 headers={"User-Agent": "dcy-alert"},
             )
         problem = ""
+        retry = WEBHOOK_BACKOFF.start()
         for attempt in range(self._retries + 1):
             if attempt:
-                ceiling = min(WEBHOOK_BACKOFF_CAP, WEBHOOK_BACKOFF_BASE * 2 ** (attempt - 1))
-                delay = random.uniform(ceiling / 2, ceiling)
+                delay = retry.next_delay() or 0.0
                 log.info("%s: %s; retry %d in %.1fs", self.name, problem, attempt, delay)
                 await asyncio.sleep(delay)
             try:
@@ -314,24 +304,9 @@ class Fanout:
 
 
 # -- running -----------------------------------------------------------------------------------
-async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> tuple[bool, T]:
-    """Run ``work`` until it ends or ``stop`` is set (then cancel it): (finished, result)."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if task.done():
-        return True, task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    return False, None  # type: ignore[return-value]
-
-
 async def serve(args: argparse.Namespace, client: Dcy, stop: asyncio.Event) -> int:
     """Watch until ``stop`` is set; the exit code."""
-    finished, _ = await _unless_stopped(client.open(), stop)
+    finished, _ = await unless_stopped(client.open(), stop)
     if not finished:
         return 0
     destinations: list[Destination] = [PrintDestination(as_json=args.json)]
@@ -349,7 +324,7 @@ async def serve(args: argparse.Namespace, client: Dcy, stop: asyncio.Event) -> i
         what = f"service {args.service}" if args.service else "every check"
         where = args.datacenter or (client.agent.datacenter if client.agent else "")
         try:
-            finished, _ = await _unless_stopped(watch.ready(args.connect_timeout), stop)
+            finished, _ = await unless_stopped(watch.ready(args.wait_for_consul), stop)
         except ConsulUnavailable as exc:
             log.warning("%s; still trying", exc)
         else:
@@ -364,14 +339,8 @@ async def serve(args: argparse.Namespace, client: Dcy, stop: asyncio.Event) -> i
 
 async def _main(args: argparse.Namespace, client: Dcy) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals(stop):
         return await serve(args, client, stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,17 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--exec needs a command")
     logging.basicConfig(level=args.log_level.upper(), format="dcy-alert: %(levelname)s %(message)s")
     try:
-        client = Dcy(
-            args.http_addr,
-            token=args.token,
-            token_file=args.token_file,
-            ca_file=args.ca_file,
-            ca_path=args.ca_path,
-            client_cert=args.client_cert,
-            client_key=args.client_key,
-            tls_server_name=args.tls_server_name,
-            connect_timeout=args.connect_timeout,
-        )
+        client = consul_client(args)
     except ValueError as exc:  # a bad address, token file or CONSUL_* variable
         parser.error(str(exc))
     try:

@@ -27,6 +27,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcy._answers import (
+    CHECK_CRITICAL,
+    INVALID_SESSION,
+    INVALID_SESSION_TTL,
+    MISSING_CHECK,
+    SESSION_NOT_FOUND,
+    UNKNOWN_CHECK_ID,
+    Refusal,
+    classify,
+)
 from dcy._consul import (
     AgentInfo,
     Index,
@@ -36,7 +46,7 @@ from dcy._consul import (
     kv_write_params,
 )
 from dcy._coordinates import coordinates_by_datacenter, datacenters_by_distance
-from dcy._errors import AclDenied, ConsulError, ConsulUnavailable
+from dcy._errors import ConsulUnavailable, DcyError
 
 __all__ = ["FakeConsul"]
 
@@ -312,9 +322,9 @@ class FakeConsul:
         self._enter("update_ttl")
         check = self._checks.get(check_id)
         if check is None:
-            from dcy._errors import ConsulError
-
-            raise ConsulError(f'Unknown check ID "{check_id}"', status=404)
+            raise _refusal(
+                UNKNOWN_CHECK_ID, f"PUT /v1/agent/check/update/{check_id}", check_id=check_id
+            )
         check.update(Status=status, Output=output)
         self._touch(self.datacenter, check["ServiceName"])
         self._invalidate_sessions_of_failed_checks()
@@ -368,7 +378,7 @@ class FakeConsul:
             return False
         if acquire is not None:
             if acquire not in self._sessions:
-                raise ConsulError(f'raft apply failed: invalid session "{acquire}"', status=500)
+                raise _refusal(INVALID_SESSION, f"PUT /v1/kv/{key}", session_id=acquire)
             if store.lock_delays.get(key, 0.0) > time.monotonic():
                 return False
             if old is not None and old["Session"] not in (None, acquire):
@@ -421,28 +431,20 @@ class FakeConsul:
     ) -> str:
         self._enter("session_create")
         check_session_behavior(behavior)
+        operation = "PUT /v1/session/create"
         if ttl != 0 and not 10 <= ttl <= 86400:
-            raise ConsulError(
-                f"Invalid Session TTL '{ttl * 1e9:.0f}', must be between [10s=24h0m0s]",
-                status=500,
-            )
+            raise _refusal(INVALID_SESSION_TTL, operation, nanoseconds=f"{ttl * 1e9:.0f}")
         for check_id in node_checks:
             if check_id != "serfHealth":
-                raise ConsulError(
-                    f"apply failed: Missing check '{check_id}' registration", status=500
-                )
+                raise _refusal(MISSING_CHECK, operation, check_id=check_id)
             if self.node_health != "passing":
-                raise ConsulError(f"Check '{check_id}' is in critical state", status=500)
+                raise _refusal(CHECK_CRITICAL, operation, check_id=check_id)
         for check_id in service_checks:
             check = self._checks.get(check_id)
             if check is None:
-                raise ConsulError(
-                    f"apply failed: Missing check '{check_id}' registration", status=500
-                )
+                raise _refusal(MISSING_CHECK, operation, check_id=check_id)
             if check["Status"] == "critical":
-                raise ConsulError(
-                    f"apply failed: Check '{check_id}' is in critical state", status=500
-                )
+                raise _refusal(CHECK_CRITICAL, operation, check_id=check_id)
         self._index += 1
         session = _Session(
             id=str(uuid.uuid4()),
@@ -459,13 +461,14 @@ class FakeConsul:
         self._arm_session_timer(session)
         return session.id
 
-    async def session_renew(self, session_id: str) -> bool:
+    async def session_renew(self, session_id: str) -> None:
         self._enter("session_renew")
         session = self._sessions.get(session_id)
         if session is None:
-            return False
+            raise _refusal(
+                SESSION_NOT_FOUND, f"PUT /v1/session/renew/{session_id}", session_id=session_id
+            )
         self._arm_session_timer(session)
-        return True
 
     async def session_destroy(self, session_id: str) -> None:
         self._enter("session_destroy")
@@ -614,7 +617,7 @@ class FakeConsul:
         if self.unavailable:
             raise ConsulUnavailable("fake Consul is unavailable", address="fake")
         if self.deny:
-            raise AclDenied(f"Permission denied: {method}", status=403)
+            raise classify(403, "Permission denied", operation=method, address="fake")
 
     async def _block(self, method: str, current: Any, index: Index, wait: float | None) -> None:
         self._enter(method)
@@ -715,3 +718,9 @@ def _raw_checks(definition: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     if definition.get("Check"):
         checks.append(definition["Check"])
     return checks
+
+
+def _refusal(refusal: Refusal, operation: str, **fields: str) -> DcyError:
+    """The error the real seam raises when Consul answers with this refusal: the fake words
+    it as Consul does and classifies it through the same table."""
+    return classify(refusal.status, refusal.answer(**fields), operation=operation, address="fake")

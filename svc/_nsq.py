@@ -4,8 +4,12 @@
   node preferred; consumers find nsqds through every passing ``nsqlookupd``.
 * :class:`BatchPublisher` gathers messages per topic and sends them with one ``/mpub``
   request (one HTTP request per message caps out far below what nsqd takes). A publish
-  resolves only once nsqd accepted its batch; failed batches are retried, against a freshly
-  resolved nsqd, until they are accepted or the publisher is closed: nothing is dropped.
+  resolves only once nsqd accepted its batch; batches that failed for a passing reason (no
+  nsqd, a refused connection, a 5xx) are retried under dcy's one retry policy, against a
+  freshly resolved nsqd, until they are accepted or the publisher is closed: nothing is
+  dropped. A batch nsqd refuses (a 4xx: a bad topic, a message too big) fails its futures.
+* :func:`transient` is what the services wait out (:func:`patiently`, publishing, the NSQ
+  consumer's reconnects): dcy's transient errors, network errors, 5xx answers.
 * :func:`start_consumer` runs our batch consumer (:mod:`svc._nsq_reader`) on this loop.
 """
 
@@ -20,18 +24,31 @@ from typing import TypeVar
 
 import aiohttp
 
-from dcy import Dcy, DcyError, Instance
+from dcy import Backoff, Dcy, DcyError, Instance, LookupFailed, Retry, is_transient, retrying
 from svc._nsq_reader import BatchHandler, NsqReader
 
 log = logging.getLogger("svc.nsq")
 T = TypeVar("T")
 
+# Waiting for a daemon that is starting: it usually answers within a second or two.
+STARTUP_BACKOFF = Backoff(base=0.1, cap=2.0)
+PUBLISH_BACKOFF = Backoff(base=0.05, cap=2.0)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether waiting may cure ``exc``: dcy's transient errors, no passing instance of a
+    daemon yet (it is starting, or restarting), connections refused or broken, timeouts,
+    and answers that say "not now" (429, 5xx)."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status == 429 or exc.status >= 500
+    return is_transient(exc) or isinstance(
+        exc, LookupFailed | aiohttp.ClientError | OSError | TimeoutError
+    )
+
 
 async def nsqd_http_url(dcy: Dcy) -> str:
     """The HTTP address of an nsqd, preferring the one on this node."""
-    instances = await dcy.instances("nsqd")
-    if not instances:
-        raise DcyError("no passing nsqd in Consul")
+    instances = await passing_instances(dcy, "nsqd")
     assert dcy.agent is not None
     local = [i for i in instances if i.node == dcy.agent.node_name]
     chosen = (local or list(instances))[0]
@@ -53,41 +70,35 @@ async def ensure_channel(
             async with session.post(base + path, params=params) as response:
                 if response.status != 200:
                     detail = (await response.text()).strip()
-                    raise DcyError(f"nsqd {base} refused {path} for {topic}/{channel}: {detail}")
+                    raise aiohttp.ClientResponseError(
+                        response.request_info,
+                        response.history,
+                        status=response.status,
+                        message=f"nsqd {base} refused {path} for {topic}/{channel}: {detail}",
+                    )
 
 
 async def patiently(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
     """Retry ``attempt`` until it succeeds: a service started before NSQ is up (or before
-    Consul has seen it pass) waits for it instead of dying."""
-    failures = 0
-    while True:
-        try:
-            return await attempt()
-        except (DcyError, aiohttp.ClientError, OSError) as exc:
-            failures += 1
-            if failures == 1 or failures % 30 == 0:
-                log.warning("waiting for %s: %s", what, exc)
-            await asyncio.sleep(min(2.0, 0.1 * failures))
+    Consul has seen it pass) waits for it instead of dying. Only what waiting can cure is
+    retried (:func:`transient`); anything else is raised."""
+
+    def report(exc: BaseException, retry: Retry, delay: float) -> None:
+        if retry.failures == 1 or retry.failures % 30 == 0:
+            log.warning("waiting for %s: %s", what, exc)
+
+    return await retrying(attempt, STARTUP_BACKOFF, retry_if=transient, on_retry=report)
 
 
 async def lookupd_http_addresses(dcy: Dcy) -> list[str]:
     return [f"http://{i.hostport}" for i in await passing_instances(dcy, "nsqlookupd")]
 
 
-async def passing_instances(dcy: Dcy, name: str, patience: float = 30.0) -> tuple[Instance, ...]:
-    """The passing instances of ``name``, waiting up to ``patience`` seconds for one: when the
-    whole system starts at once (honcho), NSQ's daemons pass their first check a few seconds
-    after the services ask for them, and a service that gave up would stop everything."""
-    deadline = asyncio.get_running_loop().time() + patience
-    waited = False
-    while not (instances := await dcy.instances(name)):
-        if asyncio.get_running_loop().time() >= deadline:
-            raise DcyError(f"no passing {name} in Consul after {patience:.0f}s")
-        if not waited:
-            log.info("waiting for a passing %s in Consul", name)
-            waited = True
-        await asyncio.sleep(0.25)
-    return instances
+async def passing_instances(dcy: Dcy, name: str) -> tuple[Instance, ...]:
+    """The passing instances of ``name``; NoHealthyInstances or ServiceNotFound (which
+    :func:`patiently` waits out) when there is none yet."""
+    await dcy.pick(name)  # raises the LookupFailed that says why there is none
+    return await dcy.instances(name)
 
 
 def _http_hostport(instance: Instance) -> str:
@@ -119,7 +130,6 @@ class BatchPublisher:
         max_batch: int = 1000,
         linger: float = 0.002,
         busy_window: float = 0.05,
-        retry_cap: float = 2.0,
     ) -> None:
         self._session = session
         self._resolve = resolve
@@ -127,7 +137,6 @@ class BatchPublisher:
         self._linger = linger
         self._busy_window = busy_window
         self._last_sent: dict[str, float] = {}
-        self._retry_cap = retry_cap
         self._pending: dict[str, _Batch] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self._url: str | None = None
@@ -176,29 +185,39 @@ class BatchPublisher:
             self._flushers.pop(topic, None)
 
     async def _send(self, topic: str, batch: _Batch) -> None:
-        failures = 0
+        retry = PUBLISH_BACKOFF.start()
         waiters = iter(batch.waiters)
         waiter = next(waiters, None)
         for start in range(0, len(batch.bodies), self._max_batch):
             bodies = batch.bodies[start : start + self._max_batch]
+            refused: BaseException | None = None
             while True:
                 try:
                     await self._post(topic, bodies)
                     break
                 except (aiohttp.ClientError, OSError, TimeoutError, DcyError) as exc:
-                    failures += 1
                     self.failures += 1
                     self.last_error = str(exc)
+                    if not transient(exc):
+                        log.error("nsqd refused a batch for %s: %s", topic, exc)
+                        refused = exc
+                        break
                     self._url = None  # nsqd may have moved: resolve again
-                    if failures in (1, 10) or failures % 100 == 0:
+                    delay = retry.next_delay() or PUBLISH_BACKOFF.cap
+                    if retry.failures in (1, 10) or retry.failures % 100 == 0:
                         log.warning("publishing to %s failed (%s); retrying", topic, exc)
-                    await asyncio.sleep(min(self._retry_cap, 0.05 * 2 ** min(failures, 10)))
-            self.published += len(bodies)
-            self.last_error = None
+                    await asyncio.sleep(delay)
+            retry.reset()
+            if refused is None:
+                self.published += len(bodies)
+                self.last_error = None
             accepted = start + len(bodies)
             while waiter is not None and waiter[0] <= accepted:
                 if not waiter[1].done():
-                    waiter[1].set_result(None)
+                    if refused is None:
+                        waiter[1].set_result(None)
+                    else:
+                        waiter[1].set_exception(refused)
                 waiter = next(waiters, None)
 
     async def _post(self, topic: str, bodies: list[bytes]) -> None:

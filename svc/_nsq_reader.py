@@ -32,11 +32,19 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 
+from dcy import Backoff
+
 log = logging.getLogger("svc.nsq.reader")
+
+# Reconnecting to an nsqd (dcy's one retry policy; the cap is the reader's backoff_cap).
+RECONNECT_BACKOFF = Backoff(base=0.05, cap=2.0)
+# A connection that lived this long (seconds) was not a failed attempt.
+STABLE_CONNECTION = 5.0
 
 # handler(bodies) finishes its work at once (returns None) or returns what to wait for.
 BatchHandler = Callable[[list[bytes]], Awaitable[None] | None]
@@ -405,22 +413,26 @@ class NsqReader:
         return found
 
     async def _keep_connected(self, address: str) -> None:
-        failures = 0
+        retry = replace(RECONNECT_BACKOFF, cap=self.backoff_cap).start()
         try:
             while not self.closing and address in self._known:
                 try:
                     connection = await self._connect(address)
                 except (OSError, TimeoutError, NsqProtocolError, ValueError) as exc:
-                    failures += 1
-                    if failures in (1, 10) or failures % 100 == 0:
+                    delay = retry.next_delay() or self.backoff_cap
+                    if retry.failures in (1, 10) or retry.failures % 100 == 0:
                         log.warning("nsqd %s: %s; retrying", address, exc)
-                    await asyncio.sleep(min(self.backoff_cap, 0.05 * 2 ** min(failures, 10)))
+                    await asyncio.sleep(delay)
                     continue
-                failures = 0
+                connected_at = asyncio.get_running_loop().time()
                 await connection.closed
                 if not self.closing:
                     log.info("nsqd %s: connection closed; reconnecting", address)
-                    await asyncio.sleep(0.05)
+                    # Connections that keep closing at once (nsqd shutting down) back off
+                    # like refused ones; one that lived a while starts the policy afresh.
+                    if asyncio.get_running_loop().time() - connected_at > STABLE_CONNECTION:
+                        retry.reset()
+                    await asyncio.sleep(retry.next_delay() or self.backoff_cap)
         finally:
             self._producers.pop(address, None)
 

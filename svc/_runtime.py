@@ -154,9 +154,9 @@ class Runtime:
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, self.settings.port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(runner.addresses[-1][1])
         try:
-            async with Dcy(self.settings.consul, connect_timeout=30) as dcy:
+            async with Dcy(self.settings.consul, wait_for_agent=30) as dcy:
                 self.dcy = dcy
                 await self.service.start(self)
                 registration = await dcy.register(

@@ -27,13 +27,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from dcy import DcyError, HttpClient
+from dcy import Backoff, DcyError, HttpClient
 from svc._nsq import ensure_channel, lookupd_http_addresses, patiently, start_consumer
 from svc._nsq_reader import NsqReader
 from svc._readings import BadReading, Result, compact_json, parse_reading, parse_result
 from svc._runtime import Runtime, Settings, serve
 
 log = logging.getLogger("svc.app")
+
+# After a leadership that failed (an outage that outlasted it, an error in the work): bid again
+# soon, then at most every few seconds.
+CONTEND_BACKOFF = Backoff(base=0.5, cap=5.0)
+
 TOPIC, CHANNEL = "worker_result", "app"
 
 
@@ -118,6 +123,7 @@ class App:
         await self.runtime.registered.wait()
         registration = self.runtime.registration
         assert registration is not None
+        retry = CONTEND_BACKOFF.start()
         while self._taking_work:
             try:
                 async with dcy.leadership(
@@ -129,6 +135,7 @@ class App:
                 ) as lead:
                     self.leader = True
                     self._failed_cycles = 0
+                    retry.reset()
                     log.info("leading: %s mode", self.settings.mode)
                     try:
                         await self._work_until(lead.lost)
@@ -140,12 +147,14 @@ class App:
             except Exception as exc:
                 # Whatever went wrong, an app that stays registered must keep contending:
                 # a silently finished task would leave a passing app that does nothing.
+                delay = retry.next_delay() or CONTEND_BACKOFF.cap
                 log.warning(
-                    "leading failed (%s); contending again",
+                    "leading failed (%s); contending again in %.1fs",
                     exc,
+                    delay,
                     exc_info=not isinstance(exc, DcyError),
                 )
-                await asyncio.sleep(1)
+                await asyncio.sleep(delay)
 
     async def _work_until(self, lost: asyncio.Event) -> None:
         if self.settings.mode == "nsq":

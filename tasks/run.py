@@ -17,9 +17,9 @@ MODES = ("http", "nsq", "push")
 
 @task
 def build(c: Context, force: bool = False) -> None:
-    """Build Consul, NSQ and consul-template (cached per version) and install the project."""
+    """Build Consul, NSQ and consul-template (cached per version) and install dcy and svc."""
     with c.cd(str(ROOT)):
-        c.run(f"{PY} -m pip install -q -e '.[dev]'")
+        c.run(f"{PY} -m pip install -q -e '.[dev]' -e ./svc")
         c.run(f"{PY} tools/build.py{' --force' if force else ''}")
 
 

@@ -13,14 +13,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from dcy._cli import consul_client
 from dcy._dcy import Dcy
 from dcy._register_cli._args import parse_plan
 from dcy._register_cli._plan import Plan, UsageError
 from dcy._register_cli._supervise import Supervisor
 
 USAGE_ERROR = 2
-# Each attempt to reach the agent is this long; dcy-register itself keeps trying.
-CONNECT_ATTEMPT = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,21 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _client(plan: Plan) -> Dcy:
-    consul = plan.consul
-    attempt = CONNECT_ATTEMPT
-    if consul.wait_for_consul:
-        attempt = min(attempt, consul.wait_for_consul)
     try:
-        return Dcy(
-            consul.address,
-            token=consul.token,
-            token_file=consul.token_file,
-            ca_file=consul.ca_file,
-            ca_path=consul.ca_path,
-            client_cert=consul.client_cert,
-            client_key=consul.client_key,
-            tls_server_name=consul.tls_server_name,
-            connect_timeout=attempt,
-        )
+        return consul_client(plan.consul)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from dcy._register import MIN_DEREGISTER_AFTER
+from dcy._cli import CONSUL_FLAGS_TITLE, add_consul_flags
+from dcy._defaults import MIN_DEREGISTER_AFTER
+from dcy._durations import parse_duration
 from dcy._register_cli._config_file import load_services
 from dcy._register_cli._plan import (
     CHECK_KINDS,
@@ -20,7 +22,6 @@ from dcy._register_cli._plan import (
     build_check,
     validate_services,
 )
-from dcy.template._durations import parse_duration
 
 DESCRIPTION = """\
 Run a program (or watch a running one) and keep it registered in Consul while it lives:
@@ -82,21 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     process = parser.add_argument_group("process (a command after --, or an existing PID)")
     process.add_argument("--pid", "--attach", dest="pid", type=int, metavar="PID")
 
-    consul = parser.add_argument_group("Consul (flags as in Consul's CLI; else CONSUL_*)")
-    consul.add_argument("-http-addr", "--http-addr", "--consul-addr", dest="http_addr")
-    consul.add_argument("-token", "--token", dest="token")
-    consul.add_argument("-token-file", "--token-file", dest="token_file")
-    consul.add_argument("-ca-file", "--ca-file", dest="ca_file")
-    consul.add_argument("-ca-path", "--ca-path", dest="ca_path")
-    consul.add_argument("-client-cert", "--client-cert", dest="client_cert")
-    consul.add_argument("-client-key", "--client-key", dest="client_key")
-    consul.add_argument("-tls-server-name", "--tls-server-name", dest="tls_server_name")
-    consul.add_argument(
-        "--wait-for-consul",
-        metavar="DURATION",
-        help="give up (and stop the program) when Consul has not answered for this long; "
-        "default: wait forever",
-    )
+    add_consul_flags(parser.add_argument_group(CONSUL_FLAGS_TITLE), wait_default=None)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     return parser
 
@@ -114,7 +101,7 @@ def parse_plan(argv: Sequence[str]) -> tuple[Plan, str]:
     if args.pid is not None:
         _require_process(args.pid)
     consul = ConsulOptions(
-        address=args.http_addr,
+        http_addr=args.http_addr,
         token=args.token,
         token_file=args.token_file,
         ca_file=args.ca_file,
@@ -122,7 +109,7 @@ def parse_plan(argv: Sequence[str]) -> tuple[Plan, str]:
         client_cert=args.client_cert,
         client_key=args.client_key,
         tls_server_name=args.tls_server_name,
-        wait_for_consul=_duration(args.wait_for_consul, "--wait-for-consul") or 0.0,
+        wait_for_consul=args.wait_for_consul,
     )
     return Plan(tuple(services), tuple(command), args.pid, consul), args.log_level
 

@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dcy._register import MIN_DEREGISTER_AFTER
+from dcy._defaults import MIN_DEREGISTER_AFTER
+from dcy._durations import parse_duration
 from dcy._register_cli._plan import RegisterCheck, ServicePlan, UsageError, build_check
-from dcy.template._durations import parse_duration
 
 _SERVICE_KEYS = {
     "name",

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dcy._consul import AgentInfo
+from dcy._defaults import MIN_DEREGISTER_AFTER
 from dcy._register import (
-    MIN_DEREGISTER_AFTER,
     CheckSpec,
     HttpCheck,
     TcpCheck,
@@ -83,7 +83,7 @@ class ServicePlan:
 class ConsulOptions:
     """Where Consul is, as Consul's own CLI flags say it (None: CONSUL_* environment)."""
 
-    address: str | None = None
+    http_addr: str | None = None
     token: str | None = None
     token_file: str | None = None
     ca_file: str | None = None
@@ -91,7 +91,7 @@ class ConsulOptions:
     client_cert: str | None = None
     client_key: str | None = None
     tls_server_name: str | None = None
-    wait_for_consul: float = 0.0  # 0: wait forever
+    wait_for_consul: float | None = None  # None: wait forever
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 
+from dcy._backoff import Backoff, Retry, retrying
 from dcy._dcy import Dcy
 from dcy._errors import ConsulUnavailable, DcyError
 from dcy._register import Registration, define_service
@@ -34,8 +34,8 @@ FORWARDED = (
 # Signals that end a program by convention: its services leave the catalog at once, so
 # clients stop calling while it shuts down instead of after.
 ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-STILL_WAITING_EVERY = 30.0
-REGISTER_RETRY = 2.0
+# An agent that answers but cannot register yet (no cluster leader, say): try again soon.
+REGISTER_BACKOFF = Backoff(base=0.5, cap=5.0)
 FAILED = 1
 
 
@@ -149,22 +149,13 @@ class Supervisor:
                 task.add_done_callback(self._tasks.discard)
 
     async def _connect(self) -> None:
-        started = time.monotonic()
-        reported = 0.0
-        give_up = self.plan.consul.wait_for_consul
-        while True:
-            try:
-                await self.dcy.open()
-                return
-            except ConsulUnavailable as exc:
-                waited = time.monotonic() - started
-                if give_up and waited >= give_up:
-                    raise _Fatal(f"gave up after waiting {give_up:g}s for Consul: {exc}") from exc
-                if not reported or time.monotonic() - reported >= STILL_WAITING_EVERY:
-                    log.warning("waiting for Consul (%.0fs so far): %s", waited, exc)
-                    reported = time.monotonic()
-            except DcyError as exc:
-                raise _Fatal(f"cannot use Consul at {self.dcy.config.address}: {exc}") from exc
+        # Dcy waits for the agent as long as --wait-for-consul says, reporting as it goes.
+        try:
+            await self.dcy.open()
+        except ConsulUnavailable as exc:
+            raise _Fatal(f"gave up waiting for Consul: {exc}") from exc
+        except DcyError as exc:
+            raise _Fatal(f"cannot use Consul at {self.dcy.config.address}: {exc}") from exc
 
     async def _register(self, service: ServicePlan) -> Registration:
         assert self.dcy.agent is not None
@@ -177,10 +168,14 @@ class Supervisor:
             service_id=service.service_id,
             check=service.dcy_check,
         ).service_id
-        while True:
-            self._attempted.add(service_id)
-            try:
-                registration = await self.dcy.register(
+        self._attempted.add(service_id)
+
+        def report(exc: BaseException, retry: Retry, delay: float) -> None:
+            log.warning("cannot register %s yet (retry in %.1fs): %s", service_id, delay, exc)
+
+        try:
+            registration = await retrying(
+                lambda: self.dcy.register(
                     service.name,
                     service.port,
                     address=service.address,
@@ -189,23 +184,22 @@ class Supervisor:
                     meta=service.meta,
                     check=service.dcy_check,
                     deregister_after=service.deregister_after,
-                )
-            except ConsulUnavailable as exc:
-                log.warning("cannot register %s yet: %s", service_id, exc)
-                await asyncio.sleep(REGISTER_RETRY)
-                continue
-            except DcyError as exc:
-                raise _Fatal(f"Consul refused to register {service_id}: {exc}") from exc
-            definition = registration.definition
-            log.info(
-                "registered %s (%s at %s:%d, %s)",
-                service_id,
-                service.name,
-                definition.address,
-                definition.port,
-                service.describe_check(),
+                ),
+                REGISTER_BACKOFF,
+                on_retry=report,
             )
-            return registration
+        except DcyError as exc:
+            raise _Fatal(f"Consul refused to register {service_id}: {exc}") from exc
+        definition = registration.definition
+        log.info(
+            "registered %s (%s at %s:%d, %s)",
+            service_id,
+            service.name,
+            definition.address,
+            definition.port,
+            service.describe_check(),
+        )
+        return registration
 
     def _start_leaving(self) -> asyncio.Task[None]:
         """Deregistration starts once (on an ending signal or the end of the process); every

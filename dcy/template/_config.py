@@ -15,7 +15,7 @@ from typing import Any
 import hcl2
 from hcl2 import SerializationOptions
 
-from dcy.template._durations import parse_duration, parse_wait
+from dcy._durations import parse_duration, parse_wait
 from dcy.template._spec import TemplateSpec, parse_command, spec_from_mapping
 
 

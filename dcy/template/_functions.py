@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from dcy._query import STATES, ServiceQuery
-from dcy._specs import CatalogNodeSpec, CatalogNodesSpec, CatalogServicesSpec, HealthServiceSpec
+from dcy._node_specs import CatalogNodeSpec, CatalogNodesSpec
+from dcy._query import ServiceQuery
+from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 from dcy.template._records import (
     CatalogNode,
     CatalogService,
@@ -110,20 +111,19 @@ class DataFunctions:
         hashable = type(query) is str and (states is None or type(states) is str)
         known = self._queries.get(key) if hashable else None
         if known is None:
-            parsed = ServiceQuery.parse(
-                query if states is None else f"{query}|{states}", domain=self._domain
-            )
-            spec = HealthServiceSpec(parsed.name, parsed.tag, parsed.datacenter)
-            known = (spec, parsed.states if parsed.states else STATES)
+            parsed = ServiceQuery.parse(query, domain=self._domain)
+            if states is not None:
+                parsed = parsed.with_states(str(states))
+            known = (HealthServiceSpec.of(parsed), parsed)
             if len(self._queries) >= _MAX_KNOWN_QUERIES:
                 self._queries.clear()  # a template computing endless names: start over
             if hashable:
                 self._queries[key] = known
-        spec, wanted = known
+        spec, parsed = known
         value = self._deps.value(spec)
         if value is MISSING:
             return []
-        return [e for e in self._records(spec, value, ServiceEntry.of) if e.Status in wanted]
+        return [e for e in self._records(spec, value, ServiceEntry.of) if parsed.admits(e.Status)]
 
     def _records(self, spec: Any, value: Any, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
         cached = self._record_cache.get(spec)

@@ -40,12 +40,12 @@ class TemplateSpecs:
     """Builds the watch specs template functions depend on."""
 
     def key(self, key: str, datacenter: str | None) -> Any:
-        from dcy._specs import KeySpec
+        from dcy._kv_specs import KeySpec
 
         return KeySpec(key, datacenter)
 
     def prefix(self, prefix: str, datacenter: str | None) -> Any:
-        from dcy._specs import KeyPrefixSpec
+        from dcy._kv_specs import KeyPrefixSpec
 
         return KeyPrefixSpec(prefix, datacenter)
 

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dcy._node_specs import NodeInfo, NodeService
 from dcy._query import Check, Instance
-from dcy._specs import NodeInfo, NodeService
 
 
 @dataclass(frozen=True, slots=True)

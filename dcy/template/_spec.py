@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcy.template._durations import parse_duration
+from dcy._durations import parse_duration
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
 
@@ -115,7 +115,7 @@ def spec_from_mapping(raw: dict[str, Any], *, base: Path | None = None) -> Templ
     if wait:
         block = wait[0] if isinstance(wait, list) else wait
         if isinstance(block, str):
-            from dcy.template._durations import parse_wait
+            from dcy._durations import parse_wait
 
             wait_pair = parse_wait(block)
         else:

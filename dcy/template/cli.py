@@ -18,8 +18,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dcy._backoff import Backoff
+from dcy._cli import unless_stopped
 from dcy._dcy import Dcy
-from dcy._errors import ConsulUnavailable, DcyError
+from dcy._durations import parse_duration, parse_wait
+from dcy._errors import DcyError
 from dcy._watch import WatchOptions
 from dcy.template._config import (
     ConfigError,
@@ -30,7 +33,6 @@ from dcy.template._config import (
     parse_log_level,
     parse_signal,
 )
-from dcy.template._durations import parse_duration, parse_wait
 from dcy.template._exec import ChildSupervisor
 from dcy.template._kvspecs import TemplateSpecs
 from dcy.template._runner import CommandFailed, Renderer, RendererOptions
@@ -172,7 +174,9 @@ def _exec_settings(current: ExecSettings, args: argparse.Namespace) -> ExecSetti
     return replace(current, **updates)  # type: ignore[arg-type]
 
 
-def _dcy_for(consul: ConsulSettings, connect_timeout: float) -> Dcy:
+def _dcy_for(consul: ConsulSettings) -> Dcy:
+    # Consul may come up after us, or be away for a while: wait for it as long as it takes,
+    # never exit for it (consul-template exits after its retries: #2045).
     return Dcy(
         consul.address
         if consul.address is None or "://" in consul.address or not consul.ssl
@@ -184,9 +188,12 @@ def _dcy_for(consul: ConsulSettings, connect_timeout: float) -> Dcy:
         client_key=consul.key,
         tls_server_name=consul.server_name,
         verify=consul.ssl_verify,
-        connect_timeout=connect_timeout,
+        wait_for_agent=None,
         watch_options=WatchOptions(
-            backoff_base=consul.retry_backoff, backoff_cap=max(consul.retry_max_backoff, 0.01)
+            backoff=Backoff(
+                base=max(consul.retry_backoff, 0.001),
+                cap=max(consul.retry_max_backoff, consul.retry_backoff, 0.001),
+            )
         ),
     )
 
@@ -210,20 +217,9 @@ class Application:
             self.renderer.stop()
 
     async def _connect(self) -> Dcy | None:
-        # Consul may come up after us: wait for it as long as it takes, never exit for it.
-        attempt = 0
-        while not self._stop.is_set():
-            dcy = _dcy_for(self.config.consul, connect_timeout=2.0 if attempt else 5.0)
-            try:
-                await dcy.open()
-                return dcy
-            except ConsulUnavailable as exc:
-                attempt += 1
-                if attempt in (1, 5) or attempt % 30 == 0:
-                    log.warning("waiting for Consul: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
-        return None
+        dcy = _dcy_for(self.config.consul)
+        opened, _ = await unless_stopped(dcy.open(), self._stop)
+        return dcy if opened else None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dcy import ConsulAPI, ConsulConfig, HttpConsul
+from dcy import ConsulConfig
+from dcy._consul import ConsulAPI, HttpConsul
 from tests.harness import ConsulAgent, eventually
 
 pytestmark = pytest.mark.integration
@@ -112,7 +113,7 @@ async def webhook() -> AsyncIterator[tuple[str, list[Any]]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = int(runner.addresses[-1][1])
     yield f"http://127.0.0.1:{port}/hook", received
     await runner.cleanup()
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from dcy import ConsulAPI, ConsulConfig, ConsulError, ConsulUnavailable, HttpConsul
+from dcy import ConsulConfig, ConsulError, ConsulUnavailable, SessionInvalid
+from dcy._consul import ConsulAPI, HttpConsul
 from dcy.testing import FakeConsul
 from tests.harness import ConsulAgent, eventually
 
@@ -356,17 +357,19 @@ async def test_session_info_renew_and_destroy(
     api: ConsulAPI, unique_name: str, consul: ConsulAgent
 ) -> None:
     """A session reports its settings, renews while it exists, and is gone after destroy:
-    renew answers False, info None, and destroying it again is no error."""
+    renew raises SessionInvalid, info is None, and destroying it again is no error."""
     session = await _session(api, unique_name, ttl=15.0, lock_delay=2.0)
     info = await api.session_info(session)
     assert info is not None
     assert (info["ID"], info["Name"], info["Node"]) == (session, unique_name, consul.node_name)
     assert (info["TTL"], info["LockDelay"], info["Behavior"]) == ("15s", 2_000_000_000, "release")
     assert info["NodeChecks"] == ["serfHealth"]
-    assert await api.session_renew(session)
+    await api.session_renew(session)
     await api.session_destroy(session)
     assert await api.session_info(session) is None
-    assert not await api.session_renew(session)
+    with pytest.raises(SessionInvalid) as refused:
+        await api.session_renew(session)
+    assert refused.value.session_id == session
     await api.session_destroy(session)
 
 

@@ -12,10 +12,10 @@ import pytest
 
 from dcy import (
     AclDenied,
+    Backoff,
     ConsulUnavailable,
     Dcy,
     HttpCheck,
-    HttpConsul,
     Instance,
     NoHealthyInstances,
     ServiceNotFound,
@@ -24,14 +24,14 @@ from dcy import (
     TtlCheck,
     WatchOptions,
 )
-from dcy._consul import Index, QueryResult
+from dcy._consul import HttpConsul, Index, QueryResult
 from tests.harness import ConsulAgent, HealthServer, eventually
 from tools.build import require_binary
 
 pytestmark = pytest.mark.integration
 
 # Short waits and backoff so failure tests finish in seconds, not minutes.
-FAST = WatchOptions(wait=2.0, backoff_base=0.05, backoff_cap=0.5, first_answer_timeout=3.0)
+FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ async def test_consul_stopped_serves_stale_never_empty(
         assert [i.port for i in lookup.instances] == [7200]
         assert lookup.age > 0
         assert (await dcy.pick(unique_name)).port == 7200
-        await asyncio.sleep(FAST.backoff_cap * 2)  # several failed retries later: still there
+        await asyncio.sleep(FAST.backoff.cap * 2)  # several failed retries later: still there
         later = await dcy.lookup(unique_name)
         assert later.stale and later.instances == lookup.instances and later.age > lookup.age
 
@@ -142,12 +142,12 @@ async def test_first_lookup_without_consul_raises_after_bounded_wait(
 
 
 async def test_connect_without_agent_raises_consul_unavailable(tmp_path: Path) -> None:
-    """Opening a client with no agent at the address fails clearly after connect_timeout."""
+    """Opening a client with no agent at the address fails clearly after wait_for_agent."""
     from tests.harness import free_ports
 
     (port,) = free_ports(1)
     with pytest.raises(ConsulUnavailable, match=f"127.0.0.1:{port}"):
-        async with Dcy(f"127.0.0.1:{port}", connect_timeout=0.5):
+        async with Dcy(f"127.0.0.1:{port}", wait_for_agent=0.5):
             pass
 
 
@@ -273,7 +273,7 @@ async def test_tls_agent_with_cacert_works_and_fails_clearly_without(
         assert (await eventually(lambda: _first(dcy, unique_name))).port == 7600
     monkeypatch.delenv("CONSUL_CACERT")
     with pytest.raises(TlsError, match="CONSUL_CACERT"):
-        async with Dcy(watch_options=FAST, connect_timeout=2):
+        async with Dcy(watch_options=FAST, wait_for_agent=2):
             pass
 
 

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.asyncresolver
@@ -14,7 +15,6 @@ import dns.rdatatype
 import nsq as pynsq
 import pytest
 from aiohttp import web
-from consul.aio import Consul as PyConsul
 
 from tests.harness import ConsulAgent, NsqCluster
 from tools.build import PROGRAMS, binary_path, pinned_version, require_binary
@@ -58,28 +58,36 @@ def test_agent_answers_the_catalog(consul: ConsulAgent) -> None:
     assert consul.api("/v1/agent/self")["DebugConfig"]["DNSDomain"] == "sd"
 
 
-async def test_py_consul_http_check_becomes_passing(consul: ConsulAgent, unique_name: str) -> None:
-    """A service registered through py-consul with an HTTP check turns passing."""
+async def test_http_check_becomes_passing(consul: ConsulAgent, unique_name: str) -> None:
+    """A service registered over Consul's HTTP API with an HTTP check turns passing."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
-    app.router.add_get("/health", lambda _: web.Response(text="ok"))
+    app.router.add_get("/health", health)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = PyConsul(host="127.0.0.1", port=consul.http_port)
+    port = int(runner.addresses[-1][1])
+    check = {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s"}
+    definition = {"Name": unique_name, "Port": port, "Check": check}
     try:
-        check = {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s"}
-        await client.agent.service.register(unique_name, port=port, check=check)
-        for _ in range(100):
-            _, entries = await client.health.service(unique_name, passing=True)
-            if entries:
-                break
-            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession(consul.url) as session:
+            async with session.put("/v1/agent/service/register", json=definition) as response:
+                assert response.status == 200
+            entries: list[dict[str, Any]] = []
+            for _ in range(100):
+                url = f"/v1/health/service/{unique_name}?passing=1"
+                async with session.get(url) as response:
+                    entries = await response.json()
+                if entries:
+                    break
+                await asyncio.sleep(0.1)
         assert [e["Service"]["Port"] for e in entries] == [port]
         assert all(c["Status"] == "passing" for c in entries[0]["Checks"])
     finally:
-        await client.close()
         await runner.cleanup()
 
 

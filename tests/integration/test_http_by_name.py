@@ -18,12 +18,21 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dcy import AllInstancesFailed, Dcy, HttpCheck, HttpClient, Registration, TtlCheck, WatchOptions
+from dcy import (
+    AllInstancesFailed,
+    Backoff,
+    Dcy,
+    HttpCheck,
+    HttpClient,
+    Registration,
+    TtlCheck,
+    WatchOptions,
+)
 from tests.harness import ConsulAgent, ManagedProcess, eventually
 
 pytestmark = pytest.mark.integration
 
-FAST = WatchOptions(wait=2.0, backoff_base=0.05, backoff_cap=0.5, first_answer_timeout=3.0)
+FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
 SERVER_SCRIPT = Path(__file__).with_name("_echo_server.py")
 # The test process heartbeats these, so a killed server stays "passing" until a test says not.
 KEEP_PASSING = TtlCheck(ttl=30)

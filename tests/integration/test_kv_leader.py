@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from dcy import ConsulConfig, Dcy, HttpConsul, Snapshot, WatchOptions
-from dcy._consul import QueryResult
+from dcy import Backoff, ConsulConfig, Dcy, Snapshot, WatchOptions
+from dcy._consul import HttpConsul, QueryResult
 from dcy._leader import LEADER_PREFIX
 from tests.harness import ConsulAgent, eventually
 
 pytestmark = pytest.mark.integration
 
-FAST = WatchOptions(wait=2.0, backoff_base=0.05, backoff_cap=0.5, first_answer_timeout=3.0)
+FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
 ROOT = Path(__file__).resolve().parents[2]
 TTL, LOCK_DELAY = 10.0, 1.0
 

@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
-from dcy import ConsulConfig, Dcy, HttpConsul, NoHealthyInstances, WatchOptions
+from dcy import Backoff, ConsulConfig, Dcy, NoHealthyInstances, WatchOptions
+from dcy._consul import HttpConsul
 from dcy._specs import DatacentersByDistanceSpec
 from tests.harness import ConsulAgent, eventually
 from tools.build import require_binary
 
 pytestmark = pytest.mark.integration
 
-FAST = WatchOptions(wait=2.0, backoff_base=0.05, backoff_cap=0.5, first_answer_timeout=5.0)
+FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=5.0)
 
 
 @dataclass

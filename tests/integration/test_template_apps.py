@@ -81,7 +81,7 @@ class Worker:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self.runner.addresses[-1][1])
         return self
 
     async def stop(self) -> None:

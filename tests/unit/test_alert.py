@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from dcy import Dcy, Transition, WatchOptions, alert
+from dcy import Backoff, Dcy, Transition, WatchOptions, alert
 from dcy.alert import (
     CommandDestination,
     Fanout,
@@ -28,7 +28,7 @@ from dcy.alert import (
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 HOSTILE = "$(touch {marker}); rm -rf {marker} `id` | tee x; echo 'q\"uote"
 
@@ -170,7 +170,7 @@ async def receiver_factory() -> AsyncIterator[Callable[[list[int]], Any]]:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = int(runner.addresses[-1][1])
         receiver.url = f"http://127.0.0.1:{port}/hook"
         return receiver
 
@@ -181,7 +181,7 @@ async def receiver_factory() -> AsyncIterator[Callable[[list[int]], Any]]:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(alert, "WEBHOOK_BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(alert, "WEBHOOK_BACKOFF", Backoff(0.01, 0.05))
 
 
 async def test_webhook_retries_server_errors_then_delivers(

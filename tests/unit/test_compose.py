@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from dcy._durations import parse_duration
 from dcy._register import HttpCheck
 from dcy._register_cli._args import parse_plan
-from dcy.template._durations import parse_duration
 from tasks._dockerfile_rules import effective, parse_stages
 from tasks._infra_check import parse_agent_hcl
 from tools.build import _program, pinned_version, require_binary

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from dcy import Dcy, NoHealthyInstances, ServiceNotFound, WatchOptions
+from dcy import Backoff, Dcy, NoHealthyInstances, ServiceNotFound, WatchOptions
 from dcy._coordinates import Coordinate, datacenters_by_distance, median_rtt, rtt
 from dcy._specs import DatacentersByDistanceSpec, HealthServiceSpec
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 
 

@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 
-from dcy import Check, Dcy, Transition, WatchOptions
-from dcy._health_events import TransitionTracker
-from dcy._specs import HealthServiceSpec, HealthStateSpec
+from dcy import Backoff, Check, Dcy, Transition, WatchOptions
+from dcy._health_events import HealthStateSpec, TransitionTracker
+from dcy._specs import HealthServiceSpec
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 
 

@@ -11,10 +11,12 @@ import pytest
 import dcy._http_routing as routing
 from dcy import (
     AllInstancesFailed,
+    Backoff,
     Dcy,
     InvalidName,
     NoHealthyInstances,
     ServiceNotFound,
+    ServiceQuery,
     WatchOptions,
 )
 from dcy._http_balancing import Endpoint, Outliers, Pool
@@ -23,24 +25,28 @@ from dcy._http_routing import Route, Router, route_for, split_origin
 from dcy.testing import FakeConsul
 from tests.harness import eventually
 
-FAST = WatchOptions(wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05)
+FAST = WatchOptions(wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05))
 
 # -- which hosts name a service --------------------------------------------------------------
+
+
+def _route(query: str, prefix: str) -> Route:
+    return Route(ServiceQuery.parse(query), prefix)
 
 
 @pytest.mark.parametrize(
     ("origin", "route"),
     [
-        ("http://worker", Route("worker", "http://")),
-        ("https://worker", Route("worker", "https://")),
-        ("HTTP://Worker", Route("worker", "http://")),
-        ("http://user:secret@worker", Route("worker", "http://user:secret@")),
-        ("http://worker.service.sd", Route("worker", "http://")),
-        ("http://worker.service.sd.", Route("worker", "http://")),
-        ("http://worker.service.dc2.sd", Route("worker@dc2", "http://")),
-        ("http://v2.worker.service.sd", Route("v2.worker", "http://")),
-        ("http://_worker._tcp.service.sd", Route("worker", "http://")),
-        ("http://nsq-lookupd-1", Route("nsq-lookupd-1", "http://")),
+        ("http://worker", _route("worker", "http://")),
+        ("https://worker", _route("worker", "https://")),
+        ("HTTP://Worker", _route("worker", "http://")),
+        ("http://user:secret@worker", _route("worker", "http://user:secret@")),
+        ("http://worker.service.sd", _route("worker", "http://")),
+        ("http://worker.service.sd.", _route("worker", "http://")),
+        ("http://worker.service.dc2.sd", _route("worker@dc2", "http://")),
+        ("http://v2.worker.service.sd", _route("v2.worker", "http://")),
+        ("http://_worker._tcp.service.sd", _route("worker", "http://")),
+        ("http://nsq-lookupd-1", _route("nsq-lookupd-1", "http://")),
     ],
 )
 def test_service_hosts_route_to_their_query(origin: str, route: Route) -> None:
@@ -76,7 +82,7 @@ def test_real_hosts_pass_through(origin: str) -> None:
 
 def test_the_agent_domain_decides_the_dns_form() -> None:
     """With domain "consul", worker.service.consul is the service and .sd is a real host."""
-    assert route_for("http://worker.service.consul", domain="consul") == Route("worker", "http://")
+    assert route_for("http://worker.service.consul", domain="consul") == _route("worker", "http://")
     assert route_for("http://worker.service.sd", domain="consul") is None
 
 
@@ -85,7 +91,7 @@ def test_external_hosts_are_never_services() -> None:
     router = Router(domain="sd", external_hosts=["Consul", "nsqd."])
     assert router.route("http://consul/v1/status/leader") is None
     assert router.route("http://nsqd/ping") is None
-    assert router.route("http://worker/x") == (Route("worker", "http://"), "/x")
+    assert router.route("http://worker/x") == (_route("worker", "http://"), "/x")
 
 
 def test_malformed_dns_service_name_raises() -> None:

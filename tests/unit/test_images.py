@@ -31,8 +31,10 @@ SERVICE_PORTS = {"sensor": 9001, "worker": 9002, "app": 9000}  # the Procfile's 
 
 
 def _scripts() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    scripts: dict[str, str] = project["project"]["scripts"]
+    """The console scripts of both distributions: dcy's programs and the services'."""
+    scripts: dict[str, str] = {}
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "svc" / "pyproject.toml"):
+        scripts |= tomllib.loads(pyproject.read_text())["project"]["scripts"]
     return scripts
 
 

@@ -12,11 +12,13 @@ import pytest
 
 from dcy import (
     AclDenied,
+    Backoff,
     ConsulError,
     Dcy,
     HttpCheck,
     KeyValue,
     Leadership,
+    SessionInvalid,
     Snapshot,
     WatchOptions,
 )
@@ -24,9 +26,7 @@ from dcy._leader import LEADER_PREFIX
 from dcy.testing import FakeConsul
 from tests.harness import eventually
 
-FAST = WatchOptions(
-    wait=0.5, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
-)
+FAST = WatchOptions(wait=0.5, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5)
 
 
 @pytest.fixture
@@ -264,13 +264,52 @@ async def test_deleted_lock_key_ends_leadership(dcy: Dcy, fake: FakeConsul) -> N
         assert "deleted" in reason
 
 
-async def test_unreachable_agent_ends_leadership(dcy: Dcy, fake: FakeConsul) -> None:
-    """When the agent cannot be reached the holder counts leadership as lost at once."""
-    async with dcy.leadership("jobs", lock_delay=0) as leader:
+async def test_an_outage_shorter_than_the_validity_keeps_leadership(
+    dcy: Dcy, fake: FakeConsul
+) -> None:
+    """An unreachable agent only marks the lock stale: renewals are retried, and a holder
+    whose renewal succeeds again within the session's validity never loses leadership."""
+    leader = Leadership(
+        dcy.api, dcy.engine, fake_agent(dcy), "jobs", renew_interval=0.05, validity=2.0
+    )
+    async with leader:
+        renewals = fake.calls["session_renew"]
+        fake.set_unavailable()
+        await eventually(lambda: fake.calls["session_renew"] >= renewals + 3, what="retries")
+        assert leader.is_leader and not leader.lost.is_set()
+        fake.set_unavailable(False)
+        back = fake.calls["session_renew"]
+        await eventually(lambda: fake.calls["session_renew"] > back + 2, what="renewed again")
+        # Past the validity counted from the last renewal before the outage: still leading.
+        await asyncio.sleep(leader.validity)
+        assert leader.is_leader and not leader.lost.is_set()
+
+
+async def test_an_outage_longer_than_the_validity_ends_leadership(
+    dcy: Dcy, fake: FakeConsul
+) -> None:
+    """With no renewal for the session's validity, the holder can no longer be sure it
+    holds the lock: it loses leadership, saying why."""
+    leader = Leadership(
+        dcy.api, dcy.engine, fake_agent(dcy), "jobs", renew_interval=0.05, validity=0.5
+    )
+    async with leader:
         fake.set_unavailable()
         reason = await asyncio.wait_for(leader.wait_lost(), 5)
-        assert "lost contact" in reason
+        assert "no renewal" in reason and "unavailable" in reason
         fake.set_unavailable(False)
+
+
+async def test_a_refused_renewal_ends_leadership_at_once(dcy: Dcy, fake: FakeConsul) -> None:
+    """An ACL refusal of a renewal is never retried: the holder loses at once."""
+    leader = Leadership(
+        dcy.api, dcy.engine, fake_agent(dcy), "jobs", renew_interval=0.05, validity=60.0
+    )
+    async with leader:
+        fake.deny = True
+        reason = await asyncio.wait_for(leader.wait_lost(), 5)
+        assert "refused to renew" in reason
+        fake.deny = False
 
 
 async def test_failed_node_check_ends_leadership(dcy: Dcy, fake: FakeConsul) -> None:
@@ -346,9 +385,9 @@ async def test_acl_denied_election_fails_at_once(dcy: Dcy, fake: FakeConsul) -> 
 class VanishingSessions(FakeConsul):
     """A fake whose sessions vanish without touching the KV: only a renewal can tell."""
 
-    async def session_renew(self, session_id: str) -> bool:
+    async def session_renew(self, session_id: str) -> None:
         self._enter("session_renew")
-        return False
+        raise SessionInvalid("the session is gone", session_id=session_id)
 
 
 async def test_failed_renewal_ends_leadership() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from dcy import Check, Instance, InvalidName, ServiceQuery
 from dcy._query import STATES, aggregate_status, validate_service_name
+from dcy._specs import HealthServiceSpec
 
 # -- parse: the forms that must work ---------------------------------------------------------
 
@@ -69,10 +70,46 @@ def test_parse_dns_form_uses_the_given_domain() -> None:
     )
 
 
-def test_states_any_and_passing_share_one_watch_key() -> None:
-    """Health states are filtered locally, so they are not part of the watch key."""
-    assert ServiceQuery.parse("worker|any").watch_key == ServiceQuery.parse("worker").watch_key
-    assert ServiceQuery.parse("v2.worker@dc2").watch_key == ("worker", "v2", "dc2")
+def test_states_any_and_passing_share_one_watch() -> None:
+    """Health states are filtered locally, so they are not part of the watch spec."""
+    assert HealthServiceSpec.of(ServiceQuery.parse("worker|any")) == HealthServiceSpec.of(
+        ServiceQuery.parse("worker")
+    )
+    assert HealthServiceSpec.of(ServiceQuery.parse("v2.worker@dc2")) == HealthServiceSpec(
+        "worker", "v2", "dc2"
+    )
+    # The client's datacenter fills in only where the query names none.
+    assert HealthServiceSpec.of(ServiceQuery.parse("worker"), datacenter="dc1").datacenter == "dc1"
+    assert HealthServiceSpec.of(ServiceQuery.parse("worker@dc2"), datacenter="dc1").datacenter == (
+        "dc2"
+    )
+
+
+def test_one_health_filter_and_states_replaced_not_reparsed() -> None:
+    """admits() is the health filter; with_states() swaps states on a parsed query."""
+    query = ServiceQuery.parse("v2.worker@dc2")
+    assert query.admits("passing") and not query.admits("warning")
+    wider = query.with_states("passing,warning")
+    assert (wider.name, wider.tag, wider.datacenter) == ("worker", "v2", "dc2")
+    assert wider.admits("warning") and not wider.admits("critical")
+    assert query.with_states("any").admits("maintenance")
+    with pytest.raises(InvalidName, match="unknown health state 'bogus'"):
+        query.with_states("bogus")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("worker.service.sd", ServiceQuery("worker")),
+        ("v2.worker.service.dc2.sd.", ServiceQuery("worker", "v2", "dc2")),
+        ("worker", None),
+        ("example.com", None),
+        ("service.example.com", None),
+    ],
+)
+def test_parse_dns_tells_the_dns_form_apart(text: str, expected: ServiceQuery | None) -> None:
+    """parse_dns answers None for anything not in Consul's DNS form (one detector)."""
+    assert ServiceQuery.parse_dns(text, domain="sd") == expected
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 
 from dcy import (
     AgentInfo,
+    Backoff,
     Dcy,
     HttpCheck,
     InvalidName,
@@ -25,7 +26,7 @@ from dcy._register import define_service
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 AGENT = AgentInfo(
     datacenter="dc1",

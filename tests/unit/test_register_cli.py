@@ -56,10 +56,10 @@ def test_consul_flags_are_read_like_consuls_own_cli() -> None:
         ["-http-addr", "10.0.0.1:18500", "-token=s3cret", "--name", "x", "--port", "1",
          "--", "true"]
     )  # fmt: skip
-    assert (plan.consul.address, plan.consul.token) == ("10.0.0.1:18500", "s3cret")
+    assert (plan.consul.http_addr, plan.consul.token) == ("10.0.0.1:18500", "s3cret")
     plan, _ = parse_plan(["--consul-addr", "unix:///run/c.sock", "--name", "x", "--port", "1",
                           "--", "true"])  # fmt: skip
-    assert plan.consul.address == "unix:///run/c.sock"
+    assert plan.consul.http_addr == "unix:///run/c.sock"
 
 
 @pytest.mark.parametrize(

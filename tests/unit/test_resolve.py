@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dcy import (
+    Backoff,
     ConsulUnavailable,
     Dcy,
     LookupFailed,
@@ -21,7 +22,7 @@ from dcy import (
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dcy._durations import parse_duration, parse_wait
 from dcy.template._config import ConfigError, load_config_paths
-from dcy.template._durations import parse_duration, parse_wait
 from dcy.template._spec import parse_command, parse_perms, parse_template_flag
 from dcy.template._write import render_atomically
 

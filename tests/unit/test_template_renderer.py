@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from dcy import Dcy, WatchOptions
+from dcy import Backoff, Dcy, WatchOptions
 from dcy._consul import QueryResult
 from dcy.template import Renderer, RendererOptions, TemplateSpec
 from dcy.template._kvspecs import TemplateSpecs
 from dcy.testing import FakeConsul
 from tests.harness import eventually
 
-FAST = WatchOptions(wait=0.5, min_interval=0, backoff_base=0.01, backoff_cap=0.05)
+FAST = WatchOptions(wait=0.5, min_interval=0, backoff=Backoff(0.01, 0.05))
 
 
 @pytest.fixture

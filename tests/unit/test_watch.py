@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from dcy import AclDenied, ConsulUnavailable, Dcy, Snapshot, Subscription, WatchOptions
+from dcy import AclDenied, Backoff, ConsulUnavailable, Dcy, Snapshot, Subscription, WatchOptions
 from dcy._consul import Index, QueryResult
 from dcy._specs import HealthServiceSpec
 from dcy._watch import WatchEngine
 from dcy.testing import FakeConsul
 
 OPTIONS = WatchOptions(
-    wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=0.5
+    wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=0.5
 )
 WORKER = HealthServiceSpec("worker")
 
@@ -292,7 +292,7 @@ async def test_acl_denied_is_raised_at_once() -> None:
     """An ACL refusal on the first lookup is raised without waiting for the timeout."""
     fake = FakeConsul()
     options = WatchOptions(
-        wait=0.3, min_interval=0, backoff_base=0.01, backoff_cap=0.05, first_answer_timeout=60
+        wait=0.3, min_interval=0, backoff=Backoff(0.01, 0.05), first_answer_timeout=60
     )
     async with Dcy(api=fake, watch_options=options) as dcy:
         fake.deny = True
@@ -301,25 +301,10 @@ async def test_acl_denied_is_raised_at_once() -> None:
                 await dcy.lookup("worker")
 
 
-def test_backoff_grows_and_is_capped() -> None:
-    """Retry delays double from backoff_base, with jitter in [ceiling/2, ceiling], up to the cap."""
-    options = WatchOptions(backoff_base=0.1, backoff_cap=2.0)
-    for failures in range(1, 40):
-        ceiling = min(2.0, 0.1 * 2 ** (failures - 1))
-        draws = [options.backoff(failures) for _ in range(200)]
-        assert all(ceiling / 2 <= d <= ceiling for d in draws)
-        assert len(set(draws)) > 1  # jittered
-    assert max(options.backoff(1) for _ in range(200)) <= 0.1
-    assert min(options.backoff(10) for _ in range(200)) >= 1.0
-    assert options.backoff(10**9) <= 2.0
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"wait": 0},
-        {"backoff_base": -1},
-        {"backoff_cap": 0},
         {"first_answer_timeout": 0},
         {"min_interval": -0.1},
     ],
