@@ -55,8 +55,9 @@ class Refusal:
     @property
     def pattern(self) -> re.Pattern[str]:
         """``core`` as a regular expression, each placeholder a group matching anything up
-        to the text that follows it (compiled on first use, then cached by ``re``)."""
-        return re.compile(_FIELD.sub(lambda m: f"(?P<{m.group(1)}>.*?)", re.escape(self.core)))
+        to the last place the text after it follows (so an ID may hold quotes itself);
+        compiled on first use, then cached by ``re``."""
+        return re.compile(_FIELD.sub(lambda m: f"(?P<{m.group(1)}>.*)", re.escape(self.core)))
 
     def answer(self, **fields: str) -> str:
         """The text Consul answers with, placeholders filled: what the fake says."""

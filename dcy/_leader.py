@@ -282,7 +282,8 @@ class Leadership:
             else:
                 retry.reset()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     async def _reopen_session(self) -> bool:
         """A new session after ours ended while waiting (an agent restart, say)."""
@@ -456,6 +457,9 @@ class Leadership:
             self.lost.set()
         if self._renewer is not None:
             self._renewer.cancel()
+        for task in self._tasks:
+            if task.get_name().endswith(":validity"):
+                task.cancel()
         # A release begun at the loss finishes first; on_lost callbacks run on, unawaited.
         releasing = [t for t in self._tasks if t.get_name().endswith(":release")]
         await asyncio.gather(self._renewer or asyncio.sleep(0), *releasing, return_exceptions=True)

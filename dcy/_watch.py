@@ -26,6 +26,7 @@ is the only writer and runs on the event loop, like every reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -43,6 +44,8 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+# How long aclose() waits for cancelled loops to end.
+STOP_GRACE = 5.0
 # Retries after an outage: quick at first (an agent restart takes a second or two), then every
 # few seconds at most.
 WATCH_BACKOFF = Backoff(base=0.1, cap=5.0)
@@ -222,10 +225,11 @@ class Watch(Generic[T]):
                     + (f": {self.last_error}" if self.last_error else "")
                 ) from self.last_error
             self._answered.clear()
-            try:
-                await asyncio.wait_for(self._answered.wait(), remaining)
-            except TimeoutError:
-                continue
+            # asyncio.timeout rather than wait_for, which in Python 3.11 can lose a
+            # cancellation arriving together with the answer.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._answered.wait()
         return self.snapshot
 
     def _add_subscriber(self, callback: Callback | None) -> Subscription[T]:
@@ -350,6 +354,7 @@ class WatchEngine:
         self.api = api
         self.options = options or WatchOptions()
         self._watches: dict[Hashable, Watch[Any]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def acquire(self, spec: WatchSpec[T]) -> Watch[T]:
@@ -380,6 +385,9 @@ class WatchEngine:
             del self._watches[watch.spec]
             if watch._task is not None:
                 watch._task.cancel()
+                # Awaited by aclose, so that a closed engine leaves no task behind.
+                self._stopping.add(watch._task)
+                watch._task.add_done_callback(self._stopping.discard)
 
     @property
     def watches(self) -> tuple[Watch[Any], ...]:
@@ -390,3 +398,8 @@ class WatchEngine:
         watches = list(self._watches.values())
         self._watches.clear()
         await asyncio.gather(*(w.stop() for w in watches), return_exceptions=True)
+        if self._stopping:
+            # Cancelled already; a loop that ignores it must not hang the close for ever.
+            _, stuck = await asyncio.wait(set(self._stopping), timeout=STOP_GRACE)
+            for task in stuck:
+                log.error("watch task %s did not stop within %gs", task.get_name(), STOP_GRACE)

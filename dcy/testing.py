@@ -634,7 +634,11 @@ class FakeConsul:
                     return
                 event = self._event()
                 try:
-                    await asyncio.wait_for(event.wait(), remaining)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a
+                    # cancellation that arrives as the event is set, leaving a stopped
+                    # watch blocked here for good.
+                    async with asyncio.timeout(remaining):
+                        await event.wait()
                 except TimeoutError:
                     return
                 if self.unavailable:

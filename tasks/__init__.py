@@ -1,6 +1,6 @@
 """Build and run automation (`inv --list`): the thor script of the original system."""
 
-from invoke import Collection
+from invoke.collection import Collection
 
 from tasks import containers, dns, infra, run
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from invoke import Context, task
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from tasks._dns_setup import DnsPaths, DnsSetupError, ForwarderSettings, setup, undo
 

@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from invoke import Context, task
+from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -54,9 +55,10 @@ def check(c: Context) -> None:
 
 @task(help={"args": 'extra pytest arguments, e.g. "-k dns -x"'})
 def test(c: Context, args: str = "") -> None:
-    """Lint, then run every test (unit and integration, real agents) in parallel."""
+    """Lint and type-check (ruff, mypy strict over dcy, svc and the tests), then run every
+    test (unit and integration, real agents) in parallel."""
+    check(c)
     with c.cd(str(ROOT)):
-        c.run(f"{PY} -m ruff check .")
         c.run(f"{PY} -m pytest -n auto --dist loadfile -q {args}", pty=False)
 
 

@@ -156,6 +156,11 @@ class ConsulAgent:
     https: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     proc: ManagedProcess | None = None
+    # "dev" (one in-memory agent), or a member of a ConsulCluster: "server" or "client",
+    # with its state in workdir and the serf LAN addresses it joins.
+    role: str = "dev"
+    join: list[str] = field(default_factory=list)
+    bootstrap_expect: int = 0
 
     PORT_NAMES = ("http", "dns", "serf_lan", "serf_wan", "server", "grpc", "grpc_tls", "https")
 
@@ -192,10 +197,18 @@ class ConsulAgent:
     # -- lifecycle -------------------------------------------------------------------------
     def _argv(self) -> list[str]:
         p = self.ports
-        argv = [
-            str(require_binary("consul")),
-            "agent",
-            "-dev",
+        argv = [str(require_binary("consul")), "agent"]
+        if self.role == "dev":
+            argv.append("-dev")
+        else:
+            argv += ["-data-dir", str(self.workdir / f"data-{self.node_name}")]
+            # Production timings: raft_multiplier 1, as Consul recommends for servers with
+            # the CPU they need (an election takes about 3 s here, not 10+).
+            argv += ["-hcl", "performance { raft_multiplier = 1 }"]
+            argv += [f"-retry-join={address}" for address in self.join]
+        if self.role == "server":
+            argv += ["-server", f"-bootstrap-expect={self.bootstrap_expect}"]
+        argv += [
             "-node",
             self.node_name,
             "-datacenter",
@@ -233,20 +246,41 @@ class ConsulAgent:
         """Start (or restart) the agent and wait until it has a leader and lists its node."""
         for attempt in range(3):
             if not self.ports or attempt:
-                self.ports = dict(
-                    zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True)
-                )
-            self.proc = ManagedProcess(self._argv(), self.workdir / f"consul-{self.node_name}.log")
-            self.proc.spawn()
+                self.choose_ports()
+            self.spawn()
             try:
-                _wait_until(self._ready, self.proc, f"consul agent {self.node_name}", timeout)
+                self.wait_ready(timeout)
                 return self
             except HarnessError:
-                clash = _looks_like_port_clash(self.proc.log_tail(200))
-                self.proc.stop()
+                clash = self.port_clash()
+                self.stop()
                 if not clash or attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def choose_ports(self) -> None:
+        self.ports = dict(zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True))
+
+    def spawn(self) -> None:
+        """Start the process without waiting (members of a cluster start together)."""
+        self.proc = ManagedProcess(self._argv(), self.workdir / f"consul-{self.node_name}.log")
+        self.proc.spawn()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
+        _wait_until(self._ready, self.proc, f"consul agent {self.node_name}", timeout)
+
+    def port_clash(self) -> bool:
+        return self.proc is not None and _looks_like_port_clash(self.proc.log_tail(200))
+
+    @property
+    def serf_lan_addr(self) -> str:
+        return f"127.0.0.1:{self.ports['serf_lan']}"
+
+    @property
+    def server_addr(self) -> str:
+        """The server RPC address, as ``/v1/status/leader`` names the Raft leader."""
+        return f"127.0.0.1:{self.ports['server']}"
 
     def _ready(self) -> bool:
         leader = http_json(f"{self.url}/v1/status/leader", token=self.token)
@@ -274,6 +308,85 @@ class ConsulAgent:
     def api(self, path: str) -> Any:
         """GET a Consul HTTP API path (``/v1/...``) and decode its JSON."""
         return http_json(f"{self.url}{path}", token=self.token)
+
+
+@dataclass
+class ConsulCluster:
+    """``servers`` Consul servers and one client agent, each a real agent on its own free
+    ports on loopback, joined over serf LAN: a datacenter as production runs it (Raft
+    elections and all), on one machine. Clients of dcy talk to ``client``, the way services
+    talk to their own host's agent."""
+
+    workdir: Path
+    servers: int = 3
+    datacenter: str = "dc1"
+    members: list[ConsulAgent] = field(default_factory=list)
+
+    @property
+    def client(self) -> ConsulAgent:
+        return self.members[-1]
+
+    @property
+    def server_agents(self) -> list[ConsulAgent]:
+        return self.members[:-1]
+
+    def start(self, timeout: float = 90.0) -> ConsulCluster:
+        for attempt in range(3):
+            self._plan()
+            for member in self.members:
+                member.spawn()
+            try:
+                for member in self.members:
+                    member.wait_ready(timeout)
+                return self
+            except HarnessError:
+                clash = any(m.port_clash() for m in self.members)
+                self.stop()
+                if not clash or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _plan(self) -> None:
+        tag = f"{os.getpid()}-{id(self) % 100000}"
+        servers = [
+            ConsulAgent(
+                self.workdir,
+                datacenter=self.datacenter,
+                node_name=f"server{i}-{tag}",
+                role="server",
+                bootstrap_expect=self.servers,
+            )
+            for i in range(1, self.servers + 1)
+        ]
+        client = ConsulAgent(
+            self.workdir, datacenter=self.datacenter, node_name=f"client-{tag}", role="client"
+        )
+        self.members = [*servers, client]
+        for member in self.members:
+            member.choose_ports()
+        for member in self.members:
+            member.join = [m.serf_lan_addr for m in servers if m is not member]
+
+    def leader(self) -> ConsulAgent:
+        """The server that is the Raft leader now, as the client agent sees it."""
+        address = self.client.api("/v1/status/leader")
+        for server in self.server_agents:
+            if server.server_addr == address:
+                return server
+        raise HarnessError(f"no server of the cluster has the leader's address {address!r}")
+
+    def stop(self) -> None:
+        for member in reversed(self.members):
+            member.stop()
+
+
+@contextlib.contextmanager
+def consul_cluster(workdir: Path, **kwargs: Any) -> Iterator[ConsulCluster]:
+    cluster = ConsulCluster(workdir, **kwargs)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 @dataclass

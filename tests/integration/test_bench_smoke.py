@@ -34,6 +34,7 @@ FIGURES = {
         "bound_vs_ttl_only",
     ),
     "system_dns": ("libc_cached_p50_us", "libc_uncached_p50_us", "direct_p50_us"),
+    "import_cost": ("aiohttp_ms", "dcy_ms", "floor_ms", "dcy_vs_aiohttp"),
     "pipeline": (
         "nsq_1_worker_per_s",
         "nsq_2_workers_per_s",
@@ -74,3 +75,9 @@ def test_benchmark_quick_run_ends_with_its_figures(bench: str) -> None:
     assert numbers and all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()
     ), figures
+
+
+def test_every_benchmark_is_smoke_tested() -> None:
+    """Each bench/<name>.py (but the shared _modules) has its entry above."""
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == set(FIGURES)

@@ -4,12 +4,35 @@ through the ConsulAPI seam, or unit tests built on the fake prove nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from dcy import ConsulConfig, ConsulError, ConsulUnavailable, SessionInvalid
+from dcy import (
+    AclDenied,
+    CheckCritical,
+    ConsulConfig,
+    ConsulError,
+    ConsulUnavailable,
+    SessionInvalid,
+    UnknownCheck,
+)
+from dcy._answers import (
+    CHECK_CRITICAL,
+    INVALID_SESSION,
+    INVALID_SESSION_TTL,
+    MISSING_CHECK,
+    REFUSALS,
+    SESSION_NOT_FOUND,
+    UNKNOWN_CHECK_ID,
+    UNKNOWN_SERVICE_ID,
+    Refusal,
+    classify,
+)
 from dcy._consul import ConsulAPI, HttpConsul
 from dcy.testing import FakeConsul
 from tests.harness import ConsulAgent, eventually
@@ -504,3 +527,128 @@ async def test_coordinate_datacenters_gives_servers_coordinates(api: ConsulAPI) 
     coordinate = server["Coord"]
     assert len(coordinate["Vec"]) == 8 and coordinate["Height"] >= 0
     assert isinstance(coordinate["Adjustment"], int | float)
+
+
+# -- Consul's refusals, classified once (dcy._answers) -----------------------------------------
+UNKNOWN_SESSION = "3e5e4a3c-1b2d-4a5e-9f0a-111111111111"
+
+
+async def _provoke(api: ConsulAPI, refusal: Refusal, name: str) -> None:
+    """Make the seam meet ``refusal``."""
+    if refusal is SESSION_NOT_FOUND:
+        await api.session_renew(UNKNOWN_SESSION)
+    elif refusal is INVALID_SESSION:
+        await api.kv_put(f"{name}/lock", b"", acquire=UNKNOWN_SESSION)
+    elif refusal is MISSING_CHECK:
+        await _session(api, name, node_checks=("serfHealth",), service_checks=("nope",))
+    elif refusal is CHECK_CRITICAL:
+        await api.register_service(_definition(name, 9140, status="critical"))
+        await _session(api, name, service_checks=(f"service:{name}-9140",))
+    elif refusal is UNKNOWN_CHECK_ID:
+        await api.update_ttl("nope", "passing")
+    elif refusal is INVALID_SESSION_TTL:
+        await _session(api, name, ttl=5.0)
+    else:
+        raise AssertionError(f"no provocation for {refusal}")
+
+
+# What each refusal becomes, with the field it carries (the one the seam swallows aside).
+EXPECTED: dict[Refusal, tuple[type[ConsulError], str, str]] = {
+    SESSION_NOT_FOUND: (SessionInvalid, "session_id", UNKNOWN_SESSION),
+    INVALID_SESSION: (SessionInvalid, "session_id", UNKNOWN_SESSION),
+    MISSING_CHECK: (UnknownCheck, "check_id", "nope"),
+    CHECK_CRITICAL: (CheckCritical, "check_id", "service:{name}-9140"),
+    UNKNOWN_CHECK_ID: (UnknownCheck, "check_id", "nope"),
+    INVALID_SESSION_TTL: (ConsulError, "", ""),
+}
+
+
+def test_every_refusal_of_the_table_is_provoked_here() -> None:
+    """A refusal added to the table comes with its provocation (the seam swallows only
+    UNKNOWN_SERVICE_ID: deregistering an unknown service is no error)."""
+    assert set(REFUSALS) == {*EXPECTED, UNKNOWN_SERVICE_ID}
+
+
+@pytest.mark.parametrize("refusal", list(EXPECTED), ids=lambda r: r.core.split("{")[0].strip())
+async def test_refusals_raise_their_typed_error(
+    api: ConsulAPI, refusal: Refusal, unique_name: str
+) -> None:
+    """Through the seam, fake and real raise the same class with the same field, and never
+    an outage (which would be retried)."""
+    error, field, value = EXPECTED[refusal]
+    with pytest.raises(ConsulError) as caught:
+        await _provoke(api, refusal, unique_name)
+    assert type(caught.value) is error and not caught.value.transient
+    assert caught.value.status == refusal.status
+    if field:
+        assert getattr(caught.value, field) == value.format(name=unique_name)
+
+
+def _raw(consul: ConsulAgent, method: str, path: str, body: Any = None) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(consul.url + path, method=method, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_table_words_refusals_as_the_real_agent_does(
+    consul: ConsulAgent, unique_name: str
+) -> None:
+    """Each refusal of the table, provoked on a real agent over plain HTTP: the status and the
+    text are exactly the table's (so the fake says what Consul says), and classify() turns
+    the answer into the table's error with its field filled in."""
+    check = f"service:{unique_name}-9141"
+    _raw(
+        consul,
+        "PUT",
+        "/v1/agent/service/register",
+        _definition(unique_name, 9141, status="critical"),
+    )
+    cases: list[tuple[Refusal, tuple[str, str, Any], dict[str, str]]] = [
+        (SESSION_NOT_FOUND, ("PUT", f"/v1/session/renew/{UNKNOWN_SESSION}", None),
+         {"session_id": UNKNOWN_SESSION}),
+        (INVALID_SESSION, ("PUT", f"/v1/kv/{unique_name}?acquire={UNKNOWN_SESSION}", "x"),
+         {"session_id": UNKNOWN_SESSION}),
+        (MISSING_CHECK, ("PUT", "/v1/session/create", {"ServiceChecks": [{"ID": "nope"}]}),
+         {"check_id": "nope"}),
+        (CHECK_CRITICAL, ("PUT", "/v1/session/create", {"ServiceChecks": [{"ID": check}]}),
+         {"check_id": check}),
+        (UNKNOWN_CHECK_ID, ("PUT", "/v1/agent/check/update/nope", {"Status": "passing"}),
+         {"check_id": "nope"}),
+        (UNKNOWN_SERVICE_ID, ("PUT", "/v1/agent/service/deregister/nope", None),
+         {"service_id": "nope"}),
+        (INVALID_SESSION_TTL, ("PUT", "/v1/session/create", {"TTL": "5s"}),
+         {"nanoseconds": "5000000000"}),
+    ]  # fmt: skip
+    assert {refusal for refusal, _, _ in cases} == set(REFUSALS)
+    for refusal, (method, path, body), fields in cases:
+        status, text = _raw(consul, method, path, body)
+        assert (status, text.strip()) == (refusal.status, refusal.answer(**fields)), refusal
+        error = classify(status, text, operation=f"{method} {path}", address=consul.http_addr)
+        assert type(error) is refusal.error
+        for name, value in fields.items():
+            if hasattr(error, name):
+                assert getattr(error, name) == value
+
+
+def test_statuses_outside_the_table_are_classified_by_status() -> None:
+    """Elections and overload are outages (retried); ACL refusals and bad requests are not."""
+    cases = [
+        (500, "No cluster leader", ConsulUnavailable),
+        (500, "rpc error making call: dial tcp 127.0.0.1:8300: connect: connection refused",
+         ConsulUnavailable),
+        (429, "Your IP is issuing too many concurrent connections", ConsulUnavailable),
+        (503, "", ConsulUnavailable),
+        (403, "Permission denied: token lacks permission 'key:read' on \"x\"", AclDenied),
+        (403, "ACL not found", AclDenied),
+        (400, "Missing service name", ConsulError),
+        (404, "no such thing", ConsulError),
+    ]  # fmt: skip
+    for status, text, expected in cases:
+        error = classify(status, text, operation="GET /v1/x", address="127.0.0.1:8500")
+        assert type(error) is expected, (status, text)
+        assert error.transient is (expected is ConsulUnavailable)
+        assert getattr(error, "status", None) == status

@@ -241,9 +241,10 @@ def tls_files(tmp_path: Path) -> dict[str, Path]:
     consul = str(require_binary("consul"))
     folder = tmp_path / "tls"
     folder.mkdir()
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [consul, "tls", *args], cwd=folder, check=True, capture_output=True
-    )
+
+    def run(*args: str) -> None:
+        subprocess.run([consul, "tls", *args], cwd=folder, check=True, capture_output=True)
+
     run("ca", "create", "-domain", "sd")
     run("cert", "create", "-server", "-dc", "dc1", "-domain", "sd")
     return {

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def test_signals_reach_the_child_exactly_once_each(
     sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2]
     for number, sig in enumerate(sent, 2):
         process.send_signal(sig)
-        until(lambda n=number: len(received.read_text().split()) == n, what=f"{sig.name} seen")
+        until(partial(_lines_are, received, number), what=f"{sig.name} seen")
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 3, runner.log()
     assert received.read_text().split() == ["ready", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM"]
@@ -347,7 +348,7 @@ def test_check_command_runs_without_a_shell_and_maps_exit_codes(
     assert not (tmp_path / "redirected").exists()
     for exit_code, status in (("1", "warning"), ("2", "critical"), ("0", "passing")):
         code.write_text(exit_code)
-        until(lambda s=status: check_status(consul, unique_name) == s, what=f"{status} check")
+        until(partial(_status_is, consul, unique_name, status), what=f"{status} check")
     output = consul.api("/v1/agent/checks")[f"service:{unique_name}"]["Output"]
     assert "check says 0" in output
 
@@ -372,3 +373,11 @@ def test_attached_pid_is_watched_and_its_service_leaves_when_it_exits(
         if watched.poll() is None:
             watched.kill()
             watched.wait(5)
+
+
+def _lines_are(path: Path, count: int) -> bool:
+    return len(path.read_text().split()) == count
+
+
+def _status_is(agent: ConsulAgent, service_id: str, status: str) -> bool:
+    return check_status(agent, service_id) == status

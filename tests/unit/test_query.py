@@ -10,6 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from dcy import Check, Instance, InvalidName, ServiceQuery
+from dcy._dns import DnsResolver
 from dcy._query import STATES, aggregate_status, validate_service_name
 from dcy._specs import HealthServiceSpec
 
@@ -354,3 +355,14 @@ def test_instance_from_a_sparse_entry() -> None:
     instance = Instance.from_health_entry({})
     assert (instance.id, instance.address, instance.port, instance.tags) == ("", "", 0, ())
     assert instance.status == "passing"
+
+
+def test_dns_names_refuse_health_states() -> None:
+    """Consul DNS cannot select states: a query naming them is refused, not answered for
+    other states than it asks for."""
+    resolver = DnsResolver("127.0.0.1", 8600, domain="sd")
+    assert resolver.name_for("v2.worker@dc2") == "v2.worker.service.dc2.sd."
+    assert resolver.name_for(ServiceQuery("worker")) == "worker.service.sd."
+    for text in ("worker|any", "worker|passing,warning"):
+        with pytest.raises(ValueError, match="cannot select health states"):
+            resolver.name_for(text)

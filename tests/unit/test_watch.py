@@ -309,7 +309,7 @@ async def test_acl_denied_is_raised_at_once() -> None:
         {"min_interval": -0.1},
     ],
 )
-def test_watch_options_refuse_non_positive_times(kwargs: dict[str, float]) -> None:
+def test_watch_options_refuse_non_positive_times(kwargs: dict[str, Any]) -> None:
     """WatchOptions validates its times at construction."""
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         WatchOptions(**kwargs)
@@ -465,3 +465,35 @@ async def test_engine_close_stops_every_loop() -> None:
     await eventually(lambda: fake.in_flight == 0)
     with pytest.raises(RuntimeError, match="closed"):
         engine.acquire(WORKER)
+
+
+async def test_an_acl_refusal_ends_the_loop_and_is_not_retried() -> None:
+    """A refusal that will not heal stops the loop at once (no retries), iterating
+    subscribers get the last snapshot marked stale and then the error, and the engine
+    forgets the watch so that a later user starts afresh."""
+    fake = FakeConsul()
+    fake.add_service("worker", port=9001)
+    engine = WatchEngine(fake, OPTIONS)
+    seen: list[Snapshot[Any]] = []
+    try:
+        subscription = engine.subscribe(WORKER)
+        iterator = aiter(subscription)
+        seen.append(await anext(iterator))
+        fake.deny = True
+        fake.add_service("worker", port=9002)  # wakes the blocking query, which is refused
+        with pytest.raises(AclDenied):
+            while True:
+                seen.append(await asyncio.wait_for(anext(iterator), 5))
+        assert seen[-1].stale and "Permission denied" in (seen[-1].error or "")
+        calls = fake.calls["health_service"]
+        await asyncio.sleep(0.2)  # several backoff periods: a retrying loop would ask again
+        assert fake.calls["health_service"] == calls
+        assert engine.watches == ()
+        fake.deny = False
+        again = engine.acquire(WORKER)
+        snapshot = await again.first()
+        assert {i.port for i in snapshot.value} == {9001, 9002}
+        engine.release(again)
+        await subscription.aclose()
+    finally:
+        await engine.aclose()
