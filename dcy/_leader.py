@@ -16,8 +16,9 @@ How it works, after Consul's leader-election guide
   session. Its value names the holder in JSON: ``{"node", "host", "pid", "service_id"}``.
 * contenders wait on a **blocking query** of the lock key (the watch engine's shared loop,
   not a polling loop) and try to acquire it only when it is free. A free key that still
-  refuses them is in its lock-delay: they retry after 0.5s, 1s, 2s, 2s... until it expires
-  (Consul does not say when), or sooner when the key changes.
+  refuses them is in its lock-delay: they retry after about 0.25s, 0.5s, then every second
+  (``BID_BACKOFF``, jittered) until it expires (Consul does not say when), or sooner when
+  the key changes.
 
 The holder is told that it lost leadership (``leader.lost`` is set, ``wait_lost()`` returns,
 ``on_lost`` is called) when Consul says so, or when it can no longer be sure:
@@ -87,8 +88,9 @@ LEADER_PREFIX = "dcy/leader/"
 MIN_TTL, MAX_TTL = 10.0, 86400.0  # Consul refuses other session TTLs
 MAX_LOCK_DELAY = 60.0
 # Bids refused (another contender, a lock-delay, our check still critical, an outage): Consul
-# does not say when to try again, so try soon, then every 2 s until something changes.
-BID_BACKOFF = Backoff(base=0.5, cap=2.0)
+# does not say when to try again, so try soon, then every second or so until something
+# changes (a lock-delay of 1 s is over by the third try; with jitter, contenders spread).
+BID_BACKOFF = Backoff(base=0.25, cap=1.0)
 # Renewals that failed for a transient reason: retried at least every second, so that the
 # first renewal after an outage comes within a second of its end.
 RENEW_BACKOFF = Backoff(base=0.1, cap=1.0)
