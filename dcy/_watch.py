@@ -9,7 +9,9 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
   0 or less is treated as 1, so a buggy answer cannot turn the loop into a busy loop; the first
   query after an error does not block either, so a restarted agent is seen at once;
 * ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
-* at most one query per ``min_interval`` per loop, whatever Consul answers;
+* pacing (``dcy._pacing``): the query after an answer with news goes out at once; an answer
+  without news that came back quickly waits ``quiet_interval`` (a hot loop), and a sustained
+  stream of changes is held to one query per ``min_interval`` after a burst of ``burst``;
 * on transient errors (``dcy.Backoff``'s rule: an unreachable agent, an election, 429/5xx):
   the shared retry policy, retrying forever. Consumers keep the last good snapshot, marked
   stale; nothing is ever replaced by an empty answer we did not get;
@@ -37,6 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from dcy._backoff import Backoff
 from dcy._consul import ConsulAPI, Index, QueryResult
 from dcy._errors import ConsulError, ConsulUnavailable, DcyError
+from dcy._pacing import QueryPacer
 
 log = logging.getLogger("dcy.watch")
 
@@ -53,12 +56,15 @@ WATCH_BACKOFF = Backoff(base=0.1, cap=5.0)
 
 @dataclass(frozen=True, slots=True)
 class WatchOptions:
-    """Tuning of every loop of an engine. Times in seconds. ``backoff`` paces the retries of
-    a loop after transient errors (its deadline, if any, is ignored: a watch never gives up
-    on an outage)."""
+    """Tuning of every loop of an engine. Times in seconds. ``min_interval``, ``burst`` and
+    ``quiet_interval`` pace the queries (see ``dcy._pacing``); ``backoff`` paces the retries
+    after transient errors (its deadline, if any, is ignored: a watch never gives up on an
+    outage)."""
 
     wait: float = 60.0
-    min_interval: float = 0.01
+    min_interval: float = 0.002
+    burst: int = 20
+    quiet_interval: float = 0.1
     backoff: Backoff = WATCH_BACKOFF
     first_answer_timeout: float = 10.0
 
@@ -66,8 +72,11 @@ class WatchOptions:
         for name in ("wait", "first_answer_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.min_interval < 0:
-            raise ValueError(f"min_interval must not be negative, got {self.min_interval!r}")
+        for name in ("min_interval", "quiet_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)!r}")
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
+            raise ValueError(f"burst must be an int >= 1, got {self.burst!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,17 +262,22 @@ class Watch(Generic[T]):
         options = self.engine.options
         api = self.engine.api
         retry = replace(options.backoff, deadline=None).start()
+        pacer = QueryPacer(
+            min_interval=options.min_interval,
+            burst=options.burst,
+            quiet_interval=options.quiet_interval,
+        )
         index: Index = 0
-        last_start = float("-inf")
+        pause = 0.0
         while True:
-            pause = last_start + options.min_interval - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
-            last_start = time.monotonic()
+            sent = time.monotonic()
+            pacer.spend(sent)
             self.queries += 1
             try:
                 result = await self.spec.fetch(api, index, options.wait)
-                index = self._accept(result, index)
+                index, news = self._accept(result, index)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -276,8 +290,10 @@ class Watch(Generic[T]):
                 # Ask without blocking first; it costs one request per recovery.
                 index = 0
                 await retry.wait()
+                pause = 0.0
                 continue
             retry.reset()
+            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news)
             # Let the subscribers this answer woke run before the next request goes out:
             # sending it first puts a socket write (milliseconds on a busy host, see
             # bench/propagation.py) ahead of every callback. The index keeps any change
@@ -286,8 +302,9 @@ class Watch(Generic[T]):
             await asyncio.sleep(0)
             await asyncio.sleep(0)
 
-    def _accept(self, result: QueryResult, index: Index) -> Index:
-        """Publish an answer if it changed anything; return the index of the next query."""
+    def _accept(self, result: QueryResult, index: Index) -> tuple[Index, bool]:
+        """Publish an answer if it changed anything; return the index of the next query and
+        whether anything was published."""
         now = time.time()
         previous = self.snapshot
         new_index = result.index
@@ -301,18 +318,19 @@ class Watch(Generic[T]):
             if previous.stale:
                 self._publish(self.snapshot)
             self._answered.set()
-            return index
+            return index, previous.stale
         value = self.spec.decode(result.body)
         snapshot = Snapshot(value, new_index, now)
-        if previous is None or previous.stale or previous.value != value:
+        news = previous is None or previous.stale or previous.value != value
+        if news:
             self._publish(snapshot)
         else:
             self.snapshot = snapshot
         self._answered.set()
         if isinstance(new_index, int) and isinstance(index, int) and new_index < index:
             log.info("index of %s went backwards (%s → %s): resetting", self.spec, index, new_index)
-            return 0
-        return new_index
+            return 0, news
+        return new_index, news
 
     def _fail(self, exc: Exception) -> bool:
         """Record a failed query; whether the loop should retry it."""

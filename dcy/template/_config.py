@@ -12,9 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import hcl2
-from hcl2 import SerializationOptions
-
 from dcy._durations import parse_duration, parse_wait
 from dcy.template._spec import TemplateSpec, parse_command, spec_from_mapping
 
@@ -64,9 +61,6 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_OPTIONS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
-
-
 def load_config_paths(paths: list[str], base: RunConfig | None = None) -> RunConfig:
     config = base or RunConfig()
     for raw in paths:
@@ -83,9 +77,13 @@ def load_config_paths(paths: list[str], base: RunConfig | None = None) -> RunCon
 
 
 def merge_file(config: RunConfig, path: Path) -> RunConfig:
+    # python-hcl2 (with lark) costs ~30 ms to import: only a run with -config pays it.
+    import hcl2
+
+    options = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=False)
     try:
         with path.open() as handle:
-            data = hcl2.load(handle, serialization_options=_OPTIONS)
+            data = hcl2.load(handle, serialization_options=options)
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     except Exception as exc:  # python-hcl2 raises lark's errors, which have no common base

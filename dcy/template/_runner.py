@@ -25,7 +25,7 @@ from typing import Any
 
 from dcy._watch import Snapshot, Subscription, WatchEngine
 from dcy.template._commands import CommandResult, run_command
-from dcy.template._metrics import RendererMetrics
+from dcy.template._metrics import NoMetrics, RendererMetrics
 from dcy.template._render import RenderOutcome, TemplateRenderer
 from dcy.template._spec import TemplateSpec
 from dcy.template._write import render_atomically
@@ -111,14 +111,14 @@ class Renderer:
         domain: str,
         specs: Any,
         options: RendererOptions | None = None,
-        metrics: RendererMetrics | None = None,
+        metrics: RendererMetrics | NoMetrics | None = None,
         on_pass: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         self._engine = engine
         self._domain = domain
         self._specs = specs
         self.options = options or RendererOptions()
-        self.metrics = metrics or RendererMetrics()
+        self.metrics = metrics or NoMetrics()
         self.metrics.stale_seconds.set_function(self.stale_seconds)
         self._on_pass = on_pass
         self._subscriptions: dict[Any, Subscription[Any]] = {}

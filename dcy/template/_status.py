@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dcy.template._metrics import RendererMetrics
 from dcy.template._runner import Renderer
 
 
@@ -43,7 +44,11 @@ def health_report(renderer: Renderer) -> tuple[int, dict[str, Any]]:
     return (200 if not problems else 503), body
 
 
-async def start_status_server(renderer: Renderer, address: str) -> web.AppRunner:
+async def start_status_server(
+    renderer: Renderer, metrics: RendererMetrics, address: str
+) -> web.AppRunner:
+    """Serve /health and /metrics; imported (with aiohttp's server and prometheus-client)
+    only by a run with -status-addr."""
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise ValueError(f"invalid -status-addr {address!r}: use host:port")
@@ -52,13 +57,13 @@ async def start_status_server(renderer: Renderer, address: str) -> web.AppRunner
         status, body = health_report(renderer)
         return web.json_response(body, status=status)
 
-    async def metrics(_: web.Request) -> web.Response:
-        payload = generate_latest(renderer.metrics.registry)
+    async def serve_metrics(_: web.Request) -> web.Response:
+        payload = generate_latest(metrics.registry)
         return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", serve_metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()

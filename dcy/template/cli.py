@@ -17,6 +17,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dcy._backoff import Backoff
 from dcy._cli import unless_stopped
@@ -35,12 +36,17 @@ from dcy.template._config import (
 )
 from dcy.template._exec import ChildSupervisor
 from dcy.template._kvspecs import TemplateSpecs
+from dcy.template._metrics import RendererMetrics
 from dcy.template._runner import CommandFailed, Renderer, RendererOptions
-from dcy.template._sources import SourceWatcher
 from dcy.template._spec import parse_command, parse_template_flag
-from dcy.template._status import start_status_server
+
+if TYPE_CHECKING:
+    from dcy.template._sources import SourceWatcher
 
 log = logging.getLogger("dcy.template")
+
+# The latest moment template sources are watched for edits, when no pass has ended by then.
+WATCH_SOURCES_AFTER = 1.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -209,6 +215,8 @@ class Application:
         self.child: ChildSupervisor | None = None
         self._stop = asyncio.Event()
         self._heap_frozen = False
+        self._watcher: SourceWatcher | None = None
+        self._sources_seen: dict[Path, tuple[int, int] | None] = {}
 
     def stop(self, status: int = EXIT_OK) -> None:
         self.exit_status = status
@@ -229,12 +237,14 @@ class Application:
         dcy = await self._connect()
         if dcy is None:
             return self.exit_status
-        watcher: SourceWatcher | None = None
         status_runner = None
         try:
             assert dcy.agent is not None
             if self.config.exec.command:
                 self.child = ChildSupervisor(self.config.exec, on_exit=self.stop)
+            metrics = None
+            if self.config.status_addr:
+                metrics = RendererMetrics()
             self.renderer = Renderer(
                 dcy.engine,
                 self.config.templates,
@@ -247,13 +257,21 @@ class Application:
                     fatal_commands=self.config.fatal_commands,
                     sandbox=self.config.sandbox_path,
                 ),
+                metrics=metrics,
                 on_pass=self._after_pass,
             )
-            if self.config.status_addr:
-                status_runner = await start_status_server(self.renderer, self.config.status_addr)
+            if metrics is not None and self.config.status_addr:
+                from dcy.template._status import start_status_server
+
+                status_runner = await start_status_server(
+                    self.renderer, metrics, self.config.status_addr
+                )
             if not self.args.once:
-                watcher = SourceWatcher(loop, self._source_changed)
-                watcher.watch(self.renderer.watched_paths)
+                # Watching sources costs watchdog's import and threads: it starts after the
+                # first pass (or a second), off the way to the first render. An edit made
+                # before it started is caught by comparing the files with what they were.
+                self._sources_seen = {p: _stat(p) for p in self.renderer.watched_paths}
+                loop.call_later(WATCH_SOURCES_AFTER, self._watch_sources)
             try:
                 status = await self.renderer.run(once=self.args.once)
             except CommandFailed as exc:
@@ -261,8 +279,8 @@ class Application:
                 return EXIT_FAILED
             return status if self.exit_status == EXIT_OK else self.exit_status
         finally:
-            if watcher is not None:
-                watcher.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
             if self.child is not None:
                 await self.child.stop()
             if status_runner is not None:
@@ -272,7 +290,25 @@ class Application:
                 with contextlib.suppress(FileNotFoundError):
                     self.config.pid_file.unlink()
 
+    def _watch_sources(self) -> None:
+        if self._watcher is not None or self.renderer is None or self._stop.is_set():
+            return
+        from dcy.template._sources import SourceWatcher
+
+        self._watcher = SourceWatcher(asyncio.get_running_loop(), self._source_changed)
+        self._watcher.watch(self.renderer.watched_paths)
+        log.debug("watching %d template source(s) for edits", len(self._sources_seen))
+        for path, seen in self._sources_seen.items():
+            if _stat(path) != seen:
+                self._source_changed(path)
+
     async def _after_pass(self, written: bool) -> None:
+        if (
+            not self.args.once
+            and self.renderer is not None
+            and all(s.rendered or s.last_error for s in self.renderer.states)
+        ):
+            self._watch_sources()
         if (
             not self._heap_frozen
             and self.renderer is not None
@@ -345,3 +381,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    """What tells an edited file from an untouched one: modification time and size."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size

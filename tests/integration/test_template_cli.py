@@ -294,3 +294,43 @@ def test_exec_mode_reloads_and_stops_the_child(
     renderer.signal(signal.SIGTERM)
     assert renderer.wait() == 0
     assert read(events) == "started\nreload\nstopped\n"
+
+
+def test_a_run_imports_only_what_it_uses(consul: ConsulAgent, tmp_path: Path) -> None:
+    """Without -config, -status-addr or live reload (-once), no HCL parser, Prometheus,
+    aiohttp server or watchdog is imported: start-up is the time to the first file."""
+    src, out = tmp_path / "in.j2", tmp_path / "out"
+    src.write_text("{% for s in service('consul') %}{{ s.Port }}{% endfor %}")
+    env = dict(os.environ, CONSUL_HTTP_ADDR=consul.http_addr)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", DCY_TEMPLATE, "-once", "-template", f"{src}:{out}"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {
+        line.split("|")[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"jinja2", "aiohttp"} <= imported
+    assert imported & {"hcl2", "lark", "prometheus_client", "watchdog", "aiohttp.web"} == set()
+    assert read(out) == str(consul.ports["server"])  # the consul service is the server RPC
+
+
+def test_an_edit_before_sources_are_watched_is_not_lost(
+    consul: ConsulAgent,
+    unique_name: str,
+    tmp_path: Path,
+    start_renderer: Callable[..., Renderer],
+) -> None:
+    """Sources are watched only after the first pass (off the way to the first file); a
+    source edited before that, while the first pass waits for a key, is still picked up."""
+    src, out = tmp_path / "in.j2", tmp_path / "out"
+    src.write_text(f"{{{{ key('{unique_name}/missing') }}}}")
+    renderer = start_renderer(consul, "-template", f"{src}:{out}")
+    until(lambda: "Using selector" in renderer.log(), what="the renderer's loop running")
+    time.sleep(0.3)
+    assert "watching" not in renderer.log(), "sources watched already: nothing to test"
+    src.write_text("edited before the watch")
+    until(lambda: read(out) == "edited before the watch", what="the edit rendered")
+    assert "watching 1 template source(s)" in renderer.log()
