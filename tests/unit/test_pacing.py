@@ -74,7 +74,7 @@ async def test_a_loop_answered_without_news_is_not_a_hot_loop() -> None:
     engine = WatchEngine(FakeConsul(), options)
     spec = _SameEveryTime()
     try:
-        watch = engine.acquire(spec)  # type: ignore[arg-type]
+        watch = engine.acquire(spec)
         await watch.first()
         await asyncio.sleep(0.5)
         assert 6 <= len(spec.sent) <= 14, len(spec.sent)
