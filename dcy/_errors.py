@@ -63,14 +63,24 @@ class TlsError(DcyError):
 
 class ConsulError(DcyError):
     """Consul answered with a refusal: ``status`` is the HTTP status, ``operation`` the
-    request (``"PUT /v1/session/create"``)."""
+    request (``"PUT /v1/session/create"``). Subclasses name what was refused in one
+    attribute of their own (``session_id``, ``check_id``, ``service_id``)."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, operation: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        operation: str | None = None,
+        **subject: str,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.operation = operation
+        for name, value in subject.items():
+            if name not in type(self).__annotations__:
+                raise TypeError(f"{type(self).__name__} has no field {name!r}")
+            setattr(self, name, value)
 
 
 class AclDenied(ConsulError):
@@ -81,61 +91,25 @@ class SessionInvalid(ConsulError):
     """The session ``session_id`` does not exist: it expired, was destroyed, was invalidated
     by a failed check, or never existed."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        session_id: str = "",
-        status: int | None = None,
-        operation: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status, operation=operation)
-        self.session_id = session_id
+    session_id: str = ""
 
 
 class CheckCritical(ConsulError):
     """Consul refused a session because the check ``check_id`` it names is critical."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        check_id: str = "",
-        status: int | None = None,
-        operation: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status, operation=operation)
-        self.check_id = check_id
+    check_id: str = ""
 
 
 class UnknownCheck(ConsulError):
     """The check ``check_id`` is not registered (a TTL update, or a session naming it)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        check_id: str = "",
-        status: int | None = None,
-        operation: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status, operation=operation)
-        self.check_id = check_id
+    check_id: str = ""
 
 
 class UnknownService(ConsulError):
     """The local agent has no service ``service_id`` (deregistered, or a restarted agent)."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        service_id: str = "",
-        status: int | None = None,
-        operation: str | None = None,
-    ) -> None:
-        super().__init__(message, status=status, operation=operation)
-        self.service_id = service_id
+    service_id: str = ""
 
 
 class LookupFailed(DcyError):

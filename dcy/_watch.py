@@ -9,7 +9,8 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
   0 or less is treated as 1, so a buggy answer cannot turn the loop into a busy loop; the first
   query after an error does not block either, so a restarted agent is seen at once;
 * ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
-* pacing (``dcy._pacing``): the query after an answer with news goes out at once; an answer
+* pacing (``dcy._pacing``): the query after an answer with news goes out at once (but for a
+  loop's first answer, which waits like one without news: its index loses nothing); an answer
   without news that came back quickly waits ``quiet_interval`` (a hot loop), and a sustained
   stream of changes is held to one query per ``min_interval`` after a burst of ``burst``;
 * on transient errors (``dcy.Backoff``'s rule: an unreachable agent, an election, 429/5xx):
@@ -275,6 +276,7 @@ class Watch(Generic[T]):
             sent = time.monotonic()
             pacer.spend(sent)
             self.queries += 1
+            first = self.snapshot is None
             try:
                 result = await self.spec.fetch(api, index, options.wait)
                 index, news = self._accept(result, index)
@@ -293,7 +295,11 @@ class Watch(Generic[T]):
                 pause = 0.0
                 continue
             retry.reset()
-            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news)
+            # The blocking query after a loop's first answer can wait like one after an
+            # answer without news: its index keeps any change made meanwhile, and at start-up
+            # (a template over hundreds of services) those queries would otherwise compete
+            # with the first answers of the others and with the first render.
+            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news and not first)
             # Let the subscribers this answer woke run before the next request goes out:
             # sending it first puts a socket write (milliseconds on a busy host, see
             # bench/propagation.py) ahead of every callback. The index keeps any change

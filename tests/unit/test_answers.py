@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from dcy import SessionInvalid
 from dcy._answers import REFUSALS, Refusal, classify
 
 
@@ -33,3 +34,10 @@ def test_the_core_must_be_part_of_the_wording() -> None:
     """A table entry whose core is not in its wording is refused at import."""
     with pytest.raises(ValueError, match="not part of"):
         Refusal(500, "one thing", "another", REFUSALS[0].error)
+
+
+def test_a_refusal_carries_only_its_own_field() -> None:
+    """Each typed refusal takes the one field it declares; another is a mistake."""
+    assert SessionInvalid("gone", session_id="s1", status=404).session_id == "s1"
+    with pytest.raises(TypeError, match="no field 'check_id'"):
+        SessionInvalid("gone", check_id="c1")
