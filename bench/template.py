@@ -24,9 +24,11 @@ each). The tools take turns, each talking to the agent through its own counting 
 (``_proxy.py``): time to the complete first render from the process's start (what a user
 waits for: ``*_first_render_cold_ms``) and from the tool's first request to Consul
 (``*_first_render_ms``; the difference is start-up, a Go binary against a Python
-interpreter), requests until then, most connections open at once, then single changes (an
-extra instance of one service registered or deregistered), back to back, with their
-propagation and all requests in the change phase per change.
+interpreter), requests until then, most connections open at once, then, once the tool has
+sent nothing for 0.3 s (start-up over: dcy sends the blocking queries that follow its first
+answers after its first render), single changes (an extra instance of one service
+registered or deregistered), back to back, with their propagation and all requests in the
+change phase per change.
 
 Start-up floor: ``python -c "import aiohttp, jinja2"`` timed in the same run (the least a
 renderer on those two libraries could take before its first request);
@@ -527,6 +529,10 @@ async def case2_session(
             figures.first_render.append(done - first_request)
             figures.requests_to_first_render.append(proxy.count(until=done))
             figures.first_render_cold.append(done - run.started)
+            # Start-up over (no request for a while: a tool may send the blocking queries
+            # that follow its first answers after its first render), then changes back to
+            # back: requests per change count the steady state, not start-up left-overs.
+            await quiet(proxy)
             phase_start = time.perf_counter()
             for number in range(WARMUP + changes):
                 i = rng.randrange(MANY_SERVICES)
@@ -549,6 +555,17 @@ async def case2_session(
             figures.max_connections.append(proxy.max_connections)
     finally:
         await proxy.aclose()
+
+
+async def quiet(proxy: CountingProxy, gap: float = 0.3, limit: float = 5.0) -> None:
+    """Return once the proxy has seen no new request for ``gap`` seconds (or after
+    ``limit``)."""
+    deadline = time.perf_counter() + limit
+    while time.perf_counter() < deadline:
+        last = proxy.requests[-1].at if proxy.requests else 0.0
+        if time.perf_counter() - last >= gap:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def case2(
