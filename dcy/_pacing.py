@@ -15,10 +15,12 @@ rules are tested without a clock):
   after a change is never delayed. Only a sustained stream of changes is throttled, by a
   token bucket holding ``burst`` queries and refilled one per ``min_interval``.
 
-A loop's first answer counts as no news here (the watch engine decides): the blocking query
-after it carries that answer's index, so nothing is lost by sending it later, and at start-up
-those queries (one per service of a big template) would compete with the other loops' first
-answers and with the first render (``bench/template.py``, case 2).
+A loop's first answer counts as no news here while other loops of the engine still wait for
+theirs (the watch engine decides): the blocking query after it carries that answer's index,
+so nothing is lost by sending it later, and at start-up those queries (one per service of a
+big template) would compete with the other loops' first answers and with the first render
+(``bench/template.py``, case 2). A loop starting alone (a leadership's lock key) follows up
+at once.
 """
 
 from __future__ import annotations

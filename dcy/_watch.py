@@ -10,7 +10,7 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
   query after an error does not block either, so a restarted agent is seen at once;
 * ``wait`` stays well under the HTTP timeout (the seam adds wait/16 and a margin);
 * pacing (``dcy._pacing``): the query after an answer with news goes out at once (but for a
-  loop's first answer, which waits like one without news: its index loses nothing); an answer
+  loop's first answer while others still wait for theirs: its index loses nothing); an answer
   without news that came back quickly waits ``quiet_interval`` (a hot loop), and a sustained
   stream of changes is held to one query per ``min_interval`` after a burst of ``burst``;
 * on transient errors (``dcy.Backoff``'s rule: an unreachable agent, an election, 429/5xx):
@@ -260,6 +260,13 @@ class Watch(Generic[T]):
             subscriber.offer(snapshot)
 
     async def _run(self) -> None:
+        self.engine._starting.add(self)
+        try:
+            await self._loop()
+        finally:
+            self.engine._starting.discard(self)
+
+    async def _loop(self) -> None:
         options = self.engine.options
         api = self.engine.api
         retry = replace(options.backoff, deadline=None).start()
@@ -295,11 +302,15 @@ class Watch(Generic[T]):
                 pause = 0.0
                 continue
             retry.reset()
-            # The blocking query after a loop's first answer can wait like one after an
-            # answer without news: its index keeps any change made meanwhile, and at start-up
-            # (a template over hundreds of services) those queries would otherwise compete
-            # with the first answers of the others and with the first render.
-            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news and not first)
+            # While other loops still wait for their first answer (a template over hundreds
+            # of services starting), the blocking query after this loop's first answer waits
+            # like one after an answer without news: its index keeps any change made
+            # meanwhile, and sent at once it would compete with the others' first answers
+            # and with the first render. Alone, it goes out at once.
+            if first:
+                self.engine._starting.discard(self)
+            crowded = first and bool(self.engine._starting)
+            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news and not crowded)
             # Let the subscribers this answer woke run before the next request goes out:
             # sending it first puts a socket write (milliseconds on a busy host, see
             # bench/propagation.py) ahead of every callback. The index keeps any change
@@ -379,6 +390,7 @@ class WatchEngine:
         self.options = options or WatchOptions()
         self._watches: dict[Hashable, Watch[Any]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self._starting: set[Watch[Any]] = set()  # loops still without a first answer
         self._closed = False
 
     def acquire(self, spec: WatchSpec[T]) -> Watch[T]:
