@@ -648,7 +648,7 @@ def test_statuses_outside_the_table_are_classified_by_status() -> None:
         (404, "no such thing", ConsulError),
     ]  # fmt: skip
     for status, text, expected in cases:
-        error = classify(status, text, operation="GET /v1/x", address="127.0.0.1:8500")
+        error = classify(status, text, operation="GET /v1/x", address="127.0.0.1:18500")
         assert type(error) is expected, (status, text)
         assert error.transient is (expected is ConsulUnavailable)
         assert getattr(error, "status", None) == status

@@ -472,7 +472,7 @@ async def test_an_acl_refusal_ends_the_loop_and_is_not_retried() -> None:
     subscribers get the last snapshot marked stale and then the error, and the engine
     forgets the watch so that a later user starts afresh."""
     fake = FakeConsul()
-    fake.add_service("worker", port=9001)
+    fake.add_service("worker", port=7401)
     engine = WatchEngine(fake, OPTIONS)
     seen: list[Snapshot[Any]] = []
     try:
@@ -480,7 +480,7 @@ async def test_an_acl_refusal_ends_the_loop_and_is_not_retried() -> None:
         iterator = aiter(subscription)
         seen.append(await anext(iterator))
         fake.deny = True
-        fake.add_service("worker", port=9002)  # wakes the blocking query, which is refused
+        fake.add_service("worker", port=7402)  # wakes the blocking query, which is refused
         with pytest.raises(AclDenied):
             while True:
                 seen.append(await asyncio.wait_for(anext(iterator), 5))
@@ -492,7 +492,7 @@ async def test_an_acl_refusal_ends_the_loop_and_is_not_retried() -> None:
         fake.deny = False
         again = engine.acquire(WORKER)
         snapshot = await again.first()
-        assert {i.port for i in snapshot.value} == {9001, 9002}
+        assert {i.port for i in snapshot.value} == {7401, 7402}
         engine.release(again)
         await subscription.aclose()
     finally:
