@@ -14,10 +14,12 @@ import importlib.util
 import signal
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from dcy._dcy import Dcy
 from dcy._durations import parse_duration
+from dcy._watch import WatchOptions
 
 T = TypeVar("T")
 
@@ -81,43 +83,43 @@ def _wait(text: str) -> float | None:
     return seconds
 
 
-class ConsulFlags(Protocol):
-    """The settings of :func:`add_consul_flags` (an argparse namespace, or a plan)."""
+@dataclass(frozen=True, slots=True)
+class ConsulFlags:
+    """What :func:`add_consul_flags` read (None: the CONSUL_* environment decides)."""
 
-    @property
-    def http_addr(self) -> str | None: ...
-    @property
-    def token(self) -> str | None: ...
-    @property
-    def token_file(self) -> str | None: ...
-    @property
-    def ca_file(self) -> str | None: ...
-    @property
-    def ca_path(self) -> str | None: ...
-    @property
-    def client_cert(self) -> str | None: ...
-    @property
-    def client_key(self) -> str | None: ...
-    @property
-    def tls_server_name(self) -> str | None: ...
-    @property
-    def wait_for_consul(self) -> float | None: ...
+    http_addr: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    ca_path: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    tls_server_name: str | None = None
+    wait_for_consul: float | None = None  # None: wait forever
+    verify: bool | None = None  # None: CONSUL_HTTP_SSL_VERIFY, else verify
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ConsulFlags:
+        return cls(
+            **{name: getattr(args, name, None) for name in cls.__dataclass_fields__}
+        )
 
-def consul_client(flags: ConsulFlags) -> Dcy:
-    """A client from the flags of :func:`add_consul_flags` (absent ones: the environment).
-    Raises ValueError for a bad address, token file or CONSUL_* variable."""
-    return Dcy(
-        flags.http_addr,
-        token=flags.token,
-        token_file=flags.token_file,
-        ca_file=flags.ca_file,
-        ca_path=flags.ca_path,
-        client_cert=flags.client_cert,
-        client_key=flags.client_key,
-        tls_server_name=flags.tls_server_name,
-        wait_for_agent=flags.wait_for_consul,
-    )
+    def client(self, watch_options: WatchOptions | None = None) -> Dcy:
+        """A client with these settings. Raises ValueError for a bad address, token file
+        or CONSUL_* variable."""
+        return Dcy(
+            self.http_addr,
+            token=self.token,
+            token_file=self.token_file,
+            ca_file=self.ca_file,
+            ca_path=self.ca_path,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+            tls_server_name=self.tls_server_name,
+            verify=self.verify,
+            wait_for_agent=self.wait_for_consul,
+            watch_options=watch_options,
+        )
 
 
 async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> tuple[bool, T]:

@@ -21,12 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dcy._backoff import Backoff, Retry, retrying
 from dcy._config import ConsulConfig
 from dcy._consul import AgentInfo, ConsulAPI, HttpConsul
-from dcy._defaults import (
-    DEFAULT_LOCK_DELAY,
-    DEFAULT_TTL,
-    MIN_DEREGISTER_AFTER,
-    RETRY_STATUSES,
-)
+from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL, MIN_DEREGISTER_AFTER
 from dcy._errors import ConsulUnavailable, DcyError
 from dcy._query import Instance
 from dcy._reads import read_agent
@@ -39,7 +34,6 @@ if TYPE_CHECKING:
     from dcy._dns import DnsResolver
     from dcy._health_events import HealthWatch, TransitionCallback
     from dcy._http import HttpClient
-    from dcy._http_balancing import Strategy as HttpStrategy
     from dcy._kv import KeyValueStore
     from dcy._leader import Leadership, OnLost
     from dcy._register import CheckKind, CheckSpec, HttpCheck, Registration, TcpCheck
@@ -291,40 +285,17 @@ class Dcy:
         """``pick`` for synchronous code, once ``name`` has been resolved."""
         return self.resolver.pick_nowait(name, strategy)
 
-    def http_client(
-        self,
-        *,
-        strategy: HttpStrategy = "round_robin",
-        attempts: int = 3,
-        budget: float = 10.0,
-        eject_after: int = 3,
-        eject_for: float = 10.0,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        external_hosts: Iterable[str] = (),
-        datacenters: Datacenters | None = None,
-        **session_options: Any,
-    ) -> HttpClient:
+    def http_client(self, **options: Any) -> HttpClient:
         """An aiohttp client that resolves service names in URLs (``http://worker/x``)
-        through this client's cache, with retries and outlier ejection; see
-        :class:`HttpClient` for each option. ``session_options`` go to the
-        ``aiohttp.ClientSession``. Use it as ``async with dcy.http_client() as client``."""
+        through this client's cache, with retries and outlier ejection. ``options`` are
+        :class:`HttpClient`'s (strategy, attempts, budget, eject_after, eject_for,
+        retry_statuses, external_hosts, datacenters) and ``aiohttp.ClientSession``'s. Use it
+        as ``async with dcy.http_client() as client``."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
         from dcy._http import HttpClient
 
-        return HttpClient(
-            self.resolver,
-            domain=self.agent.domain,
-            strategy=strategy,
-            attempts=attempts,
-            budget=budget,
-            eject_after=eject_after,
-            eject_for=eject_for,
-            retry_statuses=retry_statuses,
-            external_hosts=external_hosts,
-            datacenters=datacenters,
-            **session_options,
-        )
+        return HttpClient(self.resolver, **options)
 
     def subscribe(self, name: str, callback: Callback | None = None) -> Subscription[Any]:
         """Snapshots of every instance of ``name`` (all states) as they change: pass a

@@ -5,5 +5,3 @@ MIN_DEREGISTER_AFTER = 60.0
 # A leader session: Consul's minimum TTL, and Consul's own default lock-delay.
 DEFAULT_TTL = 10.0
 DEFAULT_LOCK_DELAY = 15.0
-# Answers of an instance that an idempotent request by service name retries elsewhere.
-RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})

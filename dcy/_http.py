@@ -44,10 +44,10 @@ import aiohttp
 from aiohttp import ClientResponse
 from yarl import URL
 
-from dcy._defaults import RETRY_STATUSES
 from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
 from dcy._http_retry import (
     NOT_CONNECTED,
+    RETRY_STATUSES,
     all_failed,
     may_retry,
     status_error,
@@ -107,7 +107,6 @@ class HttpClient:
         self,
         resolver: Resolver,
         *,
-        domain: str = "sd",
         strategy: Strategy = "round_robin",
         attempts: int = 3,
         budget: float = 10.0,
@@ -127,7 +126,7 @@ class HttpClient:
         if not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
         self._resolver = resolver
-        self._router = Router(domain=domain, external_hosts=external_hosts)
+        self._router = Router(domain=resolver.domain, external_hosts=external_hosts)
         self._strategy = strategy
         self._attempts = attempts
         self._budget = float(budget)

@@ -16,6 +16,9 @@ import aiohttp
 from dcy._errors import AllInstancesFailed
 from dcy._query import Instance
 
+# Answers of an instance that an idempotent request by service name retries elsewhere.
+RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Raised before a single byte of the request left: safe to send anywhere else.
 NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)

@@ -111,6 +111,11 @@ class Resolver:
         self._entries: dict[Name, _Entry] = {}  # by text and by query: one entry per query
         self._janitor: asyncio.Task[None] | None = None
 
+    @property
+    def domain(self) -> str:
+        """The agent's DNS domain, by which names like ``worker.service.sd`` are told."""
+        return self._domain
+
     def parse(self, name: Name) -> ServiceQuery:
         if isinstance(name, ServiceQuery):
             return name

@@ -35,8 +35,8 @@ import aiohttp
 from dcy._backoff import Backoff
 from dcy._cli import (
     CONSUL_FLAGS_TITLE,
+    ConsulFlags,
     add_consul_flags,
-    consul_client,
     stop_on_signals,
     unless_stopped,
 )
@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--exec needs a command")
     logging.basicConfig(level=args.log_level.upper(), format="dcy-alert: %(levelname)s %(message)s")
     try:
-        client = consul_client(args)
+        client = ConsulFlags.from_args(args).client()
     except ValueError as exc:  # a bad address, token file or CONSUL_* variable
         parser.error(str(exc))
     try:

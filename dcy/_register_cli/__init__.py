@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dcy._cli import consul_client
 from dcy._dcy import Dcy
 from dcy._register_cli._args import parse_plan
 from dcy._register_cli._plan import Plan, UsageError
@@ -38,6 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client(plan: Plan) -> Dcy:
     try:
-        return consul_client(plan.consul)
+        return plan.consul.client()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from dcy._cli import CONSUL_FLAGS_TITLE, add_consul_flags
+from dcy._cli import CONSUL_FLAGS_TITLE, ConsulFlags, add_consul_flags
 from dcy._defaults import MIN_DEREGISTER_AFTER
 from dcy._durations import parse_duration
 from dcy._register_cli._config_file import load_services
 from dcy._register_cli._plan import (
     CHECK_KINDS,
-    ConsulOptions,
     Plan,
     ServicePlan,
     UsageError,
@@ -100,17 +99,7 @@ def parse_plan(argv: Sequence[str]) -> tuple[Plan, str]:
         raise UsageError("nothing to run: give a command after -- (or --pid PID)")
     if args.pid is not None:
         _require_process(args.pid)
-    consul = ConsulOptions(
-        http_addr=args.http_addr,
-        token=args.token,
-        token_file=args.token_file,
-        ca_file=args.ca_file,
-        ca_path=args.ca_path,
-        client_cert=args.client_cert,
-        client_key=args.client_key,
-        tls_server_name=args.tls_server_name,
-        wait_for_consul=args.wait_for_consul,
-    )
+    consul = ConsulFlags.from_args(args)
     return Plan(tuple(services), tuple(command), args.pid, consul), args.log_level
 
 

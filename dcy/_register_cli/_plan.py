@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dcy._cli import ConsulFlags
 from dcy._consul import AgentInfo
 from dcy._defaults import MIN_DEREGISTER_AFTER
 from dcy._register import (
@@ -80,28 +81,13 @@ class ServicePlan:
 
 
 @dataclass(frozen=True, slots=True)
-class ConsulOptions:
-    """Where Consul is, as Consul's own CLI flags say it (None: CONSUL_* environment)."""
-
-    http_addr: str | None = None
-    token: str | None = None
-    token_file: str | None = None
-    ca_file: str | None = None
-    ca_path: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    tls_server_name: str | None = None
-    wait_for_consul: float | None = None  # None: wait forever
-
-
-@dataclass(frozen=True, slots=True)
 class Plan:
     """Services plus exactly one of ``command`` (start it) or ``pid`` (watch it)."""
 
     services: tuple[ServicePlan, ...]
     command: tuple[str, ...] = ()
     pid: int | None = None
-    consul: ConsulOptions = field(default_factory=ConsulOptions)
+    consul: ConsulFlags = field(default_factory=ConsulFlags)
 
 
 # Only used to run define_service's checks before the real agent is known.

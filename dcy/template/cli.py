@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dcy._backoff import Backoff
-from dcy._cli import unless_stopped
+from dcy._cli import ConsulFlags, unless_stopped
 from dcy._dcy import Dcy
 from dcy._durations import parse_duration, parse_wait
 from dcy._errors import DcyError
@@ -183,10 +183,11 @@ def _exec_settings(current: ExecSettings, args: argparse.Namespace) -> ExecSetti
 def _dcy_for(consul: ConsulSettings) -> Dcy:
     # Consul may come up after us, or be away for a while: wait for it as long as it takes,
     # never exit for it (consul-template exits after its retries: #2045).
-    return Dcy(
-        consul.address
-        if consul.address is None or "://" in consul.address or not consul.ssl
-        else f"https://{consul.address}",
+    address = consul.address
+    if address is not None and consul.ssl and "://" not in address:
+        address = f"https://{address}"
+    flags = ConsulFlags(
+        http_addr=address,
         token=consul.token,
         ca_file=consul.ca_cert,
         ca_path=consul.ca_path,
@@ -194,14 +195,13 @@ def _dcy_for(consul: ConsulSettings) -> Dcy:
         client_key=consul.key,
         tls_server_name=consul.server_name,
         verify=consul.ssl_verify,
-        wait_for_agent=None,
-        watch_options=WatchOptions(
-            backoff=Backoff(
-                base=max(consul.retry_backoff, 0.001),
-                cap=max(consul.retry_max_backoff, consul.retry_backoff, 0.001),
-            )
-        ),
+        wait_for_consul=None,
     )
+    backoff = Backoff(
+        base=max(consul.retry_backoff, 0.001),
+        cap=max(consul.retry_max_backoff, consul.retry_backoff, 0.001),
+    )
+    return flags.client(WatchOptions(backoff=backoff))
 
 
 class Application:

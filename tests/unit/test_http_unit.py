@@ -348,7 +348,7 @@ async def test_client_options_are_validated(fake_dcy: tuple[FakeConsul, Dcy]) ->
     """A bad strategy, attempt count or budget fails at construction, quoting the value."""
     _, dcy = fake_dcy
     with pytest.raises(ValueError, match="'fastest'"):
-        dcy.http_client(strategy="fastest")  # type: ignore[arg-type]
+        dcy.http_client(strategy="fastest")
     with pytest.raises(ValueError, match="attempts"):
         dcy.http_client(attempts=0)
     with pytest.raises(ValueError, match="budget"):
