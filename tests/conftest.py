@@ -7,13 +7,33 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.harness import ConsulAgent, NsqCluster
+
+# Property tests run on a 2-core machine next to real agents, under pytest-xdist: a wall-clock
+# deadline or the "too slow" health check would fail them for the machine's load, not for a
+# bug. CI (the default profile) also derandomizes, so a red run repeats the same examples;
+# HYPOTHESIS_PROFILE=explore searches with fresh random examples and more of them.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "explore", deadline=None, max_examples=1000, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _names = itertools.count()
 
