@@ -8,8 +8,10 @@ processes started here are ever stopped here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,6 +139,42 @@ def _wait_until(ready: Any, proc: ManagedProcess, what: str, timeout: float) -> 
 
 def _looks_like_port_clash(log: str) -> bool:
     return "address already in use" in log.lower()
+
+
+def bound_status_port(log: str) -> int | None:
+    """The port a dcy-template started with ``-status-addr 127.0.0.1:0`` serves on, once it
+    logged it (asking the system for the port leaves no window for a clash)."""
+    found = re.search(r"status: /health and /metrics on http://127\.0\.0\.1:(\d+)", log)
+    return int(found.group(1)) if found else None
+
+
+def start_on_free_ports(
+    count: int,
+    launch: Callable[[list[int]], ManagedProcess],
+    ready: Callable[[list[int]], Any],
+    what: str,
+    *,
+    timeout: float = 30.0,
+    attempts: int = 3,
+) -> tuple[ManagedProcess, list[int]]:
+    """Spawn a daemon on ``count`` free ports and wait until ``ready(ports)``; return it and
+    its ports.
+
+    free_ports() can only say a port was free a moment ago: another test (or the dev system)
+    may bind it before the daemon does. A daemon that exits saying so is started again on
+    other ports; any other failure is raised at once."""
+    for attempt in range(attempts):
+        ports = free_ports(count)
+        proc = launch(ports)
+        try:
+            _wait_until(functools.partial(ready, ports), proc, what, timeout)
+            return proc, ports
+        except HarnessError:
+            clash = _looks_like_port_clash(proc.log_tail(200))
+            proc.stop()
+            if not clash or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -415,27 +453,42 @@ class NsqCluster:
         return f"127.0.0.1:{self.ports['nsqd_tcp']}"
 
     def start(self, timeout: float = 30.0) -> NsqCluster:
-        names = ("lookupd_tcp", "lookupd_http", "nsqd_tcp", "nsqd_http")
-        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
-        self.lookupd = ManagedProcess(
-            [
-                str(require_binary("nsqlookupd")),
-                f"--tcp-address={self.lookupd_tcp}",
-                f"--http-address={self.lookupd_http}",
-                "--broadcast-address=127.0.0.1",
-            ],
-            self.workdir / "nsqlookupd.log",
+        def lookupd(ports: list[int]) -> ManagedProcess:
+            self.ports.update(lookupd_tcp=ports[0], lookupd_http=ports[1])
+            proc = ManagedProcess(
+                [
+                    str(require_binary("nsqlookupd")),
+                    f"--tcp-address={self.lookupd_tcp}",
+                    f"--http-address={self.lookupd_http}",
+                    "--broadcast-address=127.0.0.1",
+                ],
+                self.workdir / "nsqlookupd.log",
+            )
+            proc.spawn()
+            return proc
+
+        self.lookupd, _ = start_on_free_ports(
+            2, lookupd, lambda _: _ping(self.lookupd_http), "nsqlookupd", timeout=timeout
         )
-        self.lookupd.spawn()
-        _wait_until(lambda: _ping(self.lookupd_http), self.lookupd, "nsqlookupd", timeout)
-        self.start_nsqd(timeout)
+
+        def nsqd(ports: list[int]) -> ManagedProcess:
+            self.ports.update(nsqd_tcp=ports[0], nsqd_http=ports[1])
+            return self._spawn_nsqd()
+
+        self.nsqd, _ = start_on_free_ports(
+            2, nsqd, lambda _: _ping(self.nsqd_http), "nsqd", timeout=timeout
+        )
         return self
 
     def start_nsqd(self, timeout: float = 30.0) -> None:
-        """Start (or start again) nsqd on its ports with its data folder kept."""
+        """Start nsqd again on its ports (its clients know them) with its data folder kept."""
+        self.nsqd = self._spawn_nsqd()
+        _wait_until(lambda: _ping(self.nsqd_http), self.nsqd, "nsqd", timeout)
+
+    def _spawn_nsqd(self) -> ManagedProcess:
         data = self.workdir / "nsqd-data"
         data.mkdir(parents=True, exist_ok=True)
-        self.nsqd = ManagedProcess(
+        proc = ManagedProcess(
             [
                 str(require_binary("nsqd")),
                 f"--tcp-address={self.nsqd_tcp}",
@@ -446,8 +499,8 @@ class NsqCluster:
             ],
             self.workdir / "nsqd.log",
         )
-        self.nsqd.spawn()
-        _wait_until(lambda: _ping(self.nsqd_http), self.nsqd, "nsqd", timeout)
+        proc.spawn()
+        return proc
 
     def stop(self) -> None:
         for proc in (self.nsqd, self.lookupd):

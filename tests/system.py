@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ConsulAgent, ManagedProcess, NsqCluster, free_ports, until
+from tests.harness import ConsulAgent, ManagedProcess, NsqCluster, start_on_free_ports, until
 from tests.harness import _ping as ping
-from tests.harness import _wait_until as wait_until
 from tools.build import require_binary
 
 
@@ -99,20 +98,26 @@ class System:
         """Start nsqadmin on a free port against this system's nsqlookupd, registered as
         ``nsqadmin`` with a named HTTP /ping check as the Procfile registers it; stop() ends it
         with the services."""
-        assert self.nsq is not None
-        port = free_ports(1)[0]
-        proc = ManagedProcess(
-            [
-                str(require_binary("nsqadmin")),
-                f"--http-address=127.0.0.1:{port}",
-                f"--lookupd-http-address={self.nsq.lookupd_http}",
-            ],
-            self.workdir / "nsqadmin.log",
+        nsq = self.nsq
+        assert nsq is not None
+
+        def launch(ports: list[int]) -> ManagedProcess:
+            proc = ManagedProcess(
+                [
+                    str(require_binary("nsqadmin")),
+                    f"--http-address=127.0.0.1:{ports[0]}",
+                    f"--lookupd-http-address={nsq.lookupd_http}",
+                ],
+                self.workdir / "nsqadmin.log",
+            )
+            proc.spawn()
+            return proc
+
+        proc, (port,) = start_on_free_ports(
+            1, launch, lambda ports: ping(f"127.0.0.1:{ports[0]}"), "nsqadmin"
         )
-        proc.spawn()
         service = ServiceProcess("nsqadmin", proc)
         self.services.append(service)
-        wait_until(lambda: ping(f"127.0.0.1:{port}"), proc, "nsqadmin", 30)
         url = f"http://127.0.0.1:{port}/ping"
         self.register(
             {

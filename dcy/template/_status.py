@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dcy.template._metrics import RendererMetrics
 from dcy.template._runner import Renderer
+
+log = logging.getLogger("dcy.template")
 
 
 def health_report(renderer: Renderer) -> tuple[int, dict[str, Any]]:
@@ -67,4 +70,8 @@ async def start_status_server(
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    # Port 0 asks the system for a free port: the log line is how a supervisor (or a test)
+    # learns which one, with no race between choosing a port and binding it.
+    for bound in runner.addresses:
+        log.info("status: /health and /metrics on http://%s:%d", *bound[:2])
     return runner

@@ -1,7 +1,8 @@
 """The benchmarks still run: each one, in its short form, ends with its line of figures.
 
-Only the shape of the output is checked here; the figures themselves (and the goals they are
-compared with) belong to bench/README.md, never to a test.
+The speed figures (and the goals they are compared with) belong to bench/README.md, never to
+a test. The figures that count wrong answers are different: a benchmark that lost or
+duplicated work measured a broken system, so those must be zero even in the short form.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ FIGURES = {
     ),
 }
 
+# Figures that count mistakes, per benchmark: each must be exactly 0.
+MUST_BE_ZERO = {"pipeline": ("lost", "duplicated")}
+
 
 @pytest.mark.parametrize("bench", sorted(FIGURES))
 def test_benchmark_quick_run_ends_with_its_figures(bench: str) -> None:
@@ -75,9 +79,13 @@ def test_benchmark_quick_run_ends_with_its_figures(bench: str) -> None:
     assert numbers and all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()
     ), figures
+    mistakes = {name: figures[name] for name in MUST_BE_ZERO.get(bench, ())}
+    assert not any(mistakes.values()), f"{bench} measured a broken run: {mistakes}"
 
 
 def test_every_benchmark_is_smoke_tested() -> None:
     """Each bench/<name>.py (but the shared _modules) has its entry above."""
     scripts = {p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_")}
     assert scripts == set(FIGURES)
+    assert set(MUST_BE_ZERO) <= set(FIGURES)
+    assert all(set(names) <= set(FIGURES[bench]) for bench, names in MUST_BE_ZERO.items())

@@ -17,7 +17,13 @@ from dcy._register_cli._args import parse_plan
 from tasks._infra_check import consul_agents
 from tasks._infra_render import read_pins, render_all
 from tasks._inventory import load_inventory
-from tests.harness import ConsulAgent, ManagedProcess, _wait_until, free_ports, http_json
+from tests.harness import (
+    ConsulAgent,
+    ManagedProcess,
+    free_ports,
+    http_json,
+    start_on_free_ports,
+)
 from tools.build import require_binary
 
 pytestmark = pytest.mark.integration
@@ -70,15 +76,20 @@ def compose_agent(tmp_path: Path) -> Iterator[str]:
     ]
     args = [a.replace("/consul/dev.hcl", str(ROOT / "consul" / "dev.hcl")) for a in command]
     names = ("http", "dns", "serf-lan", "serf-wan", "server", "grpc", "grpc-tls")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    argv = [str(require_binary("consul")), *args, f"-data-dir={tmp_path / 'data'}"]
-    argv += [f"-{name}-port={port}" for name, port in ports.items()]
-    url = f"http://127.0.0.1:{ports['http']}"
-    proc = ManagedProcess(argv, tmp_path / "consul.log")
-    proc.spawn()
+
+    def launch(chosen: list[int]) -> ManagedProcess:
+        argv = [str(require_binary("consul")), *args, f"-data-dir={tmp_path / 'data'}"]
+        argv += [f"-{name}-port={port}" for name, port in zip(names, chosen, strict=True)]
+        proc = ManagedProcess(argv, tmp_path / "consul.log")
+        proc.spawn()
+        return proc
+
+    def leader(chosen: list[int]) -> Any:
+        return http_json(f"http://127.0.0.1:{chosen[0]}/v1/status/leader")
+
+    proc, ports = start_on_free_ports(len(names), launch, leader, "compose agent", timeout=60)
     try:
-        _wait_until(lambda: http_json(f"{url}/v1/status/leader"), proc, "compose agent", 60)
-        yield url
+        yield f"http://127.0.0.1:{ports[0]}"
     finally:
         proc.stop()
 

@@ -500,6 +500,8 @@ async def test_health_state_blocks_until_a_check_changes(api: ConsulAPI, unique_
     await api.register_service(_definition(unique_name, 9204))
     first = await api.health_state("any")
     waiting = asyncio.ensure_future(api.health_state("any", index=first.index, wait=20))
+    # Let the query reach the agent and park. Not asserted: other tests' checks on this
+    # shared agent may legitimately wake it (followed below).
     await asyncio.sleep(0.3)
     await api.update_ttl(f"service:{unique_name}-9204", "critical", "gone")
     result = await asyncio.wait_for(waiting, 15)

@@ -101,14 +101,15 @@ async def test_agent_restart_reregisters_and_watches_resume(
     async with Dcy(agent.http_addr, watch_options=FAST) as dcy:
         registration = await dcy.register(unique_name, 7100, check=TtlCheck(ttl=3))
         await eventually(lambda: _first(dcy, unique_name), what="registered")
+        assert registration.registrations == 1
         agent.restart()
-        assert unique_name not in agent.api("/v1/agent/services").values()
         await eventually(
             lambda: registration.service_id in agent.api("/v1/agent/services"),
             what="re-registration",
         )
         lookup = await eventually(lambda: _fresh_lookup(dcy, unique_name), what="fresh watch")
         assert [i.port for i in lookup.instances] == [7100]
+        # The restarted dev agent forgot the service: it is back because dcy registered again.
         assert registration.registrations >= 2
 
 
@@ -176,7 +177,7 @@ async def test_concurrent_lookups_share_one_query(consul: ConsulAgent, unique_na
             picks = await asyncio.gather(*(dcy.pick(unique_name) for _ in range(50)))
             assert {p.port for p in picks} == {7300}
             await eventually(lambda: api.blocking == 1, what="the blocking query")
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the window in which no second request may be sent
             assert (api.total, api.blocking) == (2, 1)
             assert len([w for w in dcy.engine.watches if "health" in str(w.spec)]) == 1
     finally:

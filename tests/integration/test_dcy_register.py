@@ -298,16 +298,20 @@ def test_config_file_registers_every_service_it_names(
     assert not {a, b} & set(services(consul))
 
 
+# Each case: its arguments and what the message must say. Every name holds NAME (the test's
+# unique name), so the final check would see the service had anything reached Consul.
 BAD_INPUTS = {
-    "invalid name": ["--name", "not a name", "--port", "7201"],
-    "port out of range": ["--name", "NAME", "--port", "70000"],
-    "unknown check": ["--name", "NAME", "--port", "7201", "--check", "icmp"],
-    "meta without =": ["--name", "NAME", "--port", "7201", "--meta", "novalue"],
-    "bad interval": ["--name", "NAME", "--port", "7201", "--interval", "soon"],
-    "http path on tcp check": ["--name", "NAME", "--port", "7201", "--check", "tcp",
-                               "--http-path", "/x"],
-    "config with unknown key": ["--config", "CONFIG"],
-    "both a pid and a command": ["--name", "NAME", "--port", "7201", "--pid", "1"],
+    "invalid name": (["--name", "NAME with spaces", "--port", "7201"], "invalid service name"),
+    "port out of range": (["--name", "NAME", "--port", "70000"], "invalid port 70000"),
+    "unknown check": (["--name", "NAME", "--port", "7201", "--check", "icmp"], "'icmp'"),
+    "meta without =": (["--name", "NAME", "--port", "7201", "--meta", "novalue"], "KEY=VALUE"),
+    "bad interval": (["--name", "NAME", "--port", "7201", "--interval", "soon"],
+                     "invalid --interval 'soon'"),
+    "http path on tcp check": (["--name", "NAME", "--port", "7201", "--check", "tcp",
+                                "--http-path", "/x"], "HTTP path only fits an http check"),
+    "config with unknown key": (["--config", "CONFIG"], "unknown key(s) ['colour']"),
+    "both a pid and a command": (["--name", "NAME", "--port", "7201", "--pid", "1"],
+                                 "not both"),
 }  # fmt: skip
 
 
@@ -319,11 +323,13 @@ def test_bad_input_exits_2_and_registers_and_runs_nothing(
     hears of the service."""
     config = tmp_path / "bad.hcl"
     config.write_text(f'service {{\n  name = "{unique_name}"\n  port = 1\n  colour = "red"\n}}\n')
-    args = [a.replace("NAME", unique_name).replace("CONFIG", str(config)) for a in BAD_INPUTS[case]]
+    words, message = BAD_INPUTS[case]
+    args = [a.replace("NAME", unique_name).replace("CONFIG", str(config)) for a in words]
     ran = tmp_path / "ran"
     process = runner.start([*args, "--", "touch", str(ran)], consul.http_addr)
     assert process.wait(30) == 2
     assert runner.log().startswith("dcy-register: ")
+    assert message in runner.log().splitlines()[0]
     assert not ran.exists()
     assert not any(unique_name in s["Service"] for s in services(consul).values())
 

@@ -25,6 +25,11 @@ pytestmark = pytest.mark.integration
 FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
 ROOT = Path(__file__).resolve().parents[2]
 TTL, LOCK_DELAY = 10.0, 1.0
+# A takeover's bound beyond what Consul's rules allow: the other's bid (its back-off is capped
+# at 1 s) plus the scheduling of three processes on a loaded 2-core CI machine.
+TAKEOVER_SLACK = 4.0
+# Long enough that a handover which waited for it could not pass for a prompt one.
+HANDOVER_LOCK_DELAY = 8.0
 
 
 @pytest.fixture
@@ -223,6 +228,10 @@ async def test_sigkilled_holder_is_replaced_after_session_expiry(
             f"\n[measured] takeover after SIGKILL of the holder: {took:.1f}s "
             f"(ttl {TTL:g}s, lock-delay {LOCK_DELAY:g}s)"
         )
+    # The holder renewed at most TTL/3 before it died and Consul expires a session no sooner
+    # than TTL after its last renewal: a takeover sooner than that came from something else.
+    # Consul allows itself up to 2 x TTL, then the lock-delay, then one bid of the other.
+    assert TTL - TTL / 3 <= took <= 2 * TTL + LOCK_DELAY + TAKEOVER_SLACK
 
 
 async def test_sigkilled_holder_bound_to_its_check_is_replaced_once_the_check_fails(
@@ -246,6 +255,9 @@ async def test_sigkilled_holder_bound_to_its_check_is_replaced_once_the_check_fa
             f"\n[measured] takeover after SIGKILL of a holder bound to its 2s TTL check: "
             f"{took:.1f}s (lock-delay {LOCK_DELAY:g}s)"
         )
+    # The check goes critical at most 2 s after the last heartbeat; the lock-delay runs from
+    # the session's end, so the takeover can be no sooner than it.
+    assert LOCK_DELAY <= took <= 2 + LOCK_DELAY + TAKEOVER_SLACK
 
 
 async def test_sigtermed_holder_hands_over_at_once(
@@ -256,7 +268,8 @@ async def test_sigtermed_holder_hands_over_at_once(
 ) -> None:
     """A holder that exits normally releases the lock first, so the other leads without
     waiting for a TTL or a lock-delay."""
-    holder, other, other_events = await _two_contenders(contenders, consul, unique_name)
+    slow = ("--lock-delay", str(HANDOVER_LOCK_DELAY))
+    holder, other, other_events = await _two_contenders(contenders, consul, unique_name, *slow)
     holder.terminate()
     stopped_at = time.monotonic()
     await eventually(lambda: _leads(other_events), timeout=30, what="handover")
@@ -265,6 +278,8 @@ async def test_sigtermed_holder_hands_over_at_once(
     assert _holder_pid(consul, unique_name) == other.pid
     with capsys.disabled():
         print(f"\n[measured] handover after SIGTERM of the holder: {took:.2f}s")
+    # Sooner than the lock-delay: the holder released the lock before its session ended.
+    assert took < HANDOVER_LOCK_DELAY
 
 
 async def test_stopped_agent_tells_the_holder_it_lost(

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -190,7 +189,9 @@ def test_standby_app_takes_over_when_the_leader_dies(system: System) -> None:
     Consul's check of the dead leader fails (its session is bound to that check). With a 60s
     session TTL, expiry (2 x TTL) could not have done it before the wait gives up."""
     first, second = _leader_and_standby(system, "--leader-ttl", "60")
-    time.sleep(1)
+    # Five more cycles of the leader: time enough for a standby that also orchestrated to log.
+    led = len(System.results(first))
+    wait(lambda: len(System.results(first)) >= led + 5, what="the leader's next cycles")
     assert System.results(second) == []
     first.proc.kill()
     wait(lambda: System.results(second), timeout=60, what="take-over")

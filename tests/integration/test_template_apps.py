@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.harness import ConsulAgent, eventually, free_ports
+from tests.harness import ConsulAgent, bound_status_port, eventually, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -474,8 +474,7 @@ async def test_config_yml_follows_statsd_and_reloads_once_per_change(
     config, marker = tmp_path / "config.yml", tmp_path / "reloads.txt"
     script = tmp_path / "reload.py"
     script.write_text(RELOAD_SCRIPT)
-    (status_port,) = free_ports(1)
-    status_url = f"http://127.0.0.1:{status_port}/health"
+    status_url = ""
 
     def reloads() -> list[str]:
         return marker.read_text().splitlines() if marker.exists() else []
@@ -500,10 +499,14 @@ async def test_config_yml_follows_statsd_and_reloads_once_per_change(
             tmp_path,
             f"templates/config.yml.j2:{config}:{sys.executable} {script} {config} {marker}",
             "-status-addr",
-            f"127.0.0.1:{status_port}",
+            "127.0.0.1:0",
             env={"APP_NAME": "sensor-app", "APP_LOG_LEVEL": "debug"},
         ).start()
         with running(renderer):
+            port = await eventually(
+                lambda: bound_status_port(renderer.log.read_text()), what="status server"
+            )
+            status_url = f"http://127.0.0.1:{port}/health"
             await eventually(lambda: len(reloads()) == 1, what=f"first reload {renderer.tail()}")
             assert config.read_text() == expected_config([port1])
             await eventually(lambda: "app.reloaded:1|c" in statsd.received, what="statsd hello")

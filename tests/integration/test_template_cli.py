@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ConsulAgent, ManagedProcess, free_ports, until
+from tests.harness import ConsulAgent, ManagedProcess, bound_status_port, until
 
 pytestmark = pytest.mark.integration
 
@@ -149,7 +149,6 @@ def test_consul_outage_keeps_files_and_renderer_recovers(
     register(agent, "web-1", 7101)
     src, out = tmp_path / "in.j2", tmp_path / "out"
     src.write_text(WEB_PORTS)
-    (status_port,) = free_ports(1)
     renderer = start_renderer(
         agent,
         "-template",
@@ -159,8 +158,9 @@ def test_consul_outage_keeps_files_and_renderer_recovers(
         "-consul-retry-max-backoff",
         "100ms",
         "-status-addr",
-        f"127.0.0.1:{status_port}",
+        "127.0.0.1:0",
     )
+    status_port = until(lambda: bound_status_port(renderer.log()), what="status server")
     until(lambda: read(out) == "7101 ", what="first render")
     until(lambda: health(status_port)[0] == 200, what="healthy")
     written = out.stat().st_mtime_ns

@@ -340,7 +340,7 @@ async def test_session_bound_to_a_service_check(dcy: Dcy, fake: FakeConsul) -> N
     entering = asyncio.create_task(bound.__aenter__())
     waiting: asyncio.Task[Leadership] | None = None
     try:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the window: at least one refused bid, retried, not raised
         assert not entering.done() and bound.session_id is None  # waits, does not fail
         fake.set_status(registration.service_id, "passing")
         await asyncio.wait_for(entering, 5)
@@ -349,7 +349,7 @@ async def test_session_bound_to_a_service_check(dcy: Dcy, fake: FakeConsul) -> N
         assert session["ServiceChecks"] == [{"ID": check_id, "Namespace": ""}]
         waiting = asyncio.create_task(other.__aenter__())
         fake.set_status(registration.service_id, "warning")  # Consul keeps the session
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the window: the fake applies a status change at once
         assert bound.is_leader and not waiting.done()
         fake.set_status(registration.service_id, "critical")
         reason = await asyncio.wait_for(bound.wait_lost(), 5)

@@ -111,8 +111,10 @@ async def test_only_affected_templates_rerender(dcy: Dcy, fake: FakeConsul, tmp_
     db_renders = db_state.renders
     fake.add_service("web", port=8002)
     await eventually(lambda: web.read_text() == "80018002", what="web re-rendered")
-    await asyncio.sleep(0.2)
-    assert db_state.renders == db_renders
+    # A change of db renders db once: had the web change rendered db too, it counts two.
+    fake.add_service("db", port=9002)
+    await eventually(lambda: db.read_text() == "54329002", what="db re-rendered")
+    assert db_state.renders == db_renders + 1
     await running.stop()
 
 
@@ -161,7 +163,7 @@ async def test_outage_keeps_file_and_reports_staleness(
     before = out.stat().st_mtime_ns
     fake.set_unavailable()
     await eventually(lambda: running.renderer.stale, what="stale")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # the window: six back-off caps (0.05 s) of failed retries
     assert out.read_text() == "8001" and out.stat().st_mtime_ns == before
     assert not running.task.done()
     fake.set_unavailable(False)
@@ -209,6 +211,8 @@ async def test_shared_command_runs_once_per_pass(
     await eventually(lambda: marker.exists() and marker.read_text() == "x")
     fake.add_service("web", port=8002)
     await eventually(lambda: marker.read_text() == "xx", what="second run")
+    # The window: both renders of a pass run before its commands start, so a second run of
+    # this pass would start with the first; 0.2 s is ample for it to have written.
     await asyncio.sleep(0.2)
     assert marker.read_text() == "xx"
     await running.stop()
