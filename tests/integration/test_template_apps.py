@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,84 +277,128 @@ async def send_traffic(
             await asyncio.sleep(pause)
 
 
+class PortClash(Exception):
+    """nginx could not listen on the port chosen for it: another process bound it first."""
+
+
+async def start_nginx(nginx: Child, setup: NginxSetup) -> None:
+    """Start nginx and wait for its pid file; PortClash if its port was taken meanwhile."""
+    nginx.start()
+
+    def up() -> bool:
+        if setup.pid_file.exists():
+            return True
+        if nginx.alive:
+            return False
+        errors = setup.error_log.read_text(errors="replace") if setup.error_log.exists() else ""
+        if "address already in use" in (errors + nginx.tail()).lower():
+            raise PortClash(setup.port)
+        raise AssertionError(f"nginx exited: {nginx.tail()}\n{errors[-2000:]}")
+
+    await eventually(up, what="nginx pid file")
+
+
+async def on_a_free_port(
+    scenario: Callable[[Path, str], Awaitable[None]], tmp_path: Path, name: str
+) -> None:
+    """Run an nginx scenario; if nginx lost its free port to another process, run it again
+    from the start with a new port (rendered into a new config), a new folder and a new
+    service name (the first attempt's registrations may linger)."""
+    attempts = 3
+    for attempt in range(attempts):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        try:
+            await scenario(folder, f"{name}-{attempt}")
+            return
+        except PortClash:
+            if attempt == attempts - 1:
+                raise
+
+
 async def test_nginx_follows_a_removed_worker_without_a_failed_request(
     consul: ConsulAgent, unique_name: str, tmp_path: Path
 ) -> None:
     """A worker leaving Consul is dropped from nginx by a re-render and `nginx -s reload` while
     traffic flows: no request fails, and after the reload none reaches the removed worker."""
-    setup = NginxSetup(tmp_path, unique_name)
-    async with workers(3, unique_name) as (w1, w2, w3):
-        for worker in (w1, w2, w3):
-            worker.register(consul, unique_name)
-        ids = {w1.name, w2.name, w3.name}
-        await eventually(lambda: passing_ids(consul, unique_name) == ids, what="3 passing")
-        renderer = template_child(
-            consul,
-            tmp_path,
-            f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
-            env=setup.template_env,
-        ).start()
-        nginx = Child(setup.argv("-g", "daemon off;"), tmp_path / "nginx.out")
-        with running(renderer, nginx):
-            expected = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2, w3))
-            await eventually(lambda: sorted(setup.upstream()) == expected, what="3 upstreams")
-            # The first render's reload finds no nginx yet: logged, and the renderer lives on.
-            # Waiting for that failure keeps it from reloading the nginx started next.
-            await eventually(
-                lambda: "nginx.pid" in renderer.log.read_text(), what="first reload failed"
+
+    async def scenario(tmp: Path, service: str) -> None:
+        setup = NginxSetup(tmp, service)
+        async with workers(3, service) as (w1, w2, w3):
+            for worker in (w1, w2, w3):
+                worker.register(consul, service)
+            ids = {w1.name, w2.name, w3.name}
+            await eventually(lambda: passing_ids(consul, service) == ids, what="3 passing")
+            renderer = template_child(
+                consul,
+                tmp,
+                f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
+                env=setup.template_env,
+            ).start()
+            nginx = Child(setup.argv("-g", "daemon off;"), tmp / "nginx.out")
+            with running(renderer, nginx):
+                expected = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2, w3))
+                await eventually(lambda: sorted(setup.upstream()) == expected, what="3 upstreams")
+                # The first render's reload finds no nginx yet: logged, and the renderer lives on.
+                # Waiting for that failure keeps it from reloading the nginx started next.
+                await eventually(
+                    lambda: "nginx.pid" in renderer.log.read_text(), what="first reload failed"
+                )
+                await start_nginx(nginx, setup)
+                async with aiohttp.ClientSession() as session:
+                    await eventually(
+                        lambda: _status_is(session, setup.url, 200), what="nginx answering"
+                    )
+                reloads_before = setup.log_count(r"SIGHUP\) received")
+                exits_before = setup.log_count(r"worker process \d+ exited")
+
+                results: list[Served] = []
+                stop = asyncio.Event()
+                traffic = asyncio.create_task(send_traffic(setup.url, results, stop))
+                try:
+                    await eventually(lambda: len(results) >= 100, what="100 requests before")
+                    removed_at = time.monotonic()
+                    consul_put(consul, f"/v1/agent/service/deregister/{w3.name}")
+                    remaining = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2))
+                    await eventually(
+                        lambda: sorted(setup.upstream()) == remaining,
+                        what="nginx.conf without the removed worker",
+                    )
+                    # The reload is over when the master says so and the old worker has left.
+                    await eventually(
+                        lambda: (
+                            setup.log_count(r"SIGHUP\) received") > reloads_before
+                            and setup.log_count(r"worker process \d+ exited") > exits_before
+                        ),
+                        what=f"nginx reloaded; error log:\n{setup.error_log.read_text()[-2000:]}",
+                    )
+                    reloaded_at = time.monotonic()
+                    await w3.stop()  # the graceful path: only once nginx no longer sends it work
+                    await eventually(
+                        lambda: (
+                            sum(r.started >= reloaded_at for r in results) >= 150
+                            and len(results) >= 320
+                        ),
+                        what="150 requests after the reload",
+                    )
+                finally:
+                    stop.set()
+                    await traffic
+                assert renderer.alive, renderer.tail()
+
+            failed = [r for r in results if r.status != 200]
+            assert not failed, f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
+            before = _served_by([r for r in results if r.started < removed_at])
+            after = _served_by([r for r in results if r.started >= reloaded_at])
+            assert all(before.get(w.name, 0) > 0 for w in (w1, w2, w3)), before
+            assert set(after) == {w1.name, w2.name}, after
+            assert all(after[w.name] > 10 for w in (w1, w2)), after
+            assert setup.log_count(r"SIGHUP\) received") == reloads_before + 1
+            assert renderer.process is not None and renderer.process.returncode == 0, (
+                renderer.tail()
             )
-            nginx.start()
-            await eventually(setup.pid_file.exists, what="nginx pid file")
-            async with aiohttp.ClientSession() as session:
-                await eventually(
-                    lambda: _status_is(session, setup.url, 200), what="nginx answering"
-                )
-            reloads_before = setup.log_count(r"SIGHUP\) received")
-            exits_before = setup.log_count(r"worker process \d+ exited")
 
-            results: list[Served] = []
-            stop = asyncio.Event()
-            traffic = asyncio.create_task(send_traffic(setup.url, results, stop))
-            try:
-                await eventually(lambda: len(results) >= 100, what="100 requests before")
-                removed_at = time.monotonic()
-                consul_put(consul, f"/v1/agent/service/deregister/{w3.name}")
-                remaining = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2))
-                await eventually(
-                    lambda: sorted(setup.upstream()) == remaining,
-                    what="nginx.conf without the removed worker",
-                )
-                # The reload is over when the master says so and the old worker has left.
-                await eventually(
-                    lambda: (
-                        setup.log_count(r"SIGHUP\) received") > reloads_before
-                        and setup.log_count(r"worker process \d+ exited") > exits_before
-                    ),
-                    what=f"nginx reloaded; error log:\n{setup.error_log.read_text()[-2000:]}",
-                )
-                reloaded_at = time.monotonic()
-                await w3.stop()  # the graceful path: only once nginx no longer sends it work
-                await eventually(
-                    lambda: (
-                        sum(r.started >= reloaded_at for r in results) >= 150
-                        and len(results) >= 320
-                    ),
-                    what="150 requests after the reload",
-                )
-            finally:
-                stop.set()
-                await traffic
-            assert renderer.alive, renderer.tail()
-
-        failed = [r for r in results if r.status != 200]
-        assert not failed, f"{len(failed)} of {len(results)} failed, e.g. {failed[:3]}"
-        before = _served_by([r for r in results if r.started < removed_at])
-        after = _served_by([r for r in results if r.started >= reloaded_at])
-        assert all(before.get(w.name, 0) > 0 for w in (w1, w2, w3)), before
-        assert set(after) == {w1.name, w2.name}, after
-        assert all(after[w.name] > 10 for w in (w1, w2)), after
-        assert setup.log_count(r"SIGHUP\) received") == reloads_before + 1
-        assert renderer.process is not None and renderer.process.returncode == 0, renderer.tail()
+    await on_a_free_port(scenario, tmp_path, unique_name)
 
 
 async def test_nginx_answers_503_when_no_worker_is_left(
@@ -362,36 +406,43 @@ async def test_nginx_answers_503_when_no_worker_is_left(
 ) -> None:
     """With every worker gone the rendered nginx.conf has no upstream, passes `nginx -t`, and
     nginx answers 503 after the reload instead of failing on an empty upstream."""
-    setup = NginxSetup(tmp_path, unique_name)
-    async with workers(1, unique_name) as (only,):
-        only.register(consul, unique_name)
-        await eventually(lambda: passing_ids(consul, unique_name) == {only.name}, what="passing")
-        renderer = template_child(
-            consul,
-            tmp_path,
-            f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
-            env=setup.template_env,
-        ).start()
-        nginx = Child(setup.argv("-g", "daemon off;"), tmp_path / "nginx.out")
-        with running(renderer, nginx):
-            await eventually(lambda: setup.upstream() == [f"127.0.0.1:{only.port}"], what="conf")
-            nginx.start()
-            async with aiohttp.ClientSession() as session:
-                await eventually(lambda: _status_is(session, setup.url, 200), what="200")
-                consul_put(consul, f"/v1/agent/service/deregister/{only.name}")
+
+    async def scenario(tmp: Path, service: str) -> None:
+        setup = NginxSetup(tmp, service)
+        async with workers(1, service) as (only,):
+            only.register(consul, service)
+            await eventually(lambda: passing_ids(consul, service) == {only.name}, what="passing")
+            renderer = template_child(
+                consul,
+                tmp,
+                f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
+                env=setup.template_env,
+            ).start()
+            nginx = Child(setup.argv("-g", "daemon off;"), tmp / "nginx.out")
+            with running(renderer, nginx):
                 await eventually(
-                    lambda: "upstream" not in setup.conf.read_text(), what="conf without upstream"
+                    lambda: setup.upstream() == [f"127.0.0.1:{only.port}"], what="conf"
                 )
-                checked = await asyncio.create_subprocess_exec(
-                    *setup.argv("-t"), stderr=asyncio.subprocess.PIPE
-                )
-                _, errors = await asyncio.wait_for(checked.communicate(), 30)
-                assert checked.returncode == 0, errors.decode()
-                assert b"test is successful" in errors
-                await eventually(lambda: _status_is(session, setup.url, 503), what="503")
-                status, body = await get(session, setup.url)
-            assert (status, body) == (503, f"no passing instance of {unique_name}\n")
-            assert renderer.alive, renderer.tail()
+                await start_nginx(nginx, setup)
+                async with aiohttp.ClientSession() as session:
+                    await eventually(lambda: _status_is(session, setup.url, 200), what="200")
+                    consul_put(consul, f"/v1/agent/service/deregister/{only.name}")
+                    await eventually(
+                        lambda: "upstream" not in setup.conf.read_text(),
+                        what="conf without upstream",
+                    )
+                    checked = await asyncio.create_subprocess_exec(
+                        *setup.argv("-t"), stderr=asyncio.subprocess.PIPE
+                    )
+                    _, errors = await asyncio.wait_for(checked.communicate(), 30)
+                    assert checked.returncode == 0, errors.decode()
+                    assert b"test is successful" in errors
+                    await eventually(lambda: _status_is(session, setup.url, 503), what="503")
+                    status, body = await get(session, setup.url)
+                assert (status, body) == (503, f"no passing instance of {service}\n")
+                assert renderer.alive, renderer.tail()
+
+    await on_a_free_port(scenario, tmp_path, unique_name)
 
 
 async def _status_is(session: aiohttp.ClientSession, url: str, expected: int) -> bool:
