@@ -30,6 +30,7 @@ import base64
 import contextlib
 import logging
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -351,6 +352,17 @@ class HttpConsul:
                 "client certificate"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            refusal = _tls_refusal(exc)
+            if refusal is not None:
+                # With TLS 1.3 the agent refuses a missing or unknown client certificate
+                # after the handshake looked done: it arrives as a read error, and is no
+                # more transient than a refused handshake.
+                raise TlsError(
+                    f"TLS with Consul at {self.config.address} failed: the agent refused our "
+                    f"client certificate ({refusal.reason or refusal}). Check "
+                    "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY (a certificate signed by the "
+                    "agent's CA)"
+                ) from exc
             raise ConsulUnavailable(
                 f"cannot reach Consul at {self.config.address}: {exc}",
                 address=self.config.address,
@@ -546,6 +558,21 @@ class HttpConsul:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS alert behind a connection error, if there is one. An EOF or a clean close
+    inside TLS is a connection that went away (transient), not a refusal."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) and not isinstance(
+            current, ssl.SSLEOFError | ssl.SSLZeroReturnError
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 HEALTH_STATES = ("any", "passing", "warning", "critical")
