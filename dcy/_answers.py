@@ -16,6 +16,13 @@ Everything not in the table is classified by its status alone:
   transient: "No cluster leader" during an election, "rpc error ... connection refused"
   while a server restarts, "No path to datacenter" while a WAN link is down;
 * any other status: :class:`ConsulError`.
+
+Reads of lists are not refused but filtered: Consul leaves out what the token may not read
+and says so in a header (:data:`FILTERED_BY_ACLS`). A filtered answer with nothing left in it
+(no instance of a service the token may not read, no session) is :func:`hidden_by_acls`, an
+:class:`AclDenied`; a partly filtered one is an answer, as least privilege intends. A
+recursive KV read of a prefix the token may not read cannot be told from an empty prefix:
+Consul answers 404 without the header.
 """
 
 from __future__ import annotations
@@ -108,6 +115,19 @@ REFUSALS: tuple[Refusal, ...] = (
 
 # Statuses Consul uses for "not now": overload, elections, servers restarting.
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+FILTERED_BY_ACLS = "X-Consul-Results-Filtered-By-ACLs"
+
+
+def hidden_by_acls(operation: str) -> AclDenied:
+    """The error of a read whose every result Consul's ACLs filtered out."""
+    return AclDenied(
+        f"Consul denied {operation}: the token may read none of the results (filtered by "
+        "ACLs: it lacks service:read, node:read or session:read on them)",
+        status=200,
+        operation=operation,
+    )
 
 
 def classify(status: int, text: str, *, operation: str, address: str) -> DcyError:

@@ -30,6 +30,7 @@ import base64
 import contextlib
 import logging
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from dcy._answers import classify
+from dcy._answers import FILTERED_BY_ACLS, classify, hidden_by_acls
 from dcy._config import ConsulConfig
 from dcy._errors import ConsulUnavailable, TlsError, UnknownService
 
@@ -222,12 +223,13 @@ class ConsulAPI(Protocol):
 class _Answer:
     """What the pipeline hands back: the status, the index header, the raw body."""
 
-    __slots__ = ("body", "index", "status")
+    __slots__ = ("body", "filtered", "index", "status")
 
-    def __init__(self, status: int, index: Index, body: bytes) -> None:
+    def __init__(self, status: int, index: Index, body: bytes, filtered: bool = False) -> None:
         self.status = status
         self.index = index
         self.body = body
+        self.filtered = filtered
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
@@ -266,8 +268,9 @@ class HttpConsul:
         }
         if config.token:
             headers["X-Consul-Token"] = config.token
-        if config.tls_server_name:
-            headers["Host"] = config.tls_server_name
+        # The name the agent's certificate must carry (and SNI), when it is not the host we
+        # dial: Consul's CLI checks CONSUL_TLS_SERVER_NAME the same way.
+        self._server_hostname = config.tls_server_name if config.scheme == "https" else None
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=_CALL_TIMEOUT),
@@ -304,13 +307,19 @@ class HttpConsul:
         with self._transport_errors(method, path, timeout):
             async with (
                 asyncio.timeout(timeout),
-                self._session.request(method, URL(url, encoded=True), data=body) as response,
+                self._session.request(
+                    method,
+                    URL(url, encoded=True),
+                    data=body,
+                    server_hostname=self._server_hostname,
+                ) as response,
             ):
                 raw = await response.read()
                 status = response.status
                 header = response.headers.get(
                     "X-Consul-ContentHash" if hash_index else "X-Consul-Index", ""
                 )
+                filtered = response.headers.get(FILTERED_BY_ACLS) == "true"
         if status >= 400 and not (status == 404 and method == "GET"):
             raise classify(
                 status,
@@ -318,7 +327,12 @@ class HttpConsul:
                 operation=f"{method} {path}",
                 address=self.config.address,
             )
-        return _Answer(status, header if hash_index else _int_index(header), raw)
+        answer = _Answer(status, header if hash_index else _int_index(header), raw, filtered)
+        if filtered and not answer.json():
+            # A list read whose every entry the token may not see answers 200 and empty:
+            # without this, a missing service:read or node:read looks like "no instances".
+            raise hidden_by_acls(f"{method} {path}")
+        return answer
 
     @contextlib.contextmanager
     def _transport_errors(self, method: str, path: str, timeout: float) -> Iterator[None]:
@@ -338,6 +352,17 @@ class HttpConsul:
                 "client certificate"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            refusal = _tls_refusal(exc)
+            if refusal is not None:
+                # With TLS 1.3 the agent refuses a missing or unknown client certificate
+                # after the handshake looked done: it arrives as a read error, and is no
+                # more transient than a refused handshake.
+                raise TlsError(
+                    f"TLS with Consul at {self.config.address} failed: the agent refused our "
+                    f"client certificate ({refusal.reason or refusal}). Check "
+                    "CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY (a certificate signed by the "
+                    "agent's CA)"
+                ) from exc
             raise ConsulUnavailable(
                 f"cannot reach Consul at {self.config.address}: {exc}",
                 address=self.config.address,
@@ -533,6 +558,21 @@ class HttpConsul:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS alert behind a connection error, if there is one. An EOF or a clean close
+    inside TLS is a connection that went away (transient), not a refusal."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) and not isinstance(
+            current, ssl.SSLEOFError | ssl.SSLZeroReturnError
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 HEALTH_STATES = ("any", "passing", "warning", "critical")

@@ -172,6 +172,8 @@ class Leadership:
         self.validity = ttl - min(1.0, ttl / 10) if validity is None else validity
         self._valid_until = 0.0
         self._renew_error: DcyError | None = None
+        # Why the lock's watch ended for good (an ACL refusal): contending cannot go on.
+        self._watch_error: DcyError | None = None
         self.service_id = service_id
         if isinstance(checks, str | bytes):
             raise TypeError("checks takes a sequence of check IDs, not one string")
@@ -223,7 +225,9 @@ class Leadership:
         self._entered = True
         try:
             await self._open_session_once_healthy()
-            self._subscription = self._engine.subscribe(LockKeySpec(self.key), self._on_snapshot)
+            self._subscription = self._engine.subscribe(
+                LockKeySpec(self.key), self._on_snapshot, on_end=self._on_watch_end
+            )
             self._renewer = self._spawn(self._renew_forever(), "renew")
             await self._contend()
         except BaseException:
@@ -270,6 +274,8 @@ class Leadership:
     async def _contend(self) -> None:
         retry = BID_BACKOFF.start()
         while True:
+            if self._watch_error is not None:
+                raise self._watch_error  # the lock cannot be watched: waiting is hopeless
             self._changed.clear()
             snapshot = self._latest
             timeout: float | None = None
@@ -355,6 +361,12 @@ class Leadership:
             reason = self._loss_in(snapshot)
             if reason is not None:
                 self._lose(reason)
+
+    def _on_watch_end(self, error: DcyError) -> None:
+        self._watch_error = error
+        if self.is_leader:
+            self._lose(f"the watch of the lock {self.key} ended: {error}")
+        self._changed.set()
 
     def _loss_in(self, snapshot: Snapshot[LockState]) -> str | None:
         if snapshot.stale:

@@ -119,9 +119,15 @@ class Subscription(Generic[T]):
     the last snapshot; a callback is not called again.
     """
 
-    def __init__(self, watch: Watch[T], callback: Callback | None) -> None:
+    def __init__(
+        self,
+        watch: Watch[T],
+        callback: Callback | None,
+        on_end: Callable[[DcyError], None] | None = None,
+    ) -> None:
         self.watch = watch
         self._callback = callback
+        self._on_end = on_end
         self._latest: Snapshot[T] | None = None
         self._pending = asyncio.Event()
         self._closed = False
@@ -168,7 +174,10 @@ class Subscription(Generic[T]):
                 return latest
             if self._error is not None:
                 if self._callback is not None:
-                    log.error("watch of %s ended: %s", self.watch.spec, self._error)
+                    if self._on_end is not None:
+                        self._on_end(self._error)
+                    else:
+                        log.error("watch of %s ended: %s", self.watch.spec, self._error)
                     return None
                 raise self._error
 
@@ -242,8 +251,10 @@ class Watch(Generic[T]):
                     await self._answered.wait()
         return self.snapshot
 
-    def _add_subscriber(self, callback: Callback | None) -> Subscription[T]:
-        subscription = Subscription(self, callback)
+    def _add_subscriber(
+        self, callback: Callback | None, on_end: Callable[[DcyError], None] | None = None
+    ) -> Subscription[T]:
+        subscription = Subscription(self, callback, on_end)
         self._subscribers.append(subscription)
         if self.snapshot is not None:
             subscription.offer(self.snapshot)
@@ -406,9 +417,17 @@ class WatchEngine:
         watch.users += 1
         return watch
 
-    def subscribe(self, spec: WatchSpec[T], callback: Callback | None = None) -> Subscription[T]:
-        """Subscribe to ``spec``'s snapshots; the loop lives as long as a subscriber does."""
-        return self.acquire(spec)._add_subscriber(callback)
+    def subscribe(
+        self,
+        spec: WatchSpec[T],
+        callback: Callback | None = None,
+        *,
+        on_end: Callable[[DcyError], None] | None = None,
+    ) -> Subscription[T]:
+        """Subscribe to ``spec``'s snapshots; the loop lives as long as a subscriber does.
+        ``on_end`` is told, instead of the log, when the loop ends on an error that will not
+        heal (a callback is not called again after that)."""
+        return self.acquire(spec)._add_subscriber(callback, on_end)
 
     def _forget(self, watch: Watch[Any]) -> None:
         """A loop that ended for good leaves the table: the next user starts a new one."""

@@ -7,7 +7,8 @@
 
 :class:`FakeConsul` keeps Consul's blocking-query rules (a query with the current index waits
 for a change or for ``wait``; indexes only grow), counts every call, and can play an outage
-(``fake.unavailable = True``) or an ACL refusal (``fake.deny = True``). It runs no health
+(``fake.unavailable = True``) or an ACL refusal (``fake.deny = True``; of some operations
+only: ``fake.deny_methods = {"session_renew"}``, named as the methods). It runs no health
 checks: set statuses with :meth:`FakeConsul.set_status` or through TTL updates.
 
 Its KV store and sessions follow Consul 1.14 (check-and-set, acquire/release, lock-delay,
@@ -131,6 +132,7 @@ class FakeConsul:
         self.domain = domain
         self.unavailable = False
         self.deny = False
+        self.deny_methods: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.blocking_calls: Counter[str] = Counter()
         self.in_flight = 0
@@ -616,7 +618,7 @@ class FakeConsul:
         self.calls[method] += 1
         if self.unavailable:
             raise ConsulUnavailable("fake Consul is unavailable", address="fake")
-        if self.deny:
+        if self.deny or method in self.deny_methods:
             raise classify(403, "Permission denied", operation=method, address="fake")
 
     async def _block(self, method: str, current: Any, index: Index, wait: float | None) -> None:

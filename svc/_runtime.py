@@ -19,18 +19,25 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from dcy import Dcy, DcyError, HttpCheck, Registration, TcpCheck
+from dcy import AclDenied, Dcy, DcyError, HttpCheck, Registration, TcpCheck, TlsError
 
 Mode = Literal["http", "nsq", "push"]
 MODES: tuple[str, ...] = ("http", "nsq", "push")
 VERSION = "0.1.0"
 
 log = logging.getLogger("svc")
+
+
+def cannot_heal(exc: BaseException) -> TypeGuard[DcyError]:
+    """Whether ``exc`` is a refusal no retry can cure: the token lacks a permission, or TLS
+    with the agent failed. A service that meets one stops (exit 1) instead of retrying it
+    forever while looking alive."""
+    return isinstance(exc, AclDenied | TlsError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +144,7 @@ class Runtime:
         self.dcy: Dcy | None = None
         self.registration: Registration | None = None
         self.registered = asyncio.Event()
+        self.fatal: DcyError | None = None
 
     @property
     def tags(self) -> list[str]:
@@ -210,9 +218,16 @@ class Runtime:
             return 1
         finally:
             await runner.cleanup()
-        return 0
+        return 1 if self.fatal is not None else 0
 
     def stop(self) -> None:
+        self._stop.set()
+
+    def fail(self, exc: DcyError) -> None:
+        """Stop gracefully because of ``exc`` (see :func:`cannot_heal`); the exit status is 1."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("stopping: %s", exc)
         self._stop.set()
 
     async def _health(self, _: web.Request) -> web.Response:

@@ -31,7 +31,7 @@ from dcy import Backoff, DcyError, HttpClient
 from svc._nsq import ensure_channel, lookupd_http_addresses, patiently, start_consumer
 from svc._nsq_reader import NsqReader
 from svc._readings import BadReading, Result, compact_json, parse_reading, parse_result
-from svc._runtime import Runtime, Settings, serve
+from svc._runtime import Runtime, Settings, cannot_heal, serve
 
 log = logging.getLogger("svc.app")
 
@@ -145,6 +145,12 @@ class App:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if cannot_heal(exc):
+                    # The token may not lead or reach the peers, or TLS with the agent
+                    # fails: contending again cannot help, and an app that looks alive
+                    # while doing nothing is worse than one that stops.
+                    self.runtime.fail(exc)
+                    return
                 # Whatever went wrong, an app that stays registered must keep contending:
                 # a silently finished task would leave a passing app that does nothing.
                 delay = retry.next_delay() or CONTEND_BACKOFF.cap
@@ -201,6 +207,8 @@ class App:
                 response.raise_for_status()
                 result = parse_result(await response.json())
         except (aiohttp.ClientError, DcyError, BadReading, ValueError) as exc:
+            if cannot_heal(exc):
+                raise  # ends the leadership, and the app (see _lead)
             self._failed_cycles += 1
             self.cycles.labels("failed").inc()
             log.warning("cycle failed: %s", exc)

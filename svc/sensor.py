@@ -21,7 +21,7 @@ from prometheus_client import Counter
 from dcy import DcyError
 from svc._nsq import BatchPublisher, nsqd_http_url
 from svc._readings import ReadingSource
-from svc._runtime import Runtime, Settings, serve
+from svc._runtime import Runtime, Settings, cannot_heal, serve
 
 log = logging.getLogger("svc.sensor")
 TOPIC = "sensor_values"
@@ -88,6 +88,9 @@ class Sensor:
                     self._push_failures = 0
                     self.readings.labels("push").inc()
                 except (aiohttp.ClientError, DcyError) as exc:
+                    if cannot_heal(exc):
+                        self.runtime.fail(exc)
+                        return
                     self._push_failures += 1
                     log.warning("push of %s failed: %s", reading.id, exc)
                 await asyncio.sleep(1 / self.rate)

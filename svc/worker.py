@@ -30,7 +30,7 @@ from svc._nsq import (
 )
 from svc._nsq_reader import NsqReader
 from svc._readings import BadReading, parse_reading, square
-from svc._runtime import Runtime, Settings, serve
+from svc._runtime import Runtime, Settings, cannot_heal, serve
 
 log = logging.getLogger("svc.worker")
 IN_TOPIC, CHANNEL, OUT_TOPIC = "sensor_values", "worker", "worker_result"
@@ -83,6 +83,8 @@ class Worker:
             async with self._client.post("http://app/result", json=result.as_json()) as resp:
                 resp.raise_for_status()
         except (aiohttp.ClientError, DcyError) as exc:
+            if cannot_heal(exc) and self.runtime is not None:
+                self.runtime.fail(exc)
             return web.json_response({"error": f"app unreachable: {exc}"}, status=502)
         self._count("push")
         return web.json_response({"id": result.id, "pushed": True}, status=202)

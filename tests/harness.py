@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -54,13 +55,68 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def http_json(url: str, *, token: str | None = None, timeout: float = 2.0) -> Any:
-    request = urllib.request.Request(url)
+def http_json(
+    url: str,
+    *,
+    token: str | None = None,
+    timeout: float = 2.0,
+    method: str = "GET",
+    data: bytes | None = None,
+    context: ssl.SSLContext | None = None,
+) -> Any:
+    request = urllib.request.Request(url, method=method, data=data)
     if token:
         request.add_header("X-Consul-Token", token)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         body = response.read()
     return json.loads(body) if body else None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA, an agent (server) certificate and a client certificate signed by it, PEM files
+    made by ``consul tls`` offline. The agent's certificate names ``server.<dc>.sd``,
+    ``localhost`` and ``127.0.0.1``."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, folder: Path, datacenter: str = "dc1") -> TlsFiles:
+        folder.mkdir(parents=True, exist_ok=True)
+        consul = str(require_binary("consul"))
+
+        def run(*args: str) -> None:
+            subprocess.run([consul, "tls", *args], cwd=folder, check=True, capture_output=True)
+
+        run("ca", "create", "-domain", "sd")
+        run("cert", "create", "-server", "-dc", datacenter, "-domain", "sd")
+        run("cert", "create", "-client", "-dc", datacenter, "-domain", "sd")
+        prefix = f"{datacenter}-"
+        return cls(
+            ca=folder / "sd-agent-ca.pem",
+            server_cert=folder / f"{prefix}server-sd-0.pem",
+            server_key=folder / f"{prefix}server-sd-0-key.pem",
+            client_cert=folder / f"{prefix}client-sd-0.pem",
+            client_key=folder / f"{prefix}client-sd-0-key.pem",
+        )
+
+    def agent_hcl(self, *, verify_incoming: bool = True) -> str:
+        """The agent's ``tls`` block: its certificate, and (``verify_incoming``) client
+        certificates required on HTTPS."""
+        return (
+            f'tls {{ defaults {{ ca_file = "{self.ca}"\n cert_file = "{self.server_cert}"\n'
+            f' key_file = "{self.server_key}"\n'
+            f" verify_incoming = {str(verify_incoming).lower()} }} }}"
+        )
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
 
 
 @dataclass
@@ -194,6 +250,8 @@ class ConsulAgent:
     https: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     proc: ManagedProcess | None = None
+    # HTTPS only (no plain HTTP listener): the harness talks to it with this client certificate.
+    tls_client: TlsFiles | None = None
     # "dev" (one in-memory agent), or a member of a ConsulCluster: "server" or "client",
     # with its state in workdir and the serf LAN addresses it joins.
     role: str = "dev"
@@ -258,7 +316,7 @@ class ConsulAgent:
             "-client",
             "127.0.0.1",
             "-http-port",
-            str(p["http"]),
+            "-1" if self.tls_client else str(p["http"]),
             "-dns-port",
             str(p["dns"]),
             "-serf-lan-port",
@@ -274,7 +332,7 @@ class ConsulAgent:
             "-log-level",
             "info",
         ]
-        if self.https:
+        if self.https or self.tls_client:
             argv += ["-hcl", f"ports {{ https = {p['https']} }}"]
         for snippet in self.hcl:
             argv += ["-hcl", snippet]
@@ -321,10 +379,10 @@ class ConsulAgent:
         return f"127.0.0.1:{self.ports['server']}"
 
     def _ready(self) -> bool:
-        leader = http_json(f"{self.url}/v1/status/leader", token=self.token)
+        leader = self.api("/v1/status/leader")
         if not leader:
             return False
-        nodes = http_json(f"{self.url}/v1/catalog/nodes", token=self.token)
+        nodes = self.api("/v1/catalog/nodes")
         return any(n.get("Node") == self.node_name for n in nodes or [])
 
     def restart(self, timeout: float = 60.0) -> ConsulAgent:
@@ -343,9 +401,31 @@ class ConsulAgent:
     def log_tail(self, lines: int = 30) -> str:
         return self.proc.log_tail(lines) if self.proc else "(never started)"
 
-    def api(self, path: str) -> Any:
-        """GET a Consul HTTP API path (``/v1/...``) and decode its JSON."""
-        return http_json(f"{self.url}{path}", token=self.token)
+    def api(self, path: str, *, method: str = "GET", data: bytes | None = None) -> Any:
+        """Send a Consul HTTP API request (``/v1/...``) with the harness's token (over HTTPS
+        with the client certificate for a ``tls_client`` agent) and decode its JSON."""
+        if self.tls_client is not None:
+            return http_json(
+                f"{self.https_url}{path}",
+                token=self.token,
+                method=method,
+                data=data,
+                context=self.tls_client.client_context(),
+            )
+        return http_json(f"{self.url}{path}", token=self.token, method=method, data=data)
+
+    def create_token(self, name: str, rules: str) -> str:
+        """A new ACL policy ``name`` with ``rules`` and a token holding only it (the
+        harness's own token must be a management token): the token's secret."""
+        policy = self.api(
+            "/v1/acl/policy", method="PUT", data=json.dumps({"Name": name, "Rules": rules}).encode()
+        )
+        token = self.api(
+            "/v1/acl/token",
+            method="PUT",
+            data=json.dumps({"Description": name, "Policies": [{"ID": policy["ID"]}]}).encode(),
+        )
+        return str(token["SecretID"])
 
 
 @dataclass

@@ -21,7 +21,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from dcy._errors import InvalidName
+from dcy._errors import DcyError, InvalidName
 from dcy._watch import Snapshot
 from dcy.template._functions import HELPERS, MISSING, DataFunctions, TemplateError
 from dcy.template._records import RECORD_FIELDS
@@ -38,6 +38,7 @@ class RenderOutcome:
     missing_keys: set[str] = field(default_factory=set)
     files: set[Path] = field(default_factory=set)
     error: str | None = None
+    refused: DcyError | None = None  # Consul refused a query for good (ACL, TLS)
 
     @property
     def complete(self) -> bool:
@@ -214,6 +215,10 @@ class TemplateRenderer:
         )
         try:
             content = template.render(functions.globals())
+        except DcyError as exc:
+            outcome.refused = exc
+            outcome.error = f"{self.spec.name}:{_template_line(exc, self.spec.name)}: {exc}"
+            return outcome
         except (
             TemplateError,
             InvalidName,

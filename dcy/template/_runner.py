@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from dcy._errors import DcyError
 from dcy._watch import Snapshot, Subscription, WatchEngine
 from dcy.template._commands import CommandResult, run_command
 from dcy.template._metrics import NoMetrics, RendererMetrics
@@ -66,6 +67,11 @@ class _Wakeup:
 
 class CommandFailed(Exception):
     """A command failed and the renderer was told to stop on that."""
+
+
+class QueryRefused(Exception):
+    """Consul refused a query a template makes (the token may not read it, TLS failed):
+    the renderer stops, since only a new token, policy or certificate can help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +128,8 @@ class Renderer:
         self.metrics.stale_seconds.set_function(self.stale_seconds)
         self._on_pass = on_pass
         self._subscriptions: dict[Any, Subscription[Any]] = {}
+        # Queries Consul refused for good (ACL, TLS): a template using one fails the run.
+        self._refused: dict[Any, DcyError] = {}
         self._users: dict[Any, set[TemplateState]] = {}
         self._wake = _Wakeup()
         self._stopping = False
@@ -295,6 +303,12 @@ class Renderer:
         state.renders += 1
         self.metrics.renders.labels(state.spec.name).inc()
         self._track(state, outcome)
+        if outcome.refused is not None:
+            # Not the template's fault, and no retry or edit of it can help: the token or
+            # the TLS setup must change. Nothing is written; the run ends with this error.
+            state.last_error = outcome.error
+            self.metrics.render_errors.labels(state.spec.name).inc()
+            raise QueryRefused(f"template {outcome.error}; nothing written") from outcome.refused
         if outcome.error is not None:
             if outcome.error != state.last_error:
                 log.error("template %s; keeping the previous output", outcome.error)
@@ -337,9 +351,14 @@ class Renderer:
 
     # -- dependencies ---------------------------------------------------------------------
     def _snapshot(self, spec: Any) -> Snapshot[Any] | None:
+        refused = self._refused.get(spec)
+        if refused is not None:
+            raise refused
         subscription = self._subscriptions.get(spec)
         if subscription is None:
-            subscription = self._engine.subscribe(spec, partial(self._on_snapshot, spec))
+            subscription = self._engine.subscribe(
+                spec, partial(self._on_snapshot, spec), on_end=partial(self._on_refused, spec)
+            )
             self._subscriptions[spec] = subscription
             self.metrics.watched_queries.set(len(self._subscriptions))
         return subscription.watch.snapshot
@@ -382,6 +401,13 @@ class Renderer:
                 state.awaiting.discard(spec)
                 if state.awaiting:
                     continue
+            self._mark_dirty(state, now)
+
+    def _on_refused(self, spec: Any, error: DcyError) -> None:
+        """Consul refused a query for good: its templates render once more and fail on it."""
+        self._refused[spec] = error
+        now = time.monotonic()
+        for state in tuple(self._users.get(spec, ())):
             self._mark_dirty(state, now)
 
     def _mark_dirty(self, state: TemplateState, now: float) -> None:

@@ -37,7 +37,7 @@ from dcy.template._config import (
 from dcy.template._exec import ChildSupervisor
 from dcy.template._kvspecs import TemplateSpecs
 from dcy.template._metrics import RendererMetrics
-from dcy.template._runner import CommandFailed, Renderer, RendererOptions
+from dcy.template._runner import CommandFailed, QueryRefused, Renderer, RendererOptions
 from dcy.template._spec import parse_command, parse_template_flag
 
 if TYPE_CHECKING:
@@ -276,6 +276,9 @@ class Application:
                 status = await self.renderer.run(once=self.args.once)
             except CommandFailed as exc:
                 log.error("%s; stopping (-fatal-commands)", exc)
+                return EXIT_FAILED
+            except QueryRefused as exc:
+                log.error("%s", exc)
                 return EXIT_FAILED
             return status if self.exit_status == EXIT_OK else self.exit_status
         finally:

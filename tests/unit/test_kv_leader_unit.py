@@ -306,10 +306,10 @@ async def test_a_refused_renewal_ends_leadership_at_once(dcy: Dcy, fake: FakeCon
         dcy.api, dcy.engine, fake_agent(dcy), "jobs", renew_interval=0.05, validity=60.0
     )
     async with leader:
-        fake.deny = True
+        fake.deny_methods = {"session_renew"}
         reason = await asyncio.wait_for(leader.wait_lost(), 5)
         assert "refused to renew" in reason
-        fake.deny = False
+        fake.deny_methods = set()
 
 
 async def test_failed_node_check_ends_leadership(dcy: Dcy, fake: FakeConsul) -> None:
@@ -449,3 +449,17 @@ async def test_invalid_leadership_arguments(dcy: Dcy, kwargs: dict[str, Any], me
     """Bad names, TTLs and lock-delays raise ValueError before anything reaches Consul."""
     with pytest.raises(ValueError, match=message):
         dcy.leadership(**kwargs)
+
+
+async def test_a_lock_that_cannot_be_watched_ends_the_bid_and_the_leadership(
+    dcy: Dcy, fake: FakeConsul
+) -> None:
+    """An ACL refusal of the lock's watch is raised to a contender (not waited on forever),
+    and ends a held leadership with that reason."""
+    async with dcy.leadership("jobs", lock_delay=0) as leader:
+        fake.deny_methods = {"kv_get"}
+        reason = await asyncio.wait_for(leader.wait_lost(), 5)
+        assert "watch of the lock" in reason and "Permission denied" in reason
+    with pytest.raises(AclDenied, match="kv_get"):
+        await asyncio.wait_for(dcy.leadership("other").__aenter__(), 5)
+    fake.deny_methods = set()

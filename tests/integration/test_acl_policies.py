@@ -1,0 +1,407 @@
+"""Least privilege on a default-deny agent: every component works with a token holding exactly
+its policy from ``consul/policies/``, and a token missing any one rule of it fails at once
+with the refused operation named (``AclDenied.operation``; the programs exit non-zero saying
+it), never waiting or retrying."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dcy import AclDenied, Dcy, WatchOptions
+from tests.harness import ConsulAgent
+
+pytestmark = pytest.mark.integration
+
+POLICIES = Path(__file__).resolve().parents[2] / "consul" / "policies"
+BIN = Path(sys.executable).parent
+ROOT = "root-secret"
+ACL_HCL = (
+    'acl { enabled = true\n default_policy = "deny"\n down_policy = "deny"\n '
+    f'tokens {{ initial_management = "{ROOT}"\n agent = "{ROOT}" }} }}'
+)
+FAST = WatchOptions(wait=2.0, first_answer_timeout=5.0)
+# A refusal is not transient: a program that meets one ends long before this.
+FAIL_FAST = 20.0
+_RULE = re.compile(r'^\w+ "[^"]*" \{ policy = "\w+" \}')
+
+
+def rules(component: str, **params: str) -> list[str]:
+    """The rules of ``consul/policies/<component>.hcl``, one per line, parameters filled."""
+    text = string.Template((POLICIES / f"{component}.hcl").read_text()).substitute(params)
+    return [line for line in text.splitlines() if _RULE.match(line)]
+
+
+def rule_id(rule: str) -> str:
+    return rule.split("{")[0].replace('"', "").strip()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    consul = ConsulAgent(tmp_path_factory.mktemp("consul-acl"), hcl=[ACL_HCL], token=ROOT)
+    consul.start()
+    try:
+        yield consul
+    finally:
+        consul.stop()
+
+
+_tokens = iter(range(1_000_000))
+
+
+def token(agent: ConsulAgent, policy: list[str]) -> str:
+    return agent.create_token(f"test-{os.getpid()}-{next(_tokens)}", "\n".join(policy))
+
+
+def without(policy: list[str], index: int) -> list[str]:
+    return policy[:index] + policy[index + 1 :]
+
+
+def register_as_root(agent: ConsulAgent, name: str, port: int) -> None:
+    definition = {"Name": name, "ID": f"{name}-{port}", "Port": port, "Address": "127.0.0.1"}
+    agent.api("/v1/agent/service/register", method="PUT", data=json.dumps(definition).encode())
+
+
+def env_with(agent: ConsulAgent, secret: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    return env | {"CONSUL_HTTP_ADDR": agent.http_addr, "CONSUL_HTTP_TOKEN": secret}
+
+
+def fails_naming(argv: list[str], env: dict[str, str], *needles: str) -> str:
+    """Run a program that must give up on an ACL refusal: non-zero, fast, naming it."""
+    started = time.monotonic()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=FAIL_FAST)
+    assert done.returncode != 0, done.stderr
+    assert time.monotonic() - started < FAIL_FAST
+    assert "Consul denied" in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, (needle, done.stderr)
+    return done.stderr
+
+
+# -- a service using the library -------------------------------------------------------------
+SERVICE_DENIALS = {
+    "agent_prefix ": "GET /v1/agent/self",
+    "service {service}": "PUT /v1/agent/service/register",
+    "service {peer}": "GET /v1/health/service/{peer}",
+    "node_prefix ": "GET /v1/health/service/{peer}",
+}
+
+
+async def _service_work(agent: ConsulAgent, secret: str, name: str, peer: str) -> None:
+    async with Dcy(agent.http_addr, token=secret, watch_options=FAST) as dcy:
+        await dcy.register(name, 7000, check="ttl")
+        assert (await dcy.pick(peer)).port == 7100
+
+
+async def test_service_policy_registers_and_resolves(
+    agent: ConsulAgent, unique_name: str
+) -> None:
+    """dcy-service.hcl: the library opens, registers itself (TTL heartbeats) and resolves a
+    peer with nothing more."""
+    peer = f"{unique_name}-peer"
+    register_as_root(agent, peer, 7100)
+    secret = token(agent, rules("dcy-service", service=unique_name, peer=peer))
+    await _service_work(agent, secret, unique_name, peer)
+
+
+@pytest.mark.parametrize("dropped", range(len(SERVICE_DENIALS)), ids=list(SERVICE_DENIALS))
+async def test_service_policy_missing_a_rule_is_denied_naming_the_operation(
+    agent: ConsulAgent, unique_name: str, dropped: int
+) -> None:
+    """Without any one rule, the library raises AclDenied for the request it needed."""
+    peer = f"{unique_name}-peer"
+    register_as_root(agent, peer, 7100)
+    policy = rules("dcy-service", service=unique_name, peer=peer)
+    expected = list(SERVICE_DENIALS.values())[dropped].format(peer=peer)
+    started = time.monotonic()
+    with pytest.raises(AclDenied) as denied:
+        await _service_work(agent, token(agent, without(policy, dropped)), unique_name, peer)
+    assert denied.value.operation == expected
+    assert expected in str(denied.value)
+    assert time.monotonic() - started < 5
+
+
+# -- dcy-template ------------------------------------------------------------------------------
+TEMPLATE = (
+    '{% for s in service("NAME") %}{{ s.Address }}:{{ s.Port }}{% endfor %}\n'
+    'db={{ key("cfg/NAME/db") }}\n'
+)
+TEMPLATE_DENIALS = [
+    "GET /v1/agent/self",
+    "GET /v1/health/service/NAME",
+    "GET /v1/health/service/NAME",
+    "GET /v1/kv/cfg/NAME/db",
+]
+
+
+def _template_run(agent: ConsulAgent, tmp_path: Path, name: str, body: str) -> list[str]:
+    source = tmp_path / "in.j2"
+    source.write_text(body.replace("NAME", name))
+    return [str(BIN / "dcy-template"), "-once", "-template", f"{source}:{tmp_path / 'out'}"]
+
+
+def _template_policy(agent: ConsulAgent, name: str) -> list[str]:
+    register_as_root(agent, name, 7200)
+    agent.api(f"/v1/kv/cfg/{name}/db", method="PUT", data=b"postgres://db")
+    return rules("dcy-template", service_prefix=name, key_prefix=f"cfg/{name}/")
+
+
+def test_template_policy_renders(agent: ConsulAgent, unique_name: str, tmp_path: Path) -> None:
+    """dcy-template.hcl: a template reading a service and a key renders with it."""
+    secret = token(agent, _template_policy(agent, unique_name))
+    argv = _template_run(agent, tmp_path, unique_name, TEMPLATE)
+    done = subprocess.run(argv, env=env_with(agent, secret), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out").read_text() == "127.0.0.1:7200\ndb=postgres://db\n"
+
+
+@pytest.mark.parametrize("dropped", range(4), ids=["agent", "service", "node", "key"])
+def test_template_policy_missing_a_rule_fails_naming_the_operation(
+    agent: ConsulAgent, unique_name: str, tmp_path: Path, dropped: int
+) -> None:
+    """Without any one rule, dcy-template exits 1 naming the refused request and writes
+    nothing (no empty config)."""
+    policy = _template_policy(agent, unique_name)
+    secret = token(agent, without(policy, dropped))
+    argv = _template_run(agent, tmp_path, unique_name, TEMPLATE)
+    expected = TEMPLATE_DENIALS[dropped].replace("NAME", unique_name)
+    fails_naming(argv, env_with(agent, secret), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_template_reading_a_forbidden_key_reports_it(
+    agent: ConsulAgent, unique_name: str, tmp_path: Path
+) -> None:
+    """A template reading a key outside the token's prefix fails on that key, by name, with
+    its line, and nothing is written."""
+    policy = _template_policy(agent, unique_name)
+    agent.api(f"/v1/kv/secret/{unique_name}", method="PUT", data=b"hunter2")
+    body = TEMPLATE + 'password={{ key("secret/NAME") }}\n'
+    argv = _template_run(agent, tmp_path, unique_name, body)
+    stderr = fails_naming(
+        argv,
+        env_with(agent, token(agent, policy)),
+        f"GET /v1/kv/secret/{unique_name}",
+        f"key:read' on \"secret/{unique_name}\"",
+        "in.j2:3",
+    )
+    assert "hunter2" not in stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- dcy-register --------------------------------------------------------------------------
+def _register_argv(name: str) -> list[str]:
+    return [str(BIN / "dcy-register"), "--name", name, "--port", "1", "--check", "ttl"]
+
+
+def test_register_policy_registers_the_program(agent: ConsulAgent, unique_name: str) -> None:
+    """dcy-register.hcl: the program is registered and its TTL check passes."""
+    secret = token(agent, rules("dcy-register", service=unique_name))
+    proc = subprocess.Popen(
+        [*_register_argv(unique_name), "--", "sleep", "60"],
+        env=env_with(agent, secret),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _until(lambda: _passing(agent, unique_name), proc, "registered and passing")
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert not agent.api(f"/v1/health/checks/{unique_name}"), stderr
+
+
+@pytest.mark.parametrize(
+    ("dropped", "operation"),
+    [(0, "GET /v1/agent/self"), (1, "PUT /v1/agent/service/register")],
+    ids=["agent", "service"],
+)
+def test_register_policy_missing_a_rule_stops_the_program(
+    agent: ConsulAgent, unique_name: str, dropped: int, operation: str
+) -> None:
+    """Without either rule, dcy-register stops its program and exits non-zero, naming the
+    refused request."""
+    policy = rules("dcy-register", service=unique_name)
+    argv = [*_register_argv(unique_name), "--", "sleep", "60"]
+    fails_naming(argv, env_with(agent, token(agent, without(policy, dropped))), operation)
+
+
+# -- dcy-alert -------------------------------------------------------------------------------
+def test_alert_policy_watches_a_service(agent: ConsulAgent, unique_name: str) -> None:
+    """dcy-alert.hcl: dcy-alert --service watches with it."""
+    register_as_root(agent, unique_name, 7300)
+    secret = token(agent, rules("dcy-alert", service_prefix=unique_name))
+    proc = subprocess.Popen(
+        [str(BIN / "dcy-alert"), "--service", unique_name],
+        env=env_with(agent, secret),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _stderr_until(proc, f"watching service {unique_name}")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("dropped", range(3), ids=["agent", "service", "node"])
+def test_alert_policy_missing_a_rule_exits_naming_the_operation(
+    agent: ConsulAgent, unique_name: str, dropped: int
+) -> None:
+    """Without any one rule, dcy-alert exits 1 naming the refused request."""
+    register_as_root(agent, unique_name, 7300)
+    policy = rules("dcy-alert", service_prefix=unique_name)
+    operation = "GET /v1/agent/self" if dropped == 0 else f"GET /v1/health/service/{unique_name}"
+    argv = [str(BIN / "dcy-alert"), "--service", unique_name]
+    fails_naming(argv, env_with(agent, token(agent, without(policy, dropped))), operation)
+
+
+# -- the services (http mode) ----------------------------------------------------------------
+def http_mode_rules(component: str) -> list[str]:
+    """The rules the http mode uses: those not marked for another mode only."""
+    return [r for r in rules(component) if "(--mode" not in r]
+
+
+@pytest.fixture(scope="module")
+def peers(agent: ConsulAgent) -> Iterator[None]:
+    """A sensor and a worker running with exactly their policies (which proves those work)."""
+    procs = []
+    try:
+        for name in ("sensor", "worker"):
+            secret = token(agent, http_mode_rules(name))
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / f"dcy-{name}"), "--check-interval", "0.5"],
+                    env=env_with(agent, secret),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for name, proc in zip(("sensor", "worker"), procs, strict=True):
+            _until(lambda name=name: _passing(agent, name), proc, f"{name} passing")
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.communicate(timeout=30)
+
+
+def test_app_policy_leads_and_orchestrates(agent: ConsulAgent, peers: None) -> None:
+    """app.hcl: the app registers, wins the leadership and logs results of sensor and worker
+    (each running with its own policy)."""
+    proc = subprocess.Popen(
+        [str(BIN / "dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
+        env=env_with(agent, token(agent, http_mode_rules("app"))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.communicate(timeout=10)[1]
+        assert set(json.loads(line)) >= {"id", "values", "result", "worker"}
+        _until(lambda: _passing(agent, "app"), proc, "app passing")
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+
+
+APP_DENIALS = {
+    "agent_prefix ": "GET /v1/agent/self",
+    "service app": "PUT /v1/agent/service/register",
+    "node_prefix ": "GET /v1/health/service/sensor",
+    "session_prefix ": "PUT /v1/session/create",
+    "key dcy/leader/app": "/v1/kv/dcy/leader/app",
+    "service sensor": "GET /v1/health/service/sensor",
+    "service worker": "GET /v1/health/service/worker",
+}
+
+
+@pytest.mark.parametrize("dropped", list(APP_DENIALS), ids=list(APP_DENIALS))
+def test_app_policy_missing_a_rule_exits_naming_the_operation(
+    agent: ConsulAgent, peers: None, dropped: str
+) -> None:
+    """Without any one rule, the app exits 1 naming the refused request instead of
+    contending or cycling forever."""
+    policy = http_mode_rules("app")
+    index = [rule_id(r) + " " for r in policy].index(dropped.strip() + " ")
+    fails_naming(
+        [str(BIN / "dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
+        env_with(agent, token(agent, without(policy, index))),
+        APP_DENIALS[dropped],
+    )
+
+
+@pytest.mark.parametrize("service", ["sensor", "worker"])
+@pytest.mark.parametrize(
+    ("dropped", "operation"),
+    [(0, "GET /v1/agent/self"), (1, "PUT /v1/agent/service/register")],
+    ids=["agent", "own-service"],
+)
+def test_sensor_and_worker_policies_missing_a_rule_exit(
+    agent: ConsulAgent, service: str, dropped: int, operation: str
+) -> None:
+    """Without either rule of the http mode, sensor and worker exit 1 naming the request."""
+    policy = http_mode_rules(service)
+    fails_naming(
+        [str(BIN / f"dcy-{service}")],
+        env_with(agent, token(agent, without(policy, dropped))),
+        operation,
+    )
+
+
+def test_every_policy_file_is_valid_for_consul(agent: ConsulAgent) -> None:
+    """Consul accepts every policy file as it is (parameters filled)."""
+    params = {"service": "s", "peer": "p", "service_prefix": "s", "key_prefix": "k/"}
+    for path in sorted(POLICIES.glob("*.hcl")):
+        text = string.Template(path.read_text()).safe_substitute(params)
+        assert "${" not in text, path
+        assert token(agent, [text]), path
+        assert len(rules(path.stem, **params)) >= 2, path
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _passing(agent: ConsulAgent, name: str) -> bool:
+    checks = agent.api(f"/v1/health/checks/{name}") or []
+    return bool(checks) and all(c["Status"] == "passing" for c in checks)
+
+
+def _until(predicate: object, proc: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: exited {proc.returncode}: {proc.communicate()[1]}")
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within 30s")
+
+
+def _stderr_until(proc: subprocess.Popen[str], text: str) -> None:
+    assert proc.stderr is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"exited before {text!r}: {''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"no {text!r} within 30s: {''.join(seen)}")
+
