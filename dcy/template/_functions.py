@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from dcy._node_specs import CatalogNodeSpec, CatalogNodesSpec
 from dcy._query import ServiceQuery
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
+from dcy.template._env import EnvDenied, EnvPolicy
 from dcy.template._records import (
     CatalogNode,
     CatalogService,
@@ -70,6 +71,7 @@ class DataFunctions:
         *,
         domain: str,
         sandbox: Path | None,
+        env_policy: EnvPolicy | None = None,
         error_on_missing_key: bool = False,
         record_cache: dict[Any, tuple[Any, Any]] | None = None,
         query_cache: dict[Any, Any] | None = None,
@@ -81,6 +83,7 @@ class DataFunctions:
         self._record_cache = record_cache if record_cache is not None else {}
         self._domain = domain
         self._sandbox = sandbox.resolve() if sandbox is not None else None
+        self._env_policy = env_policy if env_policy is not None else EnvPolicy()
         self._error_on_missing_key = error_on_missing_key
         self.files: set[Path] = set()
 
@@ -228,9 +231,12 @@ class DataFunctions:
         return _text(value)
 
     # -- local ---------------------------------------------------------------------------
-    @staticmethod
-    def env(name: str, default: str = "") -> str:
-        return os.environ.get(name, default)
+    def env(self, name: str, default: str = "") -> str:
+        """An environment variable, unless the env policy denies it (see _env.py)."""
+        try:
+            return self._env_policy.read(str(name), str(default), os.environ)
+        except EnvDenied as exc:
+            raise TemplateError(str(exc)) from None
 
     def file(self, path: str) -> str:
         """A file's content; only inside the sandbox folder (``-template-sandbox``)."""

@@ -23,6 +23,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from dcy._errors import InvalidName
 from dcy._watch import Snapshot
+from dcy.template._env import EnvPolicy
 from dcy.template._functions import HELPERS, MISSING, DataFunctions, TemplateError
 from dcy.template._records import RECORD_FIELDS
 from dcy.template._spec import TemplateSpec
@@ -175,11 +176,18 @@ class TemplateRenderer:
     """Compiles a template's source (again only when it changed) and renders it."""
 
     def __init__(
-        self, spec: TemplateSpec, *, domain: str, sandbox: Path | None, specs: Any
+        self,
+        spec: TemplateSpec,
+        *,
+        domain: str,
+        sandbox: Path | None,
+        specs: Any,
+        env_policy: EnvPolicy | None = None,
     ) -> None:
         self.spec = spec
         self._domain = domain
         self._sandbox = sandbox
+        self._env_policy = env_policy
         self._specs = specs
         self._environment = _RecordSandbox(
             undefined=jinja2.StrictUndefined,
@@ -208,6 +216,7 @@ class TemplateRenderer:
             _RecordingDependencies(source, outcome, self._specs),
             domain=self._domain,
             sandbox=self._sandbox,
+            env_policy=self._env_policy,
             error_on_missing_key=self.spec.error_on_missing_key,
             record_cache=self._record_cache,
             query_cache=self._query_cache,

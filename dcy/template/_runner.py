@@ -25,6 +25,7 @@ from typing import Any
 
 from dcy._watch import Snapshot, Subscription, WatchEngine
 from dcy.template._commands import CommandResult, run_command
+from dcy.template._env import EnvPolicy
 from dcy.template._metrics import NoMetrics, RendererMetrics
 from dcy.template._render import RenderOutcome, TemplateRenderer
 from dcy.template._spec import TemplateSpec
@@ -75,6 +76,7 @@ class RendererOptions:
     dry: bool = False
     fatal_commands: bool = False
     sandbox: Path | None = None
+    env_policy: EnvPolicy = field(default_factory=EnvPolicy)
 
 
 @dataclass(eq=False)
@@ -139,7 +141,11 @@ class Renderer:
             TemplateState(
                 spec,
                 TemplateRenderer(
-                    spec, domain=self._domain, sandbox=self.options.sandbox, specs=self._specs
+                    spec,
+                    domain=self._domain,
+                    sandbox=self.options.sandbox,
+                    specs=self._specs,
+                    env_policy=self.options.env_policy,
                 ),
                 first_change=now,
                 last_change=now,
