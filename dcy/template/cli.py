@@ -178,6 +178,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         env_patterns(args.env_denylist, "-env-denylist"),
     )
     updates["exec"] = _exec_settings(config.exec, args)
+    sandbox = updates.get("sandbox_path", config.sandbox_path)
+    if isinstance(sandbox, Path) and not sandbox.is_dir():
+        raise ConfigError(f"sandbox path {sandbox} is not a folder")
     for spec in templates:
         if spec.source is not None and not spec.source.is_file():
             raise ConfigError(f"template source {spec.source} does not exist")
