@@ -29,7 +29,7 @@ from dcy.template._env import EnvPolicy
 from dcy.template._metrics import NoMetrics, RendererMetrics
 from dcy.template._render import RenderOutcome, TemplateRenderer
 from dcy.template._spec import TemplateSpec
-from dcy.template._write import render_atomically
+from dcy.template._write import remove_stale_temps, render_atomically
 
 log = logging.getLogger("dcy.template")
 
@@ -100,6 +100,7 @@ class TemplateState:
     # over 200 services would otherwise render ~200 times before its first write).
     awaiting: set[Any] = field(default_factory=set)
     last_written: bytes | None = None  # what the file held after our last write or check
+    swept: bool = False  # a dead writer's temporary files next to the destination removed
 
 
 class Renderer:
@@ -267,6 +268,15 @@ class Renderer:
                 sys.stdout.write(f"> {state.spec.destination}\n{outcome.content}")
                 sys.stdout.flush()
                 continue
+            if not state.swept:
+                state.swept = True
+                removed = remove_stale_temps(state.spec.destination)
+                if removed:
+                    log.info(
+                        "removed %d temporary file(s) a killed writer left next to %s",
+                        removed,
+                        state.spec.destination,
+                    )
             try:
                 changed = render_atomically(
                     state.spec.destination,
