@@ -276,7 +276,7 @@ def _read_regular_file(root: Path, parts: tuple[str, ...]) -> bytes:
     swapped for a link to outside the sandbox since. O_NONBLOCK: a FIFO must not hang the
     renderer before it is refused as not a regular file."""
     if not parts:
-        raise IsADirectoryError(errno.EISDIR, "is the sandbox folder itself")
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))  # the sandbox itself
     folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for part in parts[:-1]:
