@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -198,3 +199,23 @@ def test_sigkill_mid_write_leaves_old_or_new_content(
         backup = read(out.with_name("big.conf.bak"))
         assert backup is None or backup in whole
     assert leftovers_seen > 0, "no kill landed during a write: nothing was tested"
+
+
+def test_sighup_rereads_the_env_lists(
+    consul: ConsulAgent,
+    tmp_path: Path,
+    start_renderer: Callable[..., Renderer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused env() renders once the reloaded config allowlists the name."""
+    monkeypatch.setenv("DB_PASSWORD", "hunter2")
+    source, out, config = tmp_path / "in.j2", tmp_path / "out", tmp_path / "c.hcl"
+    source.write_text("pw={{ env('DB_PASSWORD') }}")
+    stanza = f'template {{\n source = "{source}"\n destination = "{out}"\n}}\n'
+    config.write_text(stanza)
+    renderer = start_renderer(consul, "-config", str(config))
+    until(lambda: "env('DB_PASSWORD') is denied" in renderer.log(), what="denial logged")
+    assert read(out) is None
+    config.write_text(stanza + 'env {\n allowlist = ["DB_PASSWORD"]\n}\n')
+    renderer.signal(signal.SIGHUP)
+    until(lambda: read(out) == "pw=hunter2", what="rendered after the reload")
