@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dcy._durations import parse_duration, parse_wait
+from dcy.template._env import EnvPolicy
 from dcy.template._spec import TemplateSpec, parse_command, spec_from_mapping
 
 
@@ -57,6 +58,7 @@ class RunConfig:
     status_addr: str | None = None
     missing_key_timeout: float = 30.0
     sandbox_path: Path | None = None
+    env: EnvPolicy = field(default_factory=EnvPolicy)
     fatal_commands: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +109,7 @@ def merge_mapping(config: RunConfig, data: dict[str, Any], *, base: Path) -> Run
         "status_addr",
         "missing_key_timeout",
         "sandbox_path",
+        "env",
         "fatal_commands",
     }
     unknown = sorted(set(data) - known)
@@ -139,6 +142,8 @@ def merge_mapping(config: RunConfig, data: dict[str, Any], *, base: Path) -> Run
         updates["sandbox_path"] = base / Path(data["sandbox_path"])
     if "fatal_commands" in data:
         updates["fatal_commands"] = bool(data["fatal_commands"])
+    if "env" in data:
+        updates["env"] = _env(config.env, _block(data["env"], "env"))
     return replace(config, **updates)
 
 
@@ -180,6 +185,25 @@ def _consul(current: ConsulSettings, raw: dict[str, Any]) -> ConsulSettings:
                 retry["max_backoff"], what="retry.max_backoff"
             )
     return replace(current, **updates)
+
+
+def _env(current: EnvPolicy, raw: dict[str, Any]) -> EnvPolicy:
+    # What env() may read; consul-template's exec.env has the same two lists.
+    unknown = sorted(set(raw) - {"allowlist", "denylist"})
+    if unknown:
+        raise ValueError(f"unknown env setting(s) {', '.join(unknown)}: use allowlist, denylist")
+    return current.merged(
+        env_patterns(raw.get("allowlist", []), "env.allowlist"),
+        env_patterns(raw.get("denylist", []), "env.denylist"),
+    )
+
+
+def env_patterns(value: Any, what: str) -> tuple[str, ...]:
+    """A list of variable-name patterns (``APP_*``), each a non-empty string."""
+    items = value if isinstance(value, list | tuple) else [value]
+    if not all(isinstance(i, str) and i.strip() for i in items):
+        raise ValueError(f"{what} must be a list of variable names or patterns, got {value!r}")
+    return tuple(i.strip() for i in items)
 
 
 def _wait(value: Any) -> tuple[float, float]:

@@ -12,10 +12,12 @@ Helpers take the piped value first, as jinja filters do: ``{{ "a,b" | split(",")
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 from dcy._node_specs import CatalogNodeSpec, CatalogNodesSpec
 from dcy._query import ServiceQuery
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
+from dcy.template._env import EnvDenied, EnvPolicy
 from dcy.template._records import (
     CatalogNode,
     CatalogService,
@@ -70,6 +73,7 @@ class DataFunctions:
         *,
         domain: str,
         sandbox: Path | None,
+        env_policy: EnvPolicy | None = None,
         error_on_missing_key: bool = False,
         record_cache: dict[Any, tuple[Any, Any]] | None = None,
         query_cache: dict[Any, Any] | None = None,
@@ -81,6 +85,7 @@ class DataFunctions:
         self._record_cache = record_cache if record_cache is not None else {}
         self._domain = domain
         self._sandbox = sandbox.resolve() if sandbox is not None else None
+        self._env_policy = env_policy if env_policy is not None else EnvPolicy()
         self._error_on_missing_key = error_on_missing_key
         self.files: set[Path] = set()
 
@@ -228,22 +233,63 @@ class DataFunctions:
         return _text(value)
 
     # -- local ---------------------------------------------------------------------------
-    @staticmethod
-    def env(name: str, default: str = "") -> str:
-        return os.environ.get(name, default)
+    def env(self, name: str, default: str = "") -> str:
+        """An environment variable, unless the env policy denies it (see _env.py)."""
+        try:
+            return self._env_policy.read(str(name), str(default), os.environ)
+        except EnvDenied as exc:
+            raise TemplateError(str(exc)) from None
 
     def file(self, path: str) -> str:
-        """A file's content; only inside the sandbox folder (``-template-sandbox``)."""
+        """A regular file's UTF-8 content, only from inside the sandbox folder
+        (``-sandbox-path``). A relative path is taken from the sandbox folder, an absolute one
+        must lie inside it; ``..`` and symlinks are resolved first, and where they lead must
+        still be inside. Without a sandbox folder file() is disabled."""
         if self._sandbox is None:
-            raise TemplateError("file() is disabled: no sandbox path is configured")
-        target = (self._sandbox / path).resolve()
-        if target != self._sandbox and self._sandbox not in target.parents:
-            raise TemplateError(f"file({path!r}) is outside the sandbox {self._sandbox}")
+            raise TemplateError(
+                f"file({path!r}): file() is disabled: no sandbox folder is set "
+                "(-sandbox-path, or sandbox_path in the config)"
+            )
+        target = (self._sandbox / str(path)).resolve()
+        try:
+            inside = target.relative_to(self._sandbox)
+        except ValueError:
+            raise TemplateError(f"file({path!r}) is outside the sandbox {self._sandbox}") from None
         self.files.add(target)
         try:
-            return target.read_text()
+            data = _read_regular_file(self._sandbox, inside.parts)
         except OSError as exc:
-            raise TemplateError(f"file({path!r}): {exc.strerror}") from exc
+            raise TemplateError(f"file({path!r}): {exc.strerror or exc}") from exc
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise TemplateError(f"file({path!r}) is not UTF-8 text") from None
+        if text.strip() and text.strip() in self._env_policy.protected_values:
+            # A token file that happens to lie in the sandbox folder.
+            raise TemplateError(f"file({path!r}) holds the renderer's Consul token")
+        return text
+
+
+def _read_regular_file(root: Path, parts: tuple[str, ...]) -> bytes:
+    """Read ``root/parts...`` without following any symlink on the way. The path was resolved
+    just before, so it held none then; walking it with O_NOFOLLOW makes sure no component was
+    swapped for a link to outside the sandbox since. O_NONBLOCK: a FIFO must not hang the
+    renderer before it is refused as not a regular file."""
+    if not parts:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))  # the sandbox itself
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
+    finally:
+        os.close(folder)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return handle.read()
 
 
 def _dc(datacenter: str | None) -> str | None:

@@ -18,12 +18,14 @@ from typing import Any
 import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
+from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from dcy._errors import DcyError, InvalidName
+from dcy._errors import DcyError
 from dcy._watch import Snapshot
-from dcy.template._functions import HELPERS, MISSING, DataFunctions, TemplateError
+from dcy.template._env import EnvPolicy
+from dcy.template._functions import HELPERS, MISSING, DataFunctions
 from dcy.template._records import RECORD_FIELDS
 from dcy.template._spec import TemplateSpec
 
@@ -138,17 +140,60 @@ class _RecordCodeGenerator(CodeGenerator):
         self.writeline('yield "".join(_dcy_out)')
 
 
+# One expression must not take the renderer's memory or minutes of its CPU: ``'x' * 10**10``
+# or ``10 ** 10 ** 9``. The sandbox bounds ``range`` the same way (MAX_RANGE, 100,000).
+MAX_REPEAT = 1_000_000  # items (or characters) a ``*`` may make out of a sequence
+MAX_INT_BITS = 16_384  # about 4,900 digits, more than Python will print (4,300)
+_SEQUENCES = (str, bytes, list, tuple)
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    if operator == "**":
+        if (
+            type(left) is int
+            and type(right) is int
+            and abs(left) > 1
+            and right * abs(left).bit_length() > MAX_INT_BITS
+        ):
+            raise SecurityError(f"{left} ** {right} is too big for a template")
+        return
+    if isinstance(left, int) and isinstance(right, _SEQUENCES):
+        left, right = right, left
+    if isinstance(left, _SEQUENCES) and isinstance(right, int):
+        if len(left) * right > MAX_REPEAT:
+            raise SecurityError(
+                f"repeating {len(left)} item(s) {right} times makes more than {MAX_REPEAT:,}"
+            )
+    elif (
+        type(left) is int
+        and type(right) is int
+        and left.bit_length() + right.bit_length() > MAX_INT_BITS
+    ):
+        raise SecurityError("a product too big for a template")
+
+
 class _RecordSandbox(SandboxedEnvironment):
     """The sandbox, with fast paths for the data fields of dcy's own immutable records and
     for dcy's own template functions: a template over 200 services reads thousands of fields
     and makes hundreds of calls per render, and the generic safety checks were most of its
-    time (see bench/template.py). Everything else goes through the full checks."""
+    time (see bench/template.py). Everything else goes through the full checks.
+
+    Why the fast paths reach nothing the checks would refuse (tests/unit/
+    test_template_sandbox.py tries): ``getattr_`` reads only declared dataclass fields of
+    seven frozen record classes, matched by exact type, whose values are str, int, tuples,
+    read-only mappings and more records; the compiled ``s.ID`` shortcut takes the same test
+    through ``__class__``, which no object a template can reach overrides (jinja's namespace
+    answers its real class); ``call`` skips the callable check only for bound methods of
+    DataFunctions, the template API itself."""
 
     code_generator_class = _RecordCodeGenerator
     record_types_with = _TYPES_WITH_FIELD
+    intercepted_binops = frozenset({"*", "**"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        # Lorem ipsum has no place in a config file, and lipsum(n=10**9) is a memory bomb.
+        del self.globals["lipsum"]
         # The compiled template calls ``environment.getattr`` for every ``a.b``: a plain
         # function in the instance's dict skips building a bound method per access and the
         # method lookup through the class chain (a 1,000-line render does 4,000 of them).
@@ -163,6 +208,10 @@ class _RecordSandbox(SandboxedEnvironment):
 
         self.getattr = getattr_  # type: ignore[method-assign]
 
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
         if getattr(obj, "__func__", None) in _OWN_FUNCTIONS:
             # What Context.call would do for a function that takes no context.
@@ -176,11 +225,18 @@ class TemplateRenderer:
     """Compiles a template's source (again only when it changed) and renders it."""
 
     def __init__(
-        self, spec: TemplateSpec, *, domain: str, sandbox: Path | None, specs: Any
+        self,
+        spec: TemplateSpec,
+        *,
+        domain: str,
+        sandbox: Path | None,
+        specs: Any,
+        env_policy: EnvPolicy | None = None,
     ) -> None:
         self.spec = spec
         self._domain = domain
         self._sandbox = sandbox
+        self._env_policy = env_policy
         self._specs = specs
         self._environment = _RecordSandbox(
             undefined=jinja2.StrictUndefined,
@@ -209,6 +265,7 @@ class TemplateRenderer:
             _RecordingDependencies(source, outcome, self._specs),
             domain=self._domain,
             sandbox=self._sandbox,
+            env_policy=self._env_policy,
             error_on_missing_key=self.spec.error_on_missing_key,
             record_cache=self._record_cache,
             query_cache=self._query_cache,
@@ -219,16 +276,10 @@ class TemplateRenderer:
             outcome.refused = exc
             outcome.error = f"{self.spec.name}:{_template_line(exc, self.spec.name)}: {exc}"
             return outcome
-        except (
-            TemplateError,
-            InvalidName,
-            jinja2.TemplateError,
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            ZeroDivisionError,
-        ) as exc:
+        except Exception as exc:
+            # Template code can raise whatever Python can (a sandbox-refused range is an
+            # OverflowError, a macro calling itself a RecursionError): each is that
+            # template's error, never the end of the renderer and its other templates.
             if outcome.waiting:
                 # Data still on its way (an empty list indexed, say): not the template's
                 # fault yet. The render is incomplete and runs again when the answer is in.

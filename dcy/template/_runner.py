@@ -26,10 +26,11 @@ from typing import Any
 from dcy._errors import DcyError
 from dcy._watch import Snapshot, Subscription, WatchEngine
 from dcy.template._commands import CommandResult, run_command
+from dcy.template._env import EnvPolicy
 from dcy.template._metrics import NoMetrics, RendererMetrics
 from dcy.template._render import RenderOutcome, TemplateRenderer
 from dcy.template._spec import TemplateSpec
-from dcy.template._write import render_atomically
+from dcy.template._write import remove_stale_temps, render_atomically
 
 log = logging.getLogger("dcy.template")
 
@@ -81,6 +82,7 @@ class RendererOptions:
     dry: bool = False
     fatal_commands: bool = False
     sandbox: Path | None = None
+    env_policy: EnvPolicy = field(default_factory=EnvPolicy)
 
 
 @dataclass(eq=False)
@@ -104,6 +106,7 @@ class TemplateState:
     # over 200 services would otherwise render ~200 times before its first write).
     awaiting: set[Any] = field(default_factory=set)
     last_written: bytes | None = None  # what the file held after our last write or check
+    swept: bool = False  # a dead writer's temporary files next to the destination removed
 
 
 class Renderer:
@@ -147,7 +150,11 @@ class Renderer:
             TemplateState(
                 spec,
                 TemplateRenderer(
-                    spec, domain=self._domain, sandbox=self.options.sandbox, specs=self._specs
+                    spec,
+                    domain=self._domain,
+                    sandbox=self.options.sandbox,
+                    specs=self._specs,
+                    env_policy=self.options.env_policy,
                 ),
                 first_change=now,
                 last_change=now,
@@ -269,6 +276,15 @@ class Renderer:
                 sys.stdout.write(f"> {state.spec.destination}\n{outcome.content}")
                 sys.stdout.flush()
                 continue
+            if not state.swept:
+                state.swept = True
+                removed = remove_stale_temps(state.spec.destination)
+                if removed:
+                    log.info(
+                        "removed %d temporary file(s) a killed writer left next to %s",
+                        removed,
+                        state.spec.destination,
+                    )
             try:
                 changed = render_atomically(
                     state.spec.destination,

@@ -2,13 +2,20 @@
 
 A reader (nginx reloading, a daemon re-reading its config) sees the old file or the new one,
 never a half-written or empty one: the content goes to a temporary file in the same directory,
-is fsynced, and replaces the destination with one rename.
+is fsynced, and replaces the destination with one rename. The ``.bak`` of the previous output
+is made the same way (a hard link to the file about to be replaced, renamed into place).
+
+A renderer killed mid-write (SIGKILL, power loss) leaves its temporary file behind; the name
+carries the writer's pid (``.NAME.PID.RANDOM.tmp``), so the next renderer can tell a dead
+writer's leftovers from a live one's and remove them (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -68,9 +75,7 @@ def render_atomically(
         finally:
             os.close(fd)
         if backup:
-            # One .bak, the previous good output, copied with its mode.
-            with contextlib.suppress(FileNotFoundError):
-                shutil.copy2(destination, destination.with_name(destination.name + ".bak"))
+            _backup(destination)
         os.replace(temp_name, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -81,7 +86,68 @@ def render_atomically(
 
 
 def _temp_file(destination: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    return tempfile.mkstemp(
+        prefix=f".{destination.name}.{os.getpid()}.", suffix=".tmp", dir=destination.parent
+    )
+
+
+def backup_path(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".bak")
+
+
+def _backup(destination: Path) -> None:
+    """One .bak, the previous good output with its mode, appearing whole in one rename: a
+    copy straight into the .bak would leave half a file there if the renderer died."""
+    target = backup_path(destination)
+    temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(destination, temp)
+    except FileNotFoundError:
+        return  # nothing rendered there yet
+    except OSError:
+        # A file system without hard links: a copy, still renamed into place.
+        shutil.copy2(destination, temp)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def remove_stale_temps(destination: Path) -> int:
+    """Remove the temporary files that writers of ``destination`` (and of its .bak) left when
+    they died mid-write; a live process's files are left alone. Returns how many went.
+
+    Two renderers writing one destination from different pid namespaces would mistake each
+    other's files for a dead writer's; one destination has one writer anyway."""
+    removed = 0
+    for target in (destination, backup_path(destination)):
+        pattern = re.compile(re.escape(f".{target.name}.") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")
+        try:
+            names = os.listdir(target.parent)
+        except OSError:
+            continue
+        for name in names:
+            match = pattern.fullmatch(name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target.parent / name)
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -30,6 +30,7 @@ from dcy.template._config import (
     ConsulSettings,
     ExecSettings,
     RunConfig,
+    env_patterns,
     load_config_paths,
     parse_log_level,
     parse_signal,
@@ -109,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="report templates still waiting for data after this long (30s)",
     )
     add("-sandbox-path", metavar="DIR", help="the only folder file() may read")
+    add(
+        "-env-allowlist",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="env() may read variables matching PATTERN even if they look secret; repeatable",
+    )
+    add(
+        "-env-denylist",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="env() refuses variables matching PATTERN (wins over -env-allowlist); repeatable",
+    )
     add("-fatal-commands", action="store_true", help="stop when a command fails")
     return p
 
@@ -158,7 +173,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         updates["sandbox_path"] = Path(args.sandbox_path)
     if args.fatal_commands:
         updates["fatal_commands"] = True
+    updates["env"] = config.env.merged(
+        env_patterns(args.env_allowlist, "-env-allowlist"),
+        env_patterns(args.env_denylist, "-env-denylist"),
+    )
     updates["exec"] = _exec_settings(config.exec, args)
+    sandbox = updates.get("sandbox_path", config.sandbox_path)
+    if isinstance(sandbox, Path) and not sandbox.is_dir():
+        raise ConfigError(f"sandbox path {sandbox} is not a folder")
     for spec in templates:
         if spec.source is not None and not spec.source.is_file():
             raise ConfigError(f"template source {spec.source} does not exist")
@@ -256,6 +278,7 @@ class Application:
                     dry=self.args.dry,
                     fatal_commands=self.config.fatal_commands,
                     sandbox=self.config.sandbox_path,
+                    env_policy=self.config.env.protecting(dcy.config.token),
                 ),
                 metrics=metrics,
                 on_pass=self._after_pass,
@@ -344,8 +367,16 @@ class Application:
         except (ValueError, OSError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        self.config = replace(self.config, templates=config.templates, wait=config.wait)
+        self.config = replace(
+            self.config, templates=config.templates, wait=config.wait, env=config.env
+        )
         if self.renderer is not None:
+            self.renderer.options = replace(
+                self.renderer.options,
+                env_policy=config.env.protecting(
+                    *self.renderer.options.env_policy.protected_values
+                ),
+            )
             self.renderer.set_templates(config.templates)
             log.info("configuration reloaded: %d template(s)", len(config.templates))
 
