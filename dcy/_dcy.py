@@ -12,7 +12,9 @@ for it at most ``wait_for_agent`` seconds, then ConsulUnavailable) and starts th
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -42,6 +44,12 @@ log = logging.getLogger("dcy")
 
 # Waiting for an agent that is starting (or restarting): it usually answers within a second.
 AGENT_BACKOFF = Backoff(base=0.1, cap=2.0)
+# The goodbyes of aclose() (step down, deregister) share this many seconds: each request has
+# its own timeout (10 s), and an agent that never answers must not hold a closing process for
+# that long per goodbye. Whatever is left unsaid Consul cleans up itself: a session expires
+# 2 x TTL after its last renewal, a service once its check has been critical for
+# DeregisterCriticalServiceAfter.
+CLOSE_BUDGET = 5.0
 
 
 class Dcy:
@@ -132,7 +140,16 @@ class Dcy:
                 log.warning("waiting for Consul at %s: %s", self.config.address, exc)
 
         try:
-            return await retrying(lambda: read_agent(api), policy, on_retry=report)
+            # The deadline bounds the whole wait, not only the retries after the first
+            # failure: an agent that accepts connections and never answers would otherwise
+            # hold each attempt for the request timeout, before and after the deadline.
+            async with asyncio.timeout(waited):
+                return await retrying(lambda: read_agent(api), policy, on_retry=report)
+        except TimeoutError as exc:
+            raise ConsulUnavailable(
+                f"no Consul agent answered at {self.config.address} within {waited:g}s",
+                address=self.config.address,
+            ) from exc
         except ConsulUnavailable as exc:
             raise ConsulUnavailable(
                 f"no Consul agent answered at {self.config.address} within {waited:g}s: {exc}",
@@ -145,19 +162,20 @@ class Dcy:
         registered, stop every watch and close connections. Every step runs even when an
         earlier one fails with a DcyError (logged): an agent that is away must not leave
         sessions, tasks or sockets behind."""
+        deadline = time.monotonic() + CLOSE_BUDGET
         try:
             for leadership in list(self._leaderships):
                 # A leadership still held when its client closes steps down like a normal
                 # exit, before its registration (and the check its session may be bound to)
                 # goes away.
-                await self._quietly(leadership.__aexit__(None, None, None), "step down")
+                await self._quietly(leadership.__aexit__(None, None, None), "step down", deadline)
             self._leaderships.clear()
             for watch in list(self._health_watches):
                 await self._quietly(watch.aclose(), "stop a health watch")
             self._health_watches.clear()
             for registration in reversed(self._registrations):
                 await self._quietly(
-                    registration.deregister(), f"deregister {registration.service_id}"
+                    registration.deregister(), f"deregister {registration.service_id}", deadline
                 )
             self._registrations.clear()
             if self._resolver is not None:
@@ -170,9 +188,17 @@ class Dcy:
             self._api = self._engine = self._resolver = None
 
     @staticmethod
-    async def _quietly(step: Awaitable[None], what: str) -> None:
+    async def _quietly(step: Awaitable[None], what: str, deadline: float | None = None) -> None:
+        """Run a step of closing; with a ``deadline`` (monotonic), give it up then."""
         try:
-            await step
+            if deadline is None:
+                await step
+                return
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                await step
+        except TimeoutError:
+            log.warning("could not %s while closing: Consul did not answer in time", what)
         except DcyError as exc:
             log.warning("could not %s while closing: %s", what, exc)
 

@@ -94,6 +94,9 @@ BID_BACKOFF = Backoff(base=0.25, cap=1.0)
 # Renewals that failed for a transient reason: retried at least every second, so that the
 # first renewal after an outage comes within a second of its end.
 RENEW_BACKOFF = Backoff(base=0.1, cap=1.0)
+# Stepping down (release the lock, destroy the session) when the agent never answers: give up
+# after this long; the session then expires on its own (2 x TTL after its last renewal).
+STEP_DOWN_TIMEOUT = 5.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
 
 OnLost = Callable[["Leadership"], Awaitable[None] | None]
@@ -476,11 +479,28 @@ class Leadership:
                 task.cancel()
         # A release begun at the loss finishes first; on_lost callbacks run on, unawaited.
         releasing = [t for t in self._tasks if t.get_name().endswith(":release")]
-        await asyncio.gather(self._renewer or asyncio.sleep(0), *releasing, return_exceptions=True)
-        if self._subscription is not None:
-            await self._subscription.aclose()
-            self._subscription = None
-        await self._release_quietly(destroy=True)
+        await asyncio.gather(self._renewer or asyncio.sleep(0), return_exceptions=True)
+        try:
+            # Each request has its own timeout; together they must not hold a process that
+            # is stopping for longer than this when the agent never answers.
+            async with asyncio.timeout(STEP_DOWN_TIMEOUT):
+                await asyncio.gather(*releasing, return_exceptions=True)
+                if self._subscription is not None:
+                    await self._subscription.aclose()
+                    self._subscription = None
+                await self._release_quietly(destroy=True)
+        except TimeoutError:
+            log.warning(
+                "could not give up %s within %gs (Consul expires the session)",
+                self.key,
+                STEP_DOWN_TIMEOUT,
+            )
+        finally:
+            for task in releasing:
+                task.cancel()
+            if self._subscription is not None:
+                await self._subscription.aclose()
+                self._subscription = None
         if was_leader:
             log.info("stepped down as leader of %s", self.name)
 

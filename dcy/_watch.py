@@ -16,6 +16,12 @@ queries" documentation (https://developer.hashicorp.com/consul/api-docs/features
 * on transient errors (``dcy.Backoff``'s rule: an unreachable agent, an election, 429/5xx):
   the shared retry policy, retrying forever. Consumers keep the last good snapshot, marked
   stale; nothing is ever replaced by an empty answer we did not get;
+* while the agent gives no answer at all (refused, reset, timed out), one probe per engine
+  (:class:`AgentProbe`) asks it every ``AGENT_PROBE.cap`` at most, and wakes every waiting
+  loop the moment it answers again: the loops' own back-off may have grown to its cap (5 s
+  here, a minute in dcy-template), but a returning agent is seen within the probe's cap.
+  Only a probe that saw the agent away wakes anyone, so an agent that answers the probe
+  but fails the queries cannot turn the loops into a hot loop;
 * on errors that will not heal (ACL refused, TLS, a refused request) the loop ends at once:
   the error is kept (``Watch.first`` and iterating subscribers raise it, callbacks see the
   snapshot marked stale with it) and the engine forgets the watch, so that a later user starts
@@ -53,6 +59,11 @@ STOP_GRACE = 5.0
 # Retries after an outage: quick at first (an agent restart takes a second or two), then every
 # few seconds at most.
 WATCH_BACKOFF = Backoff(base=0.1, cap=5.0)
+# While the agent gives no answer at all: one cheap request per engine at most every half
+# second, whatever the loops' back-off. An agent back from a restart is then seen within half
+# a second by every loop (a template re-renders within a second of it), while a hundred loops
+# waiting out their own, longer back-off cost the agent nothing meanwhile.
+AGENT_PROBE = Backoff(base=0.1, cap=0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +320,14 @@ class Watch(Generic[T]):
                 # would then wait out the whole `wait` before the backwards rule could fire.
                 # Ask without blocking first; it costs one request per recovery.
                 index = 0
-                await retry.wait()
+                delay = retry.next_delay() or 0.0
+                if _unanswered(exc):
+                    if await self.engine.probe.wait_for_return(delay):
+                        # Back after an outage: a failure after this one starts the back-off
+                        # afresh (a dev agent answers 500 until it has elected itself).
+                        retry.reset()
+                else:
+                    await asyncio.sleep(delay)
                 pause = 0.0
                 continue
             retry.reset()
@@ -393,12 +411,77 @@ class Watch(Generic[T]):
             await subscriber.aclose()
 
 
+def _unanswered(exc: Exception) -> bool:
+    """Whether the agent gave no answer at all (refused, reset, timed out), as opposed to
+    an answer saying it cannot serve the request now (a 5xx, a 429)."""
+    return isinstance(exc, ConsulUnavailable) and exc.status is None
+
+
+class AgentProbe:
+    """Tells the loops of an engine when an agent that gave no answer answers again.
+
+    Loops that failed without an answer wait for :meth:`wait_for_return` (at most their own
+    back-off delay). The first of them starts one probe task, which asks the agent who it is
+    (``/v1/agent/self``: local to the agent, no servers involved) every ``AGENT_PROBE`` delay
+    until it answers: any answer, a refusal too, means it is there. If the probe saw it away
+    at least once, every waiting loop is woken at once; if its first request is answered,
+    nobody is (the failure was the query's own), and the loops keep their back-off."""
+
+    def __init__(self, api: ConsulAPI, policy: Backoff = AGENT_PROBE) -> None:
+        self._api = api
+        self._policy = policy
+        self._returned: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.probes = 0  # requests sent, for tests and metrics
+
+    async def wait_for_return(self, timeout: float) -> bool:
+        """Sleep ``timeout`` seconds, or less if the agent is seen answering again
+        meanwhile (then True)."""
+        if self._task is None or self._task.done():
+            self._returned = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(
+                self._probe(self._returned), name="dcy-agent-probe"
+            )
+        assert self._returned is not None
+        returned = self._returned
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await returned.wait()
+        return returned.is_set()
+
+    async def _probe(self, returned: asyncio.Event) -> None:
+        retry = self._policy.start()
+        away = False
+        while True:
+            await asyncio.sleep(retry.next_delay() or self._policy.cap)
+            self.probes += 1
+            try:
+                await self._api.agent_info()
+            except ConsulUnavailable as exc:
+                if exc.status is None:
+                    away = True
+                    continue
+            except DcyError:
+                pass  # a refusal (an ACL without agent:read) is an answer too
+            break
+        if away:
+            log.info("Consul answers again: resuming every watch")
+            returned.set()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
 class WatchEngine:
     """Owns every loop of one process (one per distinct spec) and the seam they share."""
 
     def __init__(self, api: ConsulAPI, options: WatchOptions | None = None) -> None:
         self.api = api
         self.options = options or WatchOptions()
+        self.probe = AgentProbe(api)
         self._watches: dict[Hashable, Watch[Any]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         self._starting: set[Watch[Any]] = set()  # loops still without a first answer
@@ -453,6 +536,7 @@ class WatchEngine:
         watches = list(self._watches.values())
         self._watches.clear()
         await asyncio.gather(*(w.stop() for w in watches), return_exceptions=True)
+        await self.probe.aclose()
         if self._stopping:
             # Cancelled already; a loop that ignores it must not hang the close for ever.
             _, stuck = await asyncio.wait(set(self._stopping), timeout=STOP_GRACE)

@@ -1,6 +1,12 @@
 """A TCP forwarder in front of a Consul agent that a test can cut and restore: an agent
 outage as its clients see it (connections refused and broken), while the agent itself, and
-so everything Consul's servers know about its node and sessions, stays up."""
+so everything Consul's servers know about its node and sessions, stays up.
+
+``stall()`` is the other kind of outage: an agent that accepts connections and reads requests
+but never answers (a hung process, a half-open connection). Connections in flight stop
+forwarding without being closed, new ones are accepted and read, nothing is ever written
+back; ``resume()`` forwards new connections again (stalled ones stay stalled, as they would
+be after a real hang)."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ class OutageProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stalled = False
+        self.stalled_connections = 0  # connections taken in and never answered
 
     @property
     def address(self) -> str:
@@ -31,6 +39,16 @@ class OutageProxy:
         return self
 
     restore = start
+
+    def stall(self) -> None:
+        """Answer nothing from now on, on open connections and new ones alike."""
+        self._stalled = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    def resume(self) -> None:
+        """Forward new connections again."""
+        self._stalled = False
 
     async def cut(self) -> None:
         if self._server is not None:
@@ -47,6 +65,9 @@ class OutageProxy:
     aclose = cut
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._stalled:
+            await self._swallow(reader, writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         except OSError:
@@ -64,9 +85,25 @@ class OutageProxy:
             for task in pumps:
                 task.cancel()
                 self._tasks.discard(task)
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.transport.abort()
+            self._writers.discard(up_writer)
+            up_writer.transport.abort()
+            if not self._stalled:
+                self._writers.discard(writer)
+                writer.transport.abort()
+        if self._stalled:
+            await self._swallow(reader, writer)
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read whatever the client sends, answer nothing, until it gives up or cut()."""
+        self._writers.add(writer)
+        self.stalled_connections += 1
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while await reader.read(65536):
+                    pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
 
     @staticmethod
     async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

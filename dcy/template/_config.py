@@ -34,6 +34,10 @@ class ConsulSettings:
     server_name: str | None = None
     retry_backoff: float = 0.25
     retry_max_backoff: float = 60.0
+    # How long one blocking query may wait on the agent's side (consul-template's
+    # block_query_wait); also what bounds noticing an agent that stopped answering: a
+    # query gets no answer within wait + wait/16 + 10 s, and the data is reported stale.
+    block_query_wait: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

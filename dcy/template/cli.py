@@ -23,7 +23,7 @@ from dcy._backoff import Backoff
 from dcy._cli import ConsulFlags, unless_stopped
 from dcy._dcy import Dcy
 from dcy._durations import parse_duration, parse_wait
-from dcy._errors import DcyError
+from dcy._errors import ConsulUnavailable, DcyError
 from dcy._watch import WatchOptions
 from dcy.template._config import (
     ConfigError,
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("-consul-ssl-server-name", metavar="NAME")
     add("-consul-retry-backoff", metavar="DURATION", help="first retry delay (250ms)")
     add("-consul-retry-max-backoff", metavar="DURATION", help="retry delay cap (1m)")
+    add(
+        "-block-query-wait",
+        metavar="DURATION",
+        help="how long each blocking query waits for a change (1m); a stalled agent is "
+        "noticed after this + 1/16 + 10s",
+    )
     add("-log-level", metavar="LEVEL", help="debug, info, warn, error")
     add("-pid-file", metavar="FILE")
     add("-kill-signal", metavar="SIGNAL", help="stop gracefully on this signal (SIGTERM)")
@@ -148,6 +154,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         consul_updates["retry_backoff"] = parse_duration(args.consul_retry_backoff)
     if args.consul_retry_max_backoff:
         consul_updates["retry_max_backoff"] = parse_duration(args.consul_retry_max_backoff)
+    if args.block_query_wait:
+        wait = parse_duration(args.block_query_wait)
+        if not wait > 0:
+            raise ConfigError(f"invalid -block-query-wait {args.block_query_wait!r}: must be > 0")
+        consul_updates["block_query_wait"] = wait
     consul = replace(consul, **{k: v for k, v in consul_updates.items() if v is not None})
     updates: dict[str, object] = {"consul": consul}
     cwd = Path.cwd()
@@ -202,9 +213,10 @@ def _exec_settings(current: ExecSettings, args: argparse.Namespace) -> ExecSetti
     return replace(current, **updates)  # type: ignore[arg-type]
 
 
-def _dcy_for(consul: ConsulSettings) -> Dcy:
+def _dcy_for(consul: ConsulSettings, *, give_up_after: float | None = None) -> Dcy:
     # Consul may come up after us, or be away for a while: wait for it as long as it takes,
-    # never exit for it (consul-template exits after its retries: #2045).
+    # never exit for it (consul-template exits after its retries: #2045). A -once run is
+    # the exception (give_up_after): a job waiting for one render must end, with status 1.
     address = consul.address
     if address is not None and consul.ssl and "://" not in address:
         address = f"https://{address}"
@@ -217,13 +229,13 @@ def _dcy_for(consul: ConsulSettings) -> Dcy:
         client_key=consul.key,
         tls_server_name=consul.server_name,
         verify=consul.ssl_verify,
-        wait_for_consul=None,
+        wait_for_consul=give_up_after,
     )
     backoff = Backoff(
         base=max(consul.retry_backoff, 0.001),
         cap=max(consul.retry_max_backoff, consul.retry_backoff, 0.001),
     )
-    return flags.client(WatchOptions(backoff=backoff))
+    return flags.client(WatchOptions(wait=consul.block_query_wait, backoff=backoff))
 
 
 class Application:
@@ -247,8 +259,16 @@ class Application:
             self.renderer.stop()
 
     async def _connect(self) -> Dcy | None:
-        dcy = _dcy_for(self.config.consul)
-        opened, _ = await unless_stopped(dcy.open(), self._stop)
+        # -once: an agent that does not answer is given -missing-key-timeout, as missing
+        # data is once it answers (then the render waits as long again at most).
+        give_up = self.config.missing_key_timeout if self.args.once else None
+        dcy = _dcy_for(self.config.consul, give_up_after=give_up)
+        try:
+            opened, _ = await unless_stopped(dcy.open(), self._stop)
+        except ConsulUnavailable as exc:
+            log.error("%s", exc)
+            self.exit_status = EXIT_FAILED
+            return None
         return dcy if opened else None
 
     async def run(self) -> int:

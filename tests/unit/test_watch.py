@@ -497,3 +497,50 @@ async def test_an_acl_refusal_ends_the_loop_and_is_not_retried() -> None:
         await subscription.aclose()
     finally:
         await engine.aclose()
+
+
+async def test_a_returning_agent_is_seen_at_once_whatever_the_backoff() -> None:
+    """Loops whose back-off has a long first delay (1.5-3 s) still see an agent that gave no
+    answer as soon as it answers again: the engine's probe wakes them within its own cap."""
+    fake = FakeConsul()
+    fake.add_service("worker", port=9702)
+    options = WatchOptions(wait=0.3, min_interval=0, backoff=Backoff(3.0, 60.0))
+    engine = WatchEngine(fake, options)
+    try:
+        recorder = Recorder()
+        engine.subscribe(WORKER, recorder)
+        await eventually(lambda: len(recorder.seen) == 1)
+        await eventually(lambda: fake.in_flight == 1)
+        fake.set_unavailable()
+        await eventually(lambda: recorder.last.stale)
+        probes = fake.calls["agent_info"]
+        await eventually(lambda: fake.calls["agent_info"] > probes)  # it saw the agent away
+        fake.set_unavailable(False)
+        returned = time.monotonic()
+        await eventually(lambda: not recorder.last.stale, timeout=1.0)
+        assert time.monotonic() - returned < 1.0
+        assert recorder.last.value == recorder.seen[0].value
+    finally:
+        await engine.aclose()
+
+
+class QueriesUnanswered(FakeConsul):
+    """An agent that answers who it is, but whose health queries get no answer at all."""
+
+    async def health_service(self, name: str, **kwargs: Any) -> QueryResult:
+        self.calls["health_service"] += 1
+        raise ConsulUnavailable("connection reset while reading the answer", address="fake")
+
+
+async def test_a_probe_answered_at_once_wakes_nobody() -> None:
+    """When the agent answers the probe at once, the failure was the query's own: the loop
+    keeps its back-off (0.25-0.5 s here) instead of retrying at the probe's pace."""
+    fake = QueriesUnanswered()
+    engine = WatchEngine(fake, WatchOptions(wait=0.3, min_interval=0, backoff=Backoff(0.5, 0.5)))
+    try:
+        engine.subscribe(WORKER, Recorder())
+        await asyncio.sleep(1.5)
+        assert fake.calls["agent_info"] >= 2  # probed after each failure...
+        assert fake.calls["health_service"] <= 7  # ...but not woken by it
+    finally:
+        await engine.aclose()
