@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dcy import Backoff
 from svc._nsq import BatchPublisher
 from svc._nsq_reader import BatchHandler, NsqReader
 from tests.harness import NsqCluster
@@ -121,7 +122,7 @@ async def test_failed_batch_is_requeued_then_finished(
             raise RuntimeError("not this time")
         done.extend(batch)
 
-    consumer = reader(nsq, flaky, requeue_delay_ms=0)
+    consumer = reader(nsq, flaky, handler_backoff=Backoff(base=0.01, cap=0.02))
     await publish(http, nsq, bodies(100))
     await eventually(lambda: len(set(done)) == 100, "every message handled successfully")
     await eventually(lambda: settled(http, nsq), "every message finished")
