@@ -8,7 +8,7 @@ of their bodies at once, and the whole batch is finished (FIN) in one write once
 is done.
 
 * Discovery: every nsqlookupd is asked ``/lookup?topic=`` at start and every
-  ``lookupd_poll_interval`` seconds, all of them at once (a silent one delays no other);
+  ``lookupd_poll_interval`` seconds, each by its own poller (a hanging one delays no other);
   :meth:`NsqReader.set_lookupds` changes the list while running (the services follow the
   ``nsqlookupd`` service in Consul). Each producer gets a connection, reconnected with
   backoff while a lookupd still names it.
@@ -416,7 +416,7 @@ class NsqReader:
         self.closing = False
         # Counters, for tests and metrics.
         self.connects = 0  # connections that completed the handshake, ever
-        self.lookups = 0  # polls that at least one lookupd answered
+        self.lookups = 0  # answers from lookupds
         self.heartbeats = 0
         self.heartbeat_timeouts = 0
         self.malformed_frames = 0
@@ -426,9 +426,9 @@ class NsqReader:
         self._known: dict[str, str | None] = {}  # producer TCP address → its HTTP base URL
         self._producers: dict[str, asyncio.Task[None]] = {}
         self._handling: set[asyncio.Future[None]] = set()
-        self._discovery: asyncio.Task[None] | None = None
+        self._pollers: dict[str, asyncio.Task[None]] = {}  # lookupd URL → its poller
+        self._answers: dict[str, dict[str, str | None]] = {}  # lookupd URL → its producers
         self._session: aiohttp.ClientSession | None = None
-        self._poll_now = asyncio.Event()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         # Backoff after handler failures: paused (RDY 0 everywhere) until the timer fires,
         # then on trial (RDY 1 on one connection) until a batch succeeds.
@@ -448,8 +448,11 @@ class NsqReader:
         return self._paused is not None or self._on_trial
 
     def start(self) -> NsqReader:
-        if self._discovery is None:
-            self._discovery = asyncio.get_running_loop().create_task(self._discover())
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.lookupd_timeout)
+            )
+            self._sync_pollers()
         return self
 
     def set_max_in_flight(self, count: int) -> None:
@@ -463,7 +466,8 @@ class NsqReader:
         if urls != self.lookupds:
             log.info("nsqlookupds for %s: %s", self.topic, ", ".join(urls) or "none")
             self.lookupds = urls
-            self._poll_now.set()
+            if self._session is not None and not self.closing:
+                self._sync_pollers()
 
     def close_with(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Await ``closer()`` when the reader closes (what feeds it, e.g. a watch)."""
@@ -488,17 +492,16 @@ class NsqReader:
             connection.send_rdy(0)
         for closer in self._closers:
             await closer()
-        if self._discovery is not None:
-            self._discovery.cancel()
-        for task in self._producers.values():
+        for task in (*self._pollers.values(), *self._producers.values()):
             task.cancel()
         if self._handling:
             await asyncio.wait(set(self._handling), timeout=timeout)
         await asyncio.gather(
             *(c.finish(timeout=1.0) for c in list(self._connections)), return_exceptions=True
         )
-        tasks = [t for t in (self._discovery, *self._producers.values()) if t is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *self._pollers.values(), *self._producers.values(), return_exceptions=True
+        )
         if self._session is not None:
             await self._session.close()
 
@@ -541,32 +544,38 @@ class NsqReader:
             self._failures.reset()
 
     # -- discovery -------------------------------------------------------------------------
-    async def _discover(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.lookupd_timeout)
-        )
-        while not self.closing:
-            self._poll_now.clear()
-            found = await self._lookup()
-            if found is not None:
-                self.lookups += 1
-                self._known = found
-                for address in found.keys() - self._producers.keys():
-                    task = asyncio.get_running_loop().create_task(self._keep_connected(address))
-                    self._producers[address] = task
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), self.lookupd_poll_interval)
+    def _sync_pollers(self) -> None:
+        """One poller per lookupd, so that a hanging one delays no other."""
+        loop = asyncio.get_running_loop()
+        for url in sorted(set(self.lookupds) - self._pollers.keys()):
+            self._pollers[url] = loop.create_task(self._poll(url))
+        for url in self._pollers.keys() - set(self.lookupds):
+            self._pollers.pop(url).cancel()
+            self._answers.pop(url, None)
+        self._update_known()
 
-    async def _lookup(self) -> dict[str, str | None] | None:
-        """The producers every lookupd that answered names, all asked at once; None if none
-        answered."""
-        answers = await asyncio.gather(*(self._ask_lookupd(url) for url in self.lookupds))
-        found: dict[str, str | None] | None = None
-        for answer in answers:
-            if answer is not None:
-                found = found or {}
-                found.update(answer)
-        return found
+    async def _poll(self, url: str) -> None:
+        while not self.closing:
+            answer = await self._ask_lookupd(url)
+            # A lookupd that cannot be reached keeps its last answer: its producers are
+            # still there, most likely, and their connections do not depend on it.
+            if answer is not None and url in self._pollers:
+                self.lookups += 1
+                self._answers[url] = answer
+                self._update_known()
+            await asyncio.sleep(self.lookupd_poll_interval)
+
+    def _update_known(self) -> None:
+        """The producers are those the lookupds named last; new ones get a connection."""
+        known: dict[str, str | None] = {}
+        for answer in self._answers.values():
+            known.update(answer)
+        self._known = known
+        if self.closing:
+            return
+        for address in known.keys() - self._producers.keys():
+            task = asyncio.get_running_loop().create_task(self._keep_connected(address))
+            self._producers[address] = task
 
     async def _ask_lookupd(self, url: str) -> dict[str, str | None] | None:
         assert self._session is not None

@@ -4,7 +4,9 @@ MalformedFrame — never a loop, never an unbounded wait."""
 
 from __future__ import annotations
 
+import itertools
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,6 +26,8 @@ from svc._nsq_frames import (
 )
 
 MAX_SIZE = max_frame_size(4096)
+# What the parser reported: ("reply", type, data) or ("message", id, body).
+Seen = tuple[Any, ...]
 
 # (kind, data) for replies; (FRAME_MESSAGE, id + body) for messages.
 replies = st.tuples(st.sampled_from((FRAME_RESPONSE, FRAME_ERROR)), st.binary(max_size=200))
@@ -41,10 +45,10 @@ def encode(frame: tuple[int, bytes] | tuple[int, bytes, bytes]) -> bytes:
     return encode_frame(kind, data)
 
 
-def feed(chunks: list[bytes], max_size: int = MAX_SIZE) -> tuple[list[object], bytearray]:
+def feed(chunks: list[bytes], max_size: int = MAX_SIZE) -> tuple[list[Seen], bytearray]:
     """Feed chunks as a connection would: parse after each, keep what was not consumed."""
     buffer = bytearray()
-    seen: list[object] = []
+    seen: list[Seen] = []
     for chunk in chunks:
         buffer += chunk
         parsed = parse_frames(buffer, max_size)
@@ -55,8 +59,8 @@ def feed(chunks: list[bytes], max_size: int = MAX_SIZE) -> tuple[list[object], b
     return seen, buffer
 
 
-def expected(stream: list[tuple[int, bytes] | tuple[int, bytes, bytes]]) -> list[object]:
-    out: list[object] = []
+def expected(stream: list[tuple[int, bytes] | tuple[int, bytes, bytes]]) -> list[Seen]:
+    out: list[Seen] = []
     for frame in stream:
         if frame[0] == FRAME_MESSAGE:
             out.append(("message", frame[1], frame[2]))  # type: ignore[misc]
@@ -68,7 +72,7 @@ def expected(stream: list[tuple[int, bytes] | tuple[int, bytes, bytes]]) -> list
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     marks = sorted({p % (len(data) + 1) for p in points})
     edges = [0, *marks, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @given(frames, st.lists(st.integers(min_value=0), max_size=30))
