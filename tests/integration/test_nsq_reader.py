@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -404,3 +405,24 @@ async def test_failures_back_off_with_rdy_zero_then_restore_it(
     assert all(gap >= least for gap, least in zip(gaps, (0.25, 0.5, 1.0), strict=True)), gaps
     assert stats["requeue_count"] == 3 and stats["timeout_count"] == 0
     assert not consumer.backing_off and consumer.backoffs == 3
+
+
+@pytest.mark.parametrize(("how", "kept"), [("SIGTERM", 10), ("SIGKILL", 0)])
+async def test_what_nsqd_keeps_across_a_restart(
+    nsq: NsqCluster, http: aiohttp.ClientSession, how: str, kept: int
+) -> None:
+    """Ten messages wait in a channel nobody consumes: nsqd stopped cleanly writes them to
+    disk and has them again after its restart; killed, it loses them all (it keeps queues
+    in memory up to --mem-queue-size, 10,000 by default). What a crash may lose is what nsqd
+    held: accepted and not yet finished by a consumer."""
+    await create_channel(http, nsq)
+    await publish(http, nsq, bodies(10))
+    await eventually(lambda: channel_depth(http, nsq, 10), "ten messages waiting")
+    assert nsq.nsqd is not None
+    nsq.nsqd.stop(getattr(signal, how))
+    nsq.start_nsqd()
+    assert (await channel_stats(http, nsq)).get("depth", 0) == kept
+
+
+async def channel_depth(http: aiohttp.ClientSession, nsq: NsqCluster, depth: int) -> bool:
+    return (await channel_stats(http, nsq)).get("depth") == depth
