@@ -10,7 +10,8 @@
   dropped. A batch nsqd refuses (a 4xx: a bad topic, a message too big) fails its futures.
 * :func:`transient` is what the services wait out (:func:`patiently`, publishing, the NSQ
   consumer's reconnects): dcy's transient errors, network errors, 5xx answers.
-* :func:`start_consumer` runs our batch consumer (:mod:`svc._nsq_reader`) on this loop.
+* :func:`start_consumer` runs our batch consumer (:mod:`svc._nsq_reader`) on this loop,
+  polling the nsqlookupds that Consul names as they come and go.
 """
 
 from __future__ import annotations
@@ -18,13 +19,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import aiohttp
 
-from dcy import Backoff, Dcy, DcyError, Instance, LookupFailed, Retry, is_transient, retrying
+from dcy import (
+    Backoff,
+    Dcy,
+    DcyError,
+    Instance,
+    LookupFailed,
+    Retry,
+    Snapshot,
+    is_transient,
+    retrying,
+)
 from svc._nsq_reader import BatchHandler, NsqReader
 
 log = logging.getLogger("svc.nsq")
@@ -91,7 +102,7 @@ async def patiently(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 
 
 async def lookupd_http_addresses(dcy: Dcy) -> list[str]:
-    return [f"http://{i.hostport}" for i in await passing_instances(dcy, "nsqlookupd")]
+    return passing_lookupd_urls(await passing_instances(dcy, "nsqlookupd"))
 
 
 async def passing_instances(dcy: Dcy, name: str) -> tuple[Instance, ...]:
@@ -245,28 +256,50 @@ class BatchPublisher:
         self._closed = True
 
 
-def start_consumer(
+async def start_consumer(
+    dcy: Dcy,
     topic: str,
     channel: str,
-    lookupds: list[str],
     handler: BatchHandler,
     *,
     max_in_flight: int = 1000,
     msg_timeout: float | None = None,
+    lookupd_poll_interval: float = 2.0,
 ) -> NsqReader:
-    """A started batch consumer on the running loop. Each batch is finished only after
-    ``handler`` completed (at-least-once); a handler error requeues the batch. nsqd gives a
-    message to another consumer once it was ``msg_timeout`` seconds in flight unfinished (its
-    own default, 60s, when None)."""
-    return NsqReader(
+    """A started batch consumer on the running loop, once Consul names a passing nsqlookupd.
+
+    The reader follows the ``nsqlookupd`` service through a dcy watch: lookupds that start
+    passing are polled from then on, those that leave or fail are dropped, without a
+    restart (while none passes, the last known ones are kept). Each batch is finished only
+    after ``handler`` completed (at-least-once); a handler error requeues the batch with
+    backoff. nsqd gives a message to another consumer once it was ``msg_timeout`` seconds in
+    flight untouched (its own default, 60s, when None); the reader touches batches still in
+    hand every half of it."""
+    lookupds = await patiently("nsqlookupd", lambda: lookupd_http_addresses(dcy))
+    reader = NsqReader(
         topic,
         channel,
         lookupds,
         handler,
         max_in_flight=max_in_flight,
-        lookupd_poll_interval=2.0,
+        lookupd_poll_interval=lookupd_poll_interval,
         # Unbuffered (the reader's default): nsqd's output buffer would hold each reading for
         # up to its flush timer, and its timer wake-ups share a channel's flow unevenly.
         output_buffer_size=-1,
         msg_timeout_ms=None if msg_timeout is None else round(msg_timeout * 1000),
-    ).start()
+    )
+
+    def follow(snapshot: Snapshot[tuple[Instance, ...]]) -> None:
+        urls = passing_lookupd_urls(snapshot.value)
+        if urls:
+            reader.set_lookupds(urls)
+        else:
+            log.warning("no passing nsqlookupd in Consul; still polling %s", reader.lookupds)
+
+    subscription = dcy.subscribe("nsqlookupd", follow)
+    reader.close_with(subscription.aclose)
+    return reader.start()
+
+
+def passing_lookupd_urls(instances: Iterable[Instance]) -> list[str]:
+    return [f"http://{i.hostport}" for i in instances if i.status == "passing"]

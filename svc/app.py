@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from dcy import Backoff, DcyError, HttpClient
-from svc._nsq import ensure_channel, lookupd_http_addresses, patiently, start_consumer
+from svc._nsq import ensure_channel, patiently, start_consumer
 from svc._nsq_reader import NsqReader
 from svc._readings import BadReading, Result, compact_json, parse_reading, parse_result
 from svc._runtime import Runtime, Settings, cannot_heal, serve
@@ -168,11 +168,10 @@ class App:
             dcy = self.runtime.dcy
             async with aiohttp.ClientSession() as session:
                 await patiently("nsqd", lambda: ensure_channel(dcy, session, TOPIC, CHANNEL))
-            lookupds = await patiently("nsqlookupd", lambda: lookupd_http_addresses(dcy))
-            self._reader = start_consumer(
+            self._reader = await start_consumer(
+                dcy,
                 TOPIC,
                 CHANNEL,
-                lookupds,
                 self._on_batch,
                 max_in_flight=2500,
             )

@@ -23,7 +23,6 @@ from dcy import DcyError, HttpClient
 from svc._nsq import (
     BatchPublisher,
     ensure_channel,
-    lookupd_http_addresses,
     nsqd_http_url,
     patiently,
     start_consumer,
@@ -111,11 +110,10 @@ class Worker:
         self.publisher = BatchPublisher(self._session, lambda: nsqd_http_url(dcy))
         session = self._session
         await patiently("nsqd", lambda: ensure_channel(dcy, session, IN_TOPIC, CHANNEL))
-        lookupds = await patiently("nsqlookupd", lambda: lookupd_http_addresses(dcy))
-        self.reader = start_consumer(
+        self.reader = await start_consumer(
+            dcy,
             IN_TOPIC,
             CHANNEL,
-            lookupds,
             self._on_batch,
             max_in_flight=self.max_in_flight,
             msg_timeout=self.msg_timeout,

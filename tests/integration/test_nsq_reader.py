@@ -4,6 +4,10 @@ requeued on failure, redelivered when a connection dies, RDY respected, heartbea
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import signal
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dcy import Backoff
 from svc._nsq import BatchPublisher
 from svc._nsq_reader import BatchHandler, NsqReader
 from tests.harness import NsqCluster
@@ -43,12 +48,14 @@ async def create_channel(http: aiohttp.ClientSession, nsq: NsqCluster) -> None:
             assert response.status == 200
 
 
-async def channel_stats(http: aiohttp.ClientSession, nsq: NsqCluster) -> dict[str, Any]:
+async def channel_stats(
+    http: aiohttp.ClientSession, nsq: NsqCluster, name: str = CHANNEL
+) -> dict[str, Any]:
     async with http.get(f"http://{nsq.nsqd_http}/stats", params={"format": "json"}) as response:
         stats = await response.json()
     for topic in stats.get("topics", []):
         for channel in topic["channels"] if topic["topic_name"] == TOPIC else []:
-            if channel["channel_name"] == CHANNEL:
+            if channel["channel_name"] == name:
                 return dict(channel)
     return {}
 
@@ -73,6 +80,14 @@ def reader(nsq: NsqCluster, handler: BatchHandler, **options: Any) -> NsqReader:
 
 def bodies(count: int, prefix: str = "m") -> list[bytes]:
     return [f"{prefix}{i}".encode() for i in range(count)]
+
+
+async def client_ready_counts(
+    http: aiohttp.ClientSession, nsq: NsqCluster, expected: list[int], channel: str = CHANNEL
+) -> bool:
+    """Whether the channel's clients have these RDY counts, as nsqd itself reports them."""
+    stats = await channel_stats(http, nsq, channel)
+    return sorted(c["ready_count"] for c in stats.get("clients", [])) == expected
 
 
 async def settled(http: aiohttp.ClientSession, nsq: NsqCluster) -> bool:
@@ -121,7 +136,7 @@ async def test_failed_batch_is_requeued_then_finished(
             raise RuntimeError("not this time")
         done.extend(batch)
 
-    consumer = reader(nsq, flaky, requeue_delay_ms=0)
+    consumer = reader(nsq, flaky, handler_backoff=Backoff(base=0.01, cap=0.02))
     await publish(http, nsq, bodies(100))
     await eventually(lambda: len(set(done)) == 100, "every message handled successfully")
     await eventually(lambda: settled(http, nsq), "every message finished")
@@ -190,12 +205,13 @@ async def test_unfinished_messages_never_exceed_max_in_flight(
 async def test_heartbeats_keep_an_idle_connection(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
-    """With 1s heartbeats and 3s of silence the first connection stays up and working."""
+    """With 1s heartbeats, three heartbeats later the first connection is up and working."""
     await create_channel(http, nsq)
     got: list[bytes] = []
     consumer = reader(nsq, got.extend, heartbeat_interval_ms=1000)
     await eventually(lambda: consumer.connected == 1, "connected")
-    await asyncio.sleep(3)  # nsqd drops a client that misses two heartbeats
+    # nsqd drops a client that stays silent for two heartbeats: three answered span that.
+    await eventually(lambda: consumer.heartbeats >= 3, "three heartbeats answered")
     await publish(http, nsq, [b"still there"])
     await eventually(lambda: got == [b"still there"], "the message after the silence")
     assert consumer.connects == 1
@@ -212,16 +228,17 @@ async def test_max_in_flight_zero_stops_delivery(
     await publish(http, nsq, bodies(10, "a"))
     await eventually(lambda: len(got) == 10, "the first messages")
     consumer.set_max_in_flight(0)
-    await asyncio.sleep(0.2)  # an RDY 0 in transit when nsqd flushed is not a failure
+    await eventually(lambda: client_ready_counts(http, nsq, [0]), "nsqd applied RDY 0")
     await publish(http, nsq, bodies(10, "b"))
 
     async def waiting_in_channel() -> bool:
-        return bool((await channel_stats(http, nsq))["depth"] == 10)
+        stats = await channel_stats(http, nsq)
+        return bool(stats["depth"] == 10 and stats["in_flight_count"] == 0)
 
+    # nsqd only hands a message to a client whose RDY allows it; with RDY 0 applied (as nsqd
+    # itself reports) every new message stays in the channel, and the stats say so.
     await eventually(waiting_in_channel, "the new messages waiting in the channel")
-    await asyncio.sleep(1)  # time enough for nsqd to send them, were it allowed to
     assert got == bodies(10, "a")
-    assert (await channel_stats(http, nsq))["depth"] == 10
     consumer.set_max_in_flight(100)
     await eventually(lambda: len(got) == 20, "the held-back messages")
     await consumer.close()
@@ -259,8 +276,8 @@ async def test_producer_found_after_start_and_after_restart(
     after nsqd restarts."""
     got: list[bytes] = []
     consumer = reader(nsq, got.extend)
-    await asyncio.sleep(1)  # lookupd answered at least once: no producer yet
-    assert consumer.connected == 0
+    await eventually(lambda: consumer.lookups >= 1, "lookupd answered")
+    assert consumer.connected == 0  # it named no producer
     await create_channel(http, nsq)
     await publish(http, nsq, [b"first"])
     await eventually(lambda: got == [b"first"], "the message from the new producer")
@@ -296,3 +313,116 @@ async def test_publish_many_resolves_once_every_chunk_is_accepted(
     await consumer.close()
     await publisher.aclose()
     assert set(got) == {*bodies(2500), b"last"} and max(got.values()) == 1
+
+
+async def test_a_batch_in_hand_is_touched_past_the_message_timeout(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """A handler still working long after the message timeout (1s): the reader touches its
+    messages every half timeout, so nsqd neither times them out nor delivers them again.
+
+    nsqd looks for timed-out messages only on channels its scan loop has picked up (it
+    refreshes that list every 5s), so a control client on a second channel of the topic,
+    which never finishes nor touches its message, shows when timeouts are being enforced."""
+    await create_channel(http, nsq)
+    release = asyncio.Event()
+    calls: list[list[bytes]] = []
+
+    async def slow(batch: list[bytes]) -> None:
+        calls.append(batch)
+        await release.wait()
+
+    consumer = reader(nsq, slow, msg_timeout_ms=1000)
+    control = await hold_without_touching(nsq, "control")
+    try:
+        # Subscribed with RDY 1 before the publish: the control channel gets its copy.
+        await eventually(
+            lambda: client_ready_counts(http, nsq, [1], "control"), "the control client ready"
+        )
+        await publish(http, nsq, [b"long job"])
+        await eventually(lambda: calls == [[b"long job"]], "the message in hand")
+
+        async def control_timed_out_twice() -> bool:
+            stats = await channel_stats(http, nsq, "control")
+            return bool(stats) and stats["timeout_count"] >= 2
+
+        # Two timeouts of the control message: nsqd enforced timeouts for over a second while
+        # the reader's message was in hand.
+        await eventually(control_timed_out_twice, "timeouts enforced on the topic's channels")
+        release.set()
+        await eventually(lambda: settled(http, nsq), "the message finished")
+        stats = await channel_stats(http, nsq)
+    finally:
+        control.close()
+        await consumer.close()
+    assert calls == [[b"long job"]]
+    assert stats["timeout_count"] == 0 and stats["requeue_count"] == 0
+    assert consumer.touches >= 2
+
+
+async def hold_without_touching(nsq: NsqCluster, channel: str) -> asyncio.StreamWriter:
+    """A raw client on ``channel`` with a 1s message timeout that takes one message at a time
+    and never answers for it."""
+    host, port = nsq.nsqd_tcp.rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"msg_timeout": 1000}).encode()
+    writer.write(b"  V2IDENTIFY\n" + struct.pack(">l", len(body)) + body)
+    writer.write(f"SUB {TOPIC} {channel}\nRDY 1\n".encode())
+    await writer.drain()
+    return writer
+
+
+async def test_failures_back_off_with_rdy_zero_then_restore_it(
+    nsq: NsqCluster, http: aiohttp.ClientSession
+) -> None:
+    """A handler that fails three times in a row: each failure stops delivery (nsqd reports
+    RDY 0) for a delay that grows under the policy, and the failed message comes back only
+    after it; the first success restores the full RDY."""
+    await create_channel(http, nsq)
+    policy = Backoff(base=0.5, cap=5.0)
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+
+    def failing_thrice(batch: list[bytes]) -> None:
+        calls.append(loop.time())
+        if len(calls) <= 3:
+            raise RuntimeError(f"failure {len(calls)}")
+
+    consumer = reader(nsq, failing_thrice, max_in_flight=4, handler_backoff=policy)
+    await eventually(lambda: client_ready_counts(http, nsq, [4]), "RDY 4 at the start")
+    await publish(http, nsq, [b"flaky"])
+    # The third pause lasts at least a second: nsqd must show RDY 0 during it.
+    await eventually(lambda: len(calls) == 3, "three failures")
+    await eventually(lambda: client_ready_counts(http, nsq, [0]), "RDY 0 while backing off")
+    await eventually(lambda: len(calls) == 4, "the fourth delivery", timeout=30)
+    await eventually(lambda: client_ready_counts(http, nsq, [4]), "RDY 4 again")
+    await eventually(lambda: settled(http, nsq), "the message finished")
+    stats = await channel_stats(http, nsq)
+    await consumer.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    # Failure n pauses for a delay drawn from [ceiling/2, ceiling], ceiling = 0.5 * 2**(n-1):
+    # at least 0.25s, 0.5s, 1s (a fixed 100ms requeue would show gaps of about 0.1s).
+    assert all(gap >= least for gap, least in zip(gaps, (0.25, 0.5, 1.0), strict=True)), gaps
+    assert stats["requeue_count"] == 3 and stats["timeout_count"] == 0
+    assert not consumer.backing_off and consumer.backoffs == 3
+
+
+@pytest.mark.parametrize(("how", "kept"), [("SIGTERM", 10), ("SIGKILL", 0)])
+async def test_what_nsqd_keeps_across_a_restart(
+    nsq: NsqCluster, http: aiohttp.ClientSession, how: str, kept: int
+) -> None:
+    """Ten messages wait in a channel nobody consumes: nsqd stopped cleanly writes them to
+    disk and has them again after its restart; killed, it loses them all (it keeps queues
+    in memory up to --mem-queue-size, 10,000 by default). What a crash may lose is what nsqd
+    held: accepted and not yet finished by a consumer."""
+    await create_channel(http, nsq)
+    await publish(http, nsq, bodies(10))
+    await eventually(lambda: channel_depth(http, nsq, 10), "ten messages waiting")
+    assert nsq.nsqd is not None
+    nsq.nsqd.stop(getattr(signal, how))
+    nsq.start_nsqd()
+    assert (await channel_stats(http, nsq)).get("depth", 0) == kept
+
+
+async def channel_depth(http: aiohttp.ClientSession, nsq: NsqCluster, depth: int) -> bool:
+    return (await channel_stats(http, nsq)).get("depth") == depth
