@@ -10,20 +10,29 @@ import os
 import re
 import string
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from dcy import AclDenied, Dcy, WatchOptions
 from tests.harness import ConsulAgent
+from tests.programs import (
+    consul_env,
+    fails_fast,
+    passing,
+    program,
+    start,
+    stop,
+    wait_for,
+    wait_for_stderr,
+)
 
 pytestmark = pytest.mark.integration
 
 POLICIES = Path(__file__).resolve().parents[2] / "consul" / "policies"
-BIN = Path(sys.executable).parent
 ROOT = "root-secret"
 ACL_HCL = (
     'acl { enabled = true\n default_policy = "deny"\n down_policy = "deny"\n '
@@ -72,20 +81,12 @@ def register_as_root(agent: ConsulAgent, name: str, port: int) -> None:
 
 
 def env_with(agent: ConsulAgent, secret: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
-    return env | {"CONSUL_HTTP_ADDR": agent.http_addr, "CONSUL_HTTP_TOKEN": secret}
+    return consul_env(CONSUL_HTTP_ADDR=agent.http_addr, CONSUL_HTTP_TOKEN=secret)
 
 
 def fails_naming(argv: list[str], env: dict[str, str], *needles: str) -> str:
     """Run a program that must give up on an ACL refusal: non-zero, fast, naming it."""
-    started = time.monotonic()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=FAIL_FAST)
-    assert done.returncode != 0, done.stderr
-    assert time.monotonic() - started < FAIL_FAST
-    assert "Consul denied" in done.stderr, done.stderr
-    for needle in needles:
-        assert needle in done.stderr, (needle, done.stderr)
-    return done.stderr
+    return fails_fast(argv, env, FAIL_FAST, "Consul denied", *needles)
 
 
 # -- a service using the library -------------------------------------------------------------
@@ -147,7 +148,7 @@ TEMPLATE_DENIALS = [
 def _template_run(agent: ConsulAgent, tmp_path: Path, name: str, body: str) -> list[str]:
     source = tmp_path / "in.j2"
     source.write_text(body.replace("NAME", name))
-    return [str(BIN / "dcy-template"), "-once", "-template", f"{source}:{tmp_path / 'out'}"]
+    return [program("dcy-template"), "-once", "-template", f"{source}:{tmp_path / 'out'}"]
 
 
 def _template_policy(agent: ConsulAgent, name: str) -> list[str]:
@@ -201,23 +202,17 @@ def test_template_reading_a_forbidden_key_reports_it(
 
 # -- dcy-register --------------------------------------------------------------------------
 def _register_argv(name: str) -> list[str]:
-    return [str(BIN / "dcy-register"), "--name", name, "--port", "1", "--check", "ttl"]
+    return [program("dcy-register"), "--name", name, "--port", "1", "--check", "ttl"]
 
 
 def test_register_policy_registers_the_program(agent: ConsulAgent, unique_name: str) -> None:
     """dcy-register.hcl: the program is registered and its TTL check passes."""
     secret = token(agent, rules("dcy-register", service=unique_name))
-    proc = subprocess.Popen(
-        [*_register_argv(unique_name), "--", "sleep", "60"],
-        env=env_with(agent, secret),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([*_register_argv(unique_name), "--", "sleep", "60"], env_with(agent, secret))
     try:
-        _until(lambda: _passing(agent, unique_name), proc, "registered and passing")
+        wait_for(lambda: passing(agent, unique_name), proc, "registered and passing")
     finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
+        stderr = stop(proc)
     assert not agent.api(f"/v1/health/checks/{unique_name}"), stderr
 
 
@@ -241,18 +236,11 @@ def test_alert_policy_watches_a_service(agent: ConsulAgent, unique_name: str) ->
     """dcy-alert.hcl: dcy-alert --service watches with it."""
     register_as_root(agent, unique_name, 7300)
     secret = token(agent, rules("dcy-alert", service_prefix=unique_name))
-    proc = subprocess.Popen(
-        [str(BIN / "dcy-alert"), "--service", unique_name],
-        env=env_with(agent, secret),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([program("dcy-alert"), "--service", unique_name], env_with(agent, secret))
     try:
-        _stderr_until(proc, f"watching service {unique_name}")
+        wait_for_stderr(proc, f"watching service {unique_name}")
     finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
+        stop(proc)
     assert proc.returncode == 0
 
 
@@ -264,7 +252,7 @@ def test_alert_policy_missing_a_rule_exits_naming_the_operation(
     register_as_root(agent, unique_name, 7300)
     policy = rules("dcy-alert", service_prefix=unique_name)
     operation = "GET /v1/agent/self" if dropped == 0 else f"GET /v1/health/service/{unique_name}"
-    argv = [str(BIN / "dcy-alert"), "--service", unique_name]
+    argv = [program("dcy-alert"), "--service", unique_name]
     fails_naming(argv, env_with(agent, token(agent, without(policy, dropped))), operation)
 
 
@@ -282,28 +270,21 @@ def peers(agent: ConsulAgent) -> Iterator[None]:
         for name in ("sensor", "worker"):
             secret = token(agent, http_mode_rules(name))
             procs.append(
-                subprocess.Popen(
-                    [str(BIN / f"dcy-{name}"), "--check-interval", "0.5"],
-                    env=env_with(agent, secret),
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
+                start([program(f"dcy-{name}"), "--check-interval", "0.5"], env_with(agent, secret))
             )
         for name, proc in zip(("sensor", "worker"), procs, strict=True):
-            _until(lambda name=name: _passing(agent, name), proc, f"{name} passing")
+            wait_for(partial(passing, agent, name), proc, f"{name} passing")
         yield
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.communicate(timeout=30)
+            stop(proc)
 
 
 def test_app_policy_leads_and_orchestrates(agent: ConsulAgent, peers: None) -> None:
     """app.hcl: the app registers, wins the leadership and logs results of sensor and worker
     (each running with its own policy)."""
     proc = subprocess.Popen(
-        [str(BIN / "dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
+        [program("dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
         env=env_with(agent, token(agent, http_mode_rules("app"))),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -314,7 +295,7 @@ def test_app_policy_leads_and_orchestrates(agent: ConsulAgent, peers: None) -> N
         line = proc.stdout.readline()
         assert line, proc.communicate(timeout=10)[1]
         assert set(json.loads(line)) >= {"id", "values", "result", "worker"}
-        _until(lambda: _passing(agent, "app"), proc, "app passing")
+        wait_for(lambda: passing(agent, "app"), proc, "app passing")
     finally:
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
@@ -341,7 +322,7 @@ def test_app_policy_missing_a_rule_exits_naming_the_operation(
     policy = http_mode_rules("app")
     index = [rule_id(r) + " " for r in policy].index(dropped.strip() + " ")
     fails_naming(
-        [str(BIN / "dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
+        [program("dcy-app"), "--check-interval", "0.5", "--interval", "0.2"],
         env_with(agent, token(agent, without(policy, index))),
         APP_DENIALS[dropped],
     )
@@ -359,7 +340,7 @@ def test_sensor_and_worker_policies_missing_a_rule_exit(
     """Without either rule of the http mode, sensor and worker exit 1 naming the request."""
     policy = http_mode_rules(service)
     fails_naming(
-        [str(BIN / f"dcy-{service}")],
+        [program(f"dcy-{service}")],
         env_with(agent, token(agent, without(policy, dropped))),
         operation,
     )
@@ -373,35 +354,3 @@ def test_every_policy_file_is_valid_for_consul(agent: ConsulAgent) -> None:
         assert "${" not in text, path
         assert token(agent, [text]), path
         assert len(rules(path.stem, **params)) >= 2, path
-
-
-# -- helpers -------------------------------------------------------------------------------
-def _passing(agent: ConsulAgent, name: str) -> bool:
-    checks = agent.api(f"/v1/health/checks/{name}") or []
-    return bool(checks) and all(c["Status"] == "passing" for c in checks)
-
-
-def _until(predicate: object, proc: subprocess.Popen[str], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what}: exited {proc.returncode}: {proc.communicate()[1]}")
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within 30s")
-
-
-def _stderr_until(proc: subprocess.Popen[str], text: str) -> None:
-    assert proc.stderr is not None
-    seen: list[str] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"exited before {text!r}: {''.join(seen)}")
-        seen.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"no {text!r} within 30s: {''.join(seen)}")
-
