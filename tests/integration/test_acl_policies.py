@@ -5,6 +5,7 @@ it), never waiting or retrying."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from dcy import AclDenied, Dcy, WatchOptions
-from tests.harness import ConsulAgent
+from dcy import AclDenied, Dcy, TtlCheck, WatchOptions
+from tests.harness import ConsulAgent, http_json
 from tests.programs import (
     consul_env,
+    ended_within,
     fails_fast,
     passing,
     program,
@@ -71,6 +73,12 @@ def token(agent: ConsulAgent, policy: list[str]) -> str:
     return agent.create_token(f"test-{os.getpid()}-{next(_tokens)}", "\n".join(policy))
 
 
+def revoke(agent: ConsulAgent, secret: str) -> None:
+    """Delete the token ``secret`` (as an operator would, with the management token)."""
+    accessor = http_json(f"{agent.url}/v1/acl/token/self", token=secret)["AccessorID"]
+    agent.api(f"/v1/acl/token/{accessor}", method="DELETE")
+
+
 def without(policy: list[str], index: int) -> list[str]:
     return policy[:index] + policy[index + 1 :]
 
@@ -104,9 +112,7 @@ async def _service_work(agent: ConsulAgent, secret: str, name: str, peer: str) -
         assert (await dcy.pick(peer)).port == 7100
 
 
-async def test_service_policy_registers_and_resolves(
-    agent: ConsulAgent, unique_name: str
-) -> None:
+async def test_service_policy_registers_and_resolves(agent: ConsulAgent, unique_name: str) -> None:
     """dcy-service.hcl: the library opens, registers itself (TTL heartbeats) and resolves a
     peer with nothing more."""
     peer = f"{unique_name}-peer"
@@ -193,7 +199,7 @@ def test_template_reading_a_forbidden_key_reports_it(
         argv,
         env_with(agent, token(agent, policy)),
         f"GET /v1/kv/secret/{unique_name}",
-        f"key:read' on \"secret/{unique_name}\"",
+        f'key:read\' on "secret/{unique_name}"',
         "in.j2:3",
     )
     assert "hunter2" not in stderr
@@ -354,3 +360,102 @@ def test_every_policy_file_is_valid_for_consul(agent: ConsulAgent) -> None:
         assert "${" not in text, path
         assert token(agent, [text]), path
         assert len(rules(path.stem, **params)) >= 2, path
+
+
+# -- a token deleted while a component runs ------------------------------------------------
+# Consul answers a blocking query already under way with the token it started with: a
+# deleted token is refused from the next query on. Changing what is watched ends the query
+# under way at once, as a real change would, instead of waiting out its `wait`.
+REVOKED = 30.0
+
+
+def _touch(agent: ConsulAgent, name: str, port: int) -> None:
+    register_as_root(agent, name, port)
+
+
+def _touch_instance(agent: ConsulAgent, pid: int) -> None:
+    """Tag the instance registered by process ``pid`` (its registration changes)."""
+    (entry,) = [
+        s for s in agent.api("/v1/agent/services").values() if s["Meta"].get("pid") == str(pid)
+    ]
+    definition = {k: entry[k] for k in ("ID", "Service", "Address", "Port", "Meta")}
+    definition |= {"Name": definition.pop("Service"), "Tags": [*entry["Tags"], "touched"]}
+    agent.api("/v1/agent/service/register", method="PUT", data=json.dumps(definition).encode())
+
+
+async def test_library_registration_is_lost_when_its_token_is_deleted(
+    agent: ConsulAgent, unique_name: str
+) -> None:
+    """A TTL registration whose token is deleted: the next heartbeat (or query of its entry)
+    is refused, wait_lost() returns that AclDenied and on_lost is called."""
+    secret = token(agent, rules("dcy-register", service=unique_name))
+    told: list[str] = []
+    async with Dcy(agent.http_addr, token=secret, watch_options=FAST) as dcy:
+        registration = await dcy.register(
+            unique_name,
+            7400,
+            check=TtlCheck(ttl=1.5),
+            on_lost=lambda r: told.append(r.service_id),
+        )
+        revoke(agent, secret)
+        error = await asyncio.wait_for(registration.wait_lost(), REVOKED)
+    # The heartbeat or the watch of its entry, whichever asks first after the deletion.
+    assert isinstance(error, AclDenied)
+    assert error.operation in (
+        f"PUT /v1/agent/check/update/service:{registration.service_id}",
+        f"GET /v1/agent/service/{registration.service_id}",
+    )
+    assert told == [registration.service_id]
+
+
+def test_alert_exits_when_its_token_is_deleted(agent: ConsulAgent, unique_name: str) -> None:
+    """dcy-alert watching with a token that is deleted later exits 1, naming the refused
+    watch, instead of watching nothing."""
+    register_as_root(agent, unique_name, 7300)
+    secret = token(agent, rules("dcy-alert", service_prefix=unique_name))
+    proc = start([program("dcy-alert"), "--service", unique_name], env_with(agent, secret))
+    try:
+        wait_for_stderr(proc, f"watching service {unique_name}")
+        revoke(agent, secret)
+        _touch(agent, unique_name, 7301)
+        ended_within(proc, REVOKED, f"Consul denied GET /v1/health/service/{unique_name}")
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
+def test_register_stops_its_program_when_its_token_is_deleted(
+    agent: ConsulAgent, unique_name: str, tmp_path: Path
+) -> None:
+    """dcy-register whose token is deleted while its program runs: the next heartbeat is
+    refused, it stops the program and exits 1 naming the refused request."""
+    secret = token(agent, rules("dcy-register", service=unique_name))
+    pid_file = tmp_path / "pid"
+    child = ["sh", "-c", f'echo $$ > "{pid_file}"; exec sleep 60']
+    argv = [*_register_argv(unique_name), "--ttl", "1.5s", "--", *child]
+    proc = start(argv, env_with(agent, secret))
+    try:
+        wait_for(lambda: passing(agent, unique_name), proc, "registered and passing")
+        revoke(agent, secret)
+        ended_within(proc, REVOKED, "Consul denied PUT /v1/agent/check/update/", "stopping")
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+@pytest.mark.parametrize("service", ["sensor", "worker"])
+def test_service_exits_when_its_token_is_deleted(agent: ConsulAgent, service: str) -> None:
+    """A service whose token is deleted stops (exit 1, naming the refused request) once
+    Consul refuses to keep it registered, instead of serving on unregistrable."""
+    secret = token(agent, http_mode_rules(service))
+    proc = start([program(f"dcy-{service}"), "--check-interval", "0.5"], env_with(agent, secret))
+    try:
+        wait_for(lambda: passing(agent, service), proc, f"{service} passing")
+        revoke(agent, secret)
+        _touch_instance(agent, proc.pid)
+        ended_within(proc, REVOKED, "Consul denied GET /v1/agent/service/")
+    finally:
+        if proc.poll() is None:
+            stop(proc)
