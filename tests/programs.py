@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.harness import ConsulAgent
 
@@ -64,11 +64,11 @@ def wait_for_stderr(proc: subprocess.Popen[str], text: str) -> str:
     raise AssertionError(f"no {text!r} within {WAIT:g}s: {''.join(seen)}")
 
 
-def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    """A program with stderr to read (:func:`wait_for_stderr`) and stdout dropped."""
-    return subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+def start(
+    argv: list[str], env: dict[str, str], stdout: int | IO[Any] = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
+    """A program with stderr to read (:func:`wait_for_stderr`); stdout dropped unless given."""
+    return subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = WAIT) -> str:

@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
 from dcy import AclDenied, Dcy, TtlCheck, WatchOptions
-from tests.harness import ConsulAgent, http_json
+from tests.harness import ConsulAgent, NsqCluster, http_json
 from tests.programs import (
     consul_env,
     ended_within,
@@ -31,6 +32,7 @@ from tests.programs import (
     wait_for,
     wait_for_stderr,
 )
+from tests.system import System
 
 pytestmark = pytest.mark.integration
 
@@ -262,6 +264,178 @@ def test_alert_policy_missing_a_rule_exits_naming_the_operation(
     fails_naming(argv, env_with(agent, token(agent, without(policy, dropped))), operation)
 
 
+# -- the services in nsq and push mode -------------------------------------------------------
+# These run before the http-mode section: its sensor and worker (module fixture `peers`)
+# would otherwise be among the instances a push-mode sensor pushes to (pytest runs a file's
+# tests in order, on one xdist worker with --dist loadfile).
+_MODE_MARK = re.compile(r"\(--mode ([a-z, ]+)\)")
+
+
+def mode_rules(component: str, mode: str) -> list[str]:
+    """The rules ``mode`` uses: the unmarked ones and those marked for it."""
+    policy = []
+    for rule in rules(component):
+        marked = _MODE_MARK.search(rule)
+        if marked is None or mode in marked.group(1).replace(" ", "").split(","):
+            policy.append(rule)
+    return policy
+
+
+# The first peer each component resolves in each mode: what a missing node rule hides.
+FIRST_PEER = {
+    ("sensor", "nsq"): "nsqd",
+    ("worker", "nsq"): "nsqd",
+    ("sensor", "push"): "worker",
+    ("worker", "push"): "app",
+}
+
+
+def mode_only_denials(mode: str) -> list[tuple[str, str, int, str]]:
+    """(component, mode, index of a rule only ``mode`` needs, the request refused without it),
+    read from the policy files so that a rule added there is tested here."""
+    cases = []
+    for component in ("sensor", "worker", "app"):
+        for index, rule in enumerate(mode_rules(component, mode)):
+            marked = _MODE_MARK.search(rule)
+            if marked is None or marked.group(1).strip() == "http":
+                continue
+            ident = rule_id(rule)
+            peer = ident.split()[1] if ident.startswith("service ") else None
+            peer = peer or FIRST_PEER[component, mode]
+            cases.append((component, mode, index, f"GET /v1/health/service/{peer}"))
+    return cases
+
+
+def _case_id(case: tuple[str, str, int, str]) -> str:
+    component, mode, index, _ = case
+    return f"{component}-without-{rule_id(mode_rules(component, mode)[index])}".replace(" ", "-")
+
+
+class _AclSystem(System):
+    """tests.system's NSQ registrations, sent with the management token."""
+
+    def register(self, definition: dict[str, Any]) -> None:
+        assert self.consul is not None
+        self.consul.api(
+            "/v1/agent/service/register", method="PUT", data=json.dumps(definition).encode()
+        )
+
+
+def _service(agent: ConsulAgent, name: str, mode: str, policy: list[str], *args: str,
+             stdout: int | IO[Any] = subprocess.DEVNULL) -> subprocess.Popen[str]:  # fmt: skip
+    argv = [program(f"dcy-{name}"), "--mode", mode, "--check-interval", "0.5", *args]
+    return start(argv, env_with(agent, token(agent, policy)), stdout)
+
+
+def _first_result(proc: subprocess.Popen[str], log: Path) -> dict[str, Any]:
+    wait_for(lambda: log.read_text().startswith("{"), proc, "a result logged by the app")
+    return dict(json.loads(log.read_text().splitlines()[0]))
+
+
+@pytest.fixture(scope="class")
+def nsq(agent: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """nsqd and nsqlookupd, registered in Consul as the Procfile registers them."""
+    system = _AclSystem(tmp_path_factory.mktemp("nsq"), consul=agent)
+    system.nsq = NsqCluster(system.workdir / "nsq").start()
+    try:
+        system.register_nsq()
+        system.wait_passing("nsqd", 1)
+        system.wait_passing("nsqlookupd", 1)
+        yield
+    finally:
+        system.nsq.stop()
+
+
+class TestNsqMode:
+    def test_nsq_mode_policies_carry_readings_to_the_app(
+        self, agent: ConsulAgent, nsq: None, tmp_path: Path
+    ) -> None:
+        """sensor → nsqd → worker → nsqd → app, each with exactly its nsq-mode rules."""
+        log = tmp_path / "app.out"
+        with log.open("w") as out:
+            app = _service(agent, "app", "nsq", mode_rules("app", "nsq"), stdout=out)
+        procs = [app, _service(agent, "worker", "nsq", mode_rules("worker", "nsq"))]
+        try:
+            for name, proc in (("app", app), ("worker", procs[1])):
+                wait_for(partial(passing, agent, name), proc, f"{name} passing")
+            procs.append(
+                _service(agent, "sensor", "nsq", mode_rules("sensor", "nsq"), "--rate", "5")
+            )
+            assert set(_first_result(app, log)) >= {"id", "values", "result", "worker"}
+        finally:
+            stderr = [stop(proc) for proc in reversed(procs)]
+        assert [proc.returncode for proc in procs] == [0, 0, 0], stderr
+
+    @pytest.mark.parametrize("case", mode_only_denials("nsq"), ids=_case_id)
+    def test_nsq_mode_policy_missing_a_rule_exits_naming_the_operation(
+        self, agent: ConsulAgent, nsq: None, case: tuple[str, str, int, str]
+    ) -> None:
+        """Without any one nsq-mode rule, the service exits 1 at once naming the refused
+        lookup, instead of waiting for an nsqd or nsqlookupd it may never see."""
+        component, _, dropped, operation = case
+        policy = without(mode_rules(component, "nsq"), dropped)
+        argv = [program(f"dcy-{component}"), "--mode", "nsq", "--check-interval", "0.5"]
+        fails_naming(argv, env_with(agent, token(agent, policy)), operation)
+
+
+@pytest.fixture(scope="class")
+def pipeline(
+    agent: ConsulAgent, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """An app and a worker in push mode with exactly their push-mode rules; the app
+    and where it logs results."""
+    log = tmp_path_factory.mktemp("push") / "app.out"
+    with log.open("w") as out:
+        app = _service(agent, "app", "push", mode_rules("app", "push"), stdout=out)
+    worker = _service(agent, "worker", "push", mode_rules("worker", "push"))
+    try:
+        for name, proc in (("app", app), ("worker", worker)):
+            wait_for(partial(passing, agent, name), proc, f"{name} passing")
+        yield app, log
+    finally:
+        for proc in (worker, app):
+            stop(proc)
+
+
+class TestPushMode:
+    def test_push_mode_policies_carry_readings_to_the_app(
+        self, agent: ConsulAgent, pipeline: tuple[subprocess.Popen[str], Path]
+    ) -> None:
+        """sensor → worker → app over HTTP pushes, each with exactly its push-mode rules."""
+        app, log = pipeline
+        sensor = _service(agent, "sensor", "push", mode_rules("sensor", "push"), "--rate", "5")
+        try:
+            assert set(_first_result(app, log)) >= {"id", "values", "result", "worker"}
+        finally:
+            stderr = stop(sensor)
+        assert sensor.returncode == 0, stderr
+
+    @pytest.mark.parametrize("case", mode_only_denials("push"), ids=_case_id)
+    def test_push_mode_policy_missing_a_rule_exits_naming_the_operation(
+        self,
+        agent: ConsulAgent,
+        pipeline: tuple[subprocess.Popen[str], Path],
+        case: tuple[str, str, int, str],
+    ) -> None:
+        """Without any one push-mode rule, the service exits 1 naming the refused lookup
+        at its first push, instead of serving on while every push fails."""
+        component, _, dropped, operation = case
+        policy = without(mode_rules(component, "push"), dropped)
+        if component == "sensor":
+            argv = [program("dcy-sensor"), "--mode", "push", "--rate", "5"]
+            fails_naming(argv, env_with(agent, token(agent, policy)), operation)
+            return
+        # A worker pushes what it is sent: a sensor with all its rules sends it readings.
+        worker = _service(agent, component, "push", policy)
+        sensor = _service(agent, "sensor", "push", mode_rules("sensor", "push"), "--rate", "10")
+        try:
+            ended_within(worker, FAIL_FAST, "Consul denied", operation)
+        finally:
+            stop(sensor)
+            if worker.poll() is None:
+                stop(worker)
+
+
 # -- the services (http mode) ----------------------------------------------------------------
 def http_mode_rules(component: str) -> list[str]:
     """The rules the http mode uses: those not marked for another mode only."""
@@ -373,13 +547,16 @@ def _touch(agent: ConsulAgent, name: str, port: int) -> None:
     register_as_root(agent, name, port)
 
 
-def _touch_instance(agent: ConsulAgent, pid: int) -> None:
-    """Tag the instance registered by process ``pid`` (its registration changes)."""
-    (entry,) = [
-        s for s in agent.api("/v1/agent/services").values() if s["Meta"].get("pid") == str(pid)
-    ]
-    definition = {k: entry[k] for k in ("ID", "Service", "Address", "Port", "Meta")}
-    definition |= {"Name": definition.pop("Service"), "Tags": [*entry["Tags"], "touched"]}
+def _instance_of(agent: ConsulAgent, pid: int) -> dict[str, Any] | None:
+    """The agent's entry of the instance process ``pid`` registered (its meta names it)."""
+    services = agent.api("/v1/agent/services").values()
+    return next((s for s in services if s["Meta"].get("pid") == str(pid)), None)
+
+
+def _touch_instance(agent: ConsulAgent, entry: dict[str, Any]) -> None:
+    """Tag an instance: its registration changes."""
+    definition = {k: entry[k] for k in ("ID", "Address", "Port", "Meta")}
+    definition |= {"Name": entry["Service"], "Tags": [*entry["Tags"], "touched"]}
     agent.api("/v1/agent/service/register", method="PUT", data=json.dumps(definition).encode())
 
 
@@ -452,9 +629,11 @@ def test_service_exits_when_its_token_is_deleted(agent: ConsulAgent, service: st
     secret = token(agent, http_mode_rules(service))
     proc = start([program(f"dcy-{service}"), "--check-interval", "0.5"], env_with(agent, secret))
     try:
-        wait_for(lambda: passing(agent, service), proc, f"{service} passing")
+        wait_for(lambda: _instance_of(agent, proc.pid), proc, f"{service} registered")
+        entry = _instance_of(agent, proc.pid)
+        assert entry is not None
         revoke(agent, secret)
-        _touch_instance(agent, proc.pid)
+        _touch_instance(agent, entry)
         ended_within(proc, REVOKED, "Consul denied GET /v1/agent/service/")
     finally:
         if proc.poll() is None:
