@@ -38,7 +38,14 @@ if TYPE_CHECKING:
     from dcy._http import HttpClient
     from dcy._kv import KeyValueStore
     from dcy._leader import Leadership, OnLost
-    from dcy._register import CheckKind, CheckSpec, HttpCheck, Registration, TcpCheck
+    from dcy._register import (
+        CheckKind,
+        CheckSpec,
+        HttpCheck,
+        OnRegistrationLost,
+        Registration,
+        TcpCheck,
+    )
 
 log = logging.getLogger("dcy")
 
@@ -367,10 +374,13 @@ class Dcy:
         check: CheckSpec | CheckKind | None = "http",
         liveness: HttpCheck | TcpCheck | None = None,
         deregister_after: float = MIN_DEREGISTER_AFTER,
+        on_lost: OnRegistrationLost | None = None,
     ) -> Registration:
         """Register an instance and keep it registered; deregistered on ``aclose``.
         ``liveness`` adds a second check that fails only when the process is gone (a
         ``TcpCheck``), for a leadership to bind to; ``check`` says whether it is ready.
+        ``on_lost`` is called (as ``registration.wait_lost()`` returns) once Consul refuses
+        for good to keep it registered (a deleted token, say).
 
         Invalid arguments raise ValueError before anything reaches Consul."""
         if self.agent is None:
@@ -389,7 +399,7 @@ class Dcy:
             liveness=liveness,
             deregister_after=deregister_after,
         )
-        registration = Registration(definition, self.api, self.engine)
+        registration = Registration(definition, self.api, self.engine, on_lost=on_lost)
         await registration.start()
         self._registrations.append(registration)
         return registration

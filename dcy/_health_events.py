@@ -17,6 +17,9 @@ Rules:
 * A check that disappears is reported with ``new_status`` ``"deregistered"`` (an instance
   reaped by ``deregister_critical_service_after`` is worth knowing about); a re-registration
   inside the debounce window, as after an agent restart, reports nothing.
+* A watch Consul refuses for good (the token was deleted or lost a permission, TLS fails)
+  ends: ``wait_ended()`` returns that error, ``async for`` raises it after the transitions
+  already reported, and a callback is not called again. Outages never end it.
 * Snapshots marked stale (Consul unreachable) carry no news and are ignored. Between two
   snapshots the engine keeps only the newest, so with ``debounce=0`` a state that lasted
   shorter than one round trip to Consul may be skipped.
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dcy._consul import ConsulAPI, Index, QueryResult
+from dcy._errors import DcyError
 from dcy._query import Check, Instance, ServiceQuery
 from dcy._specs import HealthServiceSpec
 from dcy._watch import Snapshot, Subscription, WatchEngine, WatchSpec
@@ -208,10 +212,15 @@ class HealthWatch:
         self._callback = callback
         self._wake = asyncio.Event()
         self._baseline = asyncio.Event()
-        self._queue: asyncio.Queue[Transition | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[Transition | DcyError | None] = asyncio.Queue()
         self._closed = False
         self._blind = False
-        self._subscription: Subscription[Any] = engine.subscribe(spec, self._on_snapshot)
+        #: The refusal that ended the watch (see :meth:`wait_ended`); None while it runs.
+        self.error: DcyError | None = None
+        self._ended = asyncio.Event()
+        self._subscription: Subscription[Any] = engine.subscribe(
+            spec, self._on_snapshot, on_end=self._on_end
+        )
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"dcy-health-watch:{spec}"
         )
@@ -225,6 +234,19 @@ class HealthWatch:
         first lookup does (ConsulUnavailable after ``timeout``, AclDenied at once)."""
         await self._subscription.watch.first(timeout)
         await self._baseline.wait()
+
+    async def wait_ended(self) -> DcyError:
+        """Return (the refusal) once Consul refused the watch for good: nothing more will be
+        reported. An alerting program should stop on it rather than watch nothing."""
+        await self._ended.wait()
+        assert self.error is not None
+        return self.error
+
+    def _on_end(self, error: DcyError) -> None:
+        # The engine has logged it; whoever waits on the end decides what it means.
+        self.error = error
+        self._ended.set()
+        self._queue.put_nowait(error)
 
     def _on_snapshot(self, snapshot: Snapshot[Any]) -> None:
         if snapshot.stale:
@@ -273,10 +295,12 @@ class HealthWatch:
 
     async def _iterate(self) -> AsyncIterator[Transition]:
         while True:
-            transition = await self._queue.get()
-            if transition is None:
+            item = await self._queue.get()
+            if item is None:
                 return
-            yield transition
+            if isinstance(item, DcyError):
+                raise item
+            yield item
 
     async def aclose(self) -> None:
         if self._closed:

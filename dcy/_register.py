@@ -11,14 +11,22 @@ process there at all?): a TCP connect succeeds while the process lives, however 
 and fails at once when it is gone. That is what a leadership binds its session to; a
 readiness check fails under load or while a dependency is down, and would cost the leader
 its lock.
+
+A registration is *lost* when Consul refuses, for good, what keeping it needs: a heartbeat, a
+re-registration or the watch of its own entry is answered with an error no retry can cure
+(the token was deleted or lost ``service:write``, TLS with the agent fails). It then stops
+trying and says so, the way a :class:`~dcy.Leadership` reports a loss: ``lost`` is set,
+``error`` holds the refusal, ``wait_lost()`` returns it and ``on_lost`` is called. Transient
+errors (an agent restarting, an election) never lose it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -224,10 +232,21 @@ class AgentServiceSpec:
         return f"agent service {self.service_id}"
 
 
-class Registration:
-    """A registered instance. Keeps itself registered until :meth:`deregister`."""
+OnRegistrationLost = Callable[["Registration"], Awaitable[None] | None]
 
-    def __init__(self, definition: ServiceDefinition, api: ConsulAPI, engine: WatchEngine) -> None:
+
+class Registration:
+    """A registered instance. Keeps itself registered until :meth:`deregister`, or until
+    Consul refuses that for good (see :meth:`wait_lost`)."""
+
+    def __init__(
+        self,
+        definition: ServiceDefinition,
+        api: ConsulAPI,
+        engine: WatchEngine,
+        *,
+        on_lost: OnRegistrationLost | None = None,
+    ) -> None:
         self.definition = definition
         self._api = api
         self._engine = engine
@@ -236,6 +255,12 @@ class Registration:
         self._closed = False
         self.registrations = 0
         self._ttl_status = ("passing", "alive")
+        #: Set once Consul refused for good what keeping this registration needs.
+        self.lost = asyncio.Event()
+        #: That refusal (an AclDenied, a TlsError, ...); None while not lost.
+        self.error: DcyError | None = None
+        self._on_lost = on_lost
+        self._callbacks: set[asyncio.Task[None]] = set()
 
     @property
     def service_id(self) -> str:
@@ -253,10 +278,18 @@ class Registration:
         to (``dcy.leadership(name, checks=registration.liveness_check_ids)``)."""
         return (self.definition.liveness_check_id,) if self.definition.liveness else ()
 
+    async def wait_lost(self) -> DcyError:
+        """Return (the refusal) once the registration is lost: Consul refused a heartbeat, a
+        re-registration or the watch of its entry with an error that will not heal. The
+        instance may still be in the catalog, but nothing keeps it there any more."""
+        await self.lost.wait()
+        assert self.error is not None
+        return self.error
+
     async def start(self) -> None:
         await self._register()
         self._keeper = self._engine.subscribe(
-            AgentServiceSpec(self.service_id), self._on_agent_entry
+            AgentServiceSpec(self.service_id), self._on_agent_entry, on_end=self._lose
         )
         if isinstance(self.definition.check, TtlCheck):
             self._heartbeat = asyncio.get_running_loop().create_task(
@@ -275,14 +308,11 @@ class Registration:
 
     async def _on_agent_entry(self, snapshot: Snapshot[str | None]) -> None:
         if snapshot.value is None and not snapshot.stale and not self._closed:
-            try:
-                await self._register()
-            except DcyError as exc:
-                # The keeper's watch polls an absent service, so the next attempt follows.
-                log.warning("cannot re-register %s yet: %s", self.service_id, exc)
+            # The keeper's watch polls an absent service, so the next attempt follows.
+            await self._reregister_quietly()
 
     async def _beat(self, every: float) -> None:
-        while True:
+        while not self.lost.is_set():
             status, output = self._ttl_status
             try:
                 await self._api.update_ttl(self.definition.check_id, status, output)
@@ -290,17 +320,54 @@ class Registration:
                 # The agent forgot us (restarted) before our watch of the entry noticed.
                 await self._reregister_quietly()
             except DcyError as exc:
-                if exc.transient:
-                    log.debug("heartbeat of %s failed: %s", self.service_id, exc)
-                else:
-                    log.warning("heartbeat of %s refused: %s", self.service_id, exc)
+                if not exc.transient:
+                    self._lose(exc)
+                    return
+                log.debug("heartbeat of %s failed: %s", self.service_id, exc)
             await asyncio.sleep(every)
 
     async def _reregister_quietly(self) -> None:
+        if self.lost.is_set():
+            return
         try:
             await self._register()
         except DcyError as exc:
-            log.warning("cannot re-register %s yet: %s", self.service_id, exc)
+            if not exc.transient:
+                self._lose(exc)
+            else:
+                log.warning("cannot re-register %s yet: %s", self.service_id, exc)
+
+    def _lose(self, error: DcyError) -> None:
+        """Stop keeping the registration: retrying a refusal that will not heal only hides
+        it. Called from the heartbeat task, the keeper's callback or its end."""
+        if self.lost.is_set() or self._closed:
+            return
+        self.error = error
+        self.lost.set()
+        log.error("%s can no longer be kept registered: %s", self.service_id, error)
+        heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not asyncio.current_task():
+            heartbeat.cancel()
+        if self._keeper is not None:
+            # Not awaited here: this may run in the keeper's own task.
+            self._spawn(self._keeper.aclose(), "keeper-close")
+        if self._on_lost is not None:
+            self._spawn(self._call_on_lost(self._on_lost), "on-lost")
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], role: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            coroutine, name=f"dcy-registration-{role}:{self.service_id}"
+        )
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
+
+    async def _call_on_lost(self, callback: OnRegistrationLost) -> None:
+        try:
+            result = callback(self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_lost callback of registration %s failed", self.service_id)
 
     async def set_status(
         self, status: Literal["passing", "warning", "critical"], output: str = ""

@@ -14,7 +14,8 @@ the watch; each destination has its own queue, so a slow one delays nobody else.
 The agent is found the way Consul's CLI finds it: ``-http-addr`` (or ``--consul-addr``),
 ``-token``, ... else ``CONSUL_HTTP_ADDR``, ``CONSUL_HTTP_TOKEN`` and the other ``CONSUL_*``
 variables. Exit codes: 0 after SIGINT/SIGTERM, 1 when Consul cannot be used (unreachable at
-start, ACL, TLS), 2 for usage errors.
+start, ACL or TLS refusals at start or later: a deleted token ends the watch), 2 for usage
+errors.
 """
 
 from __future__ import annotations
@@ -330,7 +331,12 @@ async def serve(args: argparse.Namespace, client: Dcy, stop: asyncio.Event) -> i
         else:
             if finished:
                 log.info("watching %s in %s (debounce %gs)", what, where, args.debounce)
-        await stop.wait()
+        # A watch Consul refuses for good (the token was deleted, say) ends the program:
+        # an alerter that watches nothing must not look like one that has nothing to say.
+        finished, error = await unless_stopped(watch.wait_ended(), stop)
+        if finished:
+            log.error("stopping: %s", error)
+            return 1
         return 0
     finally:
         await client.aclose()

@@ -184,6 +184,9 @@ class Runtime:
                         interval=self.settings.check_interval,
                         timeout=min(2.0, self.settings.check_interval),
                     ),
+                    # Consul refuses for good to keep this instance registered (its token
+                    # was deleted, say): an instance nobody can find should not look alive.
+                    on_lost=self._registration_lost,
                 )
                 self.registration = registration
                 self.registered.set()
@@ -229,6 +232,10 @@ class Runtime:
             self.fatal = exc
             log.error("stopping: %s", exc)
         self._stop.set()
+
+    def _registration_lost(self, registration: Registration) -> None:
+        assert registration.error is not None
+        self.fail(registration.error)
 
     async def _health(self, _: web.Request) -> web.Response:
         reason = self.service.not_ready()

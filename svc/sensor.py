@@ -64,6 +64,17 @@ class Sensor:
             self._loop = asyncio.get_running_loop().create_task(self._push_loop())
 
     async def _publish_loop(self) -> None:
+        assert self.runtime is not None
+        try:
+            await self._publish()
+        except DcyError as exc:
+            # A refusal no retry cures (the token may not read nsqd, say): stop instead of
+            # serving on while publishing nothing. Passing errors are the publisher's to retry.
+            if not cannot_heal(exc):
+                raise
+            self.runtime.fail(exc)
+
+    async def _publish(self) -> None:
         assert self.publisher is not None and self.readings is not None
         if self.burst:
             await self.publisher.publish_many(

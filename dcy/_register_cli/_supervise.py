@@ -4,6 +4,13 @@ answers, forward signals, deregister when the process ends, return its exit code
 The process never waits for Consul: a Procfile starts the agent and its services together, and
 an agent restart must not restart the services. Registration follows when the agent answers;
 from then on each ``Registration`` keeps itself registered through agent restarts.
+
+A refusal that no retry cures ends the run as it does at the start, whenever it comes: when
+Consul refuses for good to keep a service registered (its token was deleted or lost
+``service:write``: a heartbeat, a re-registration or the watch of the entry is refused),
+dcy-register says which request was refused, stops the program (SIGTERM, as on an ending
+signal) and exits 1. A supervisor restarting it then meets the same refusal at once, loudly,
+instead of a program that runs on while nothing keeps it in the catalog.
 """
 
 from __future__ import annotations
@@ -125,9 +132,20 @@ class Supervisor:
         if task.cancelled() or task.exception() is None:
             return
         log.error("%s", task.exception())
+        self._give_up("its services cannot be registered")
+
+    def _on_registration_lost(self, registration: Registration) -> None:
+        log.error("Consul no longer keeps %s registered: %s", registration.service_id,
+                  registration.error)  # fmt: skip
+        self._give_up(f"{registration.service_id} can no longer be kept registered")
+
+    def _give_up(self, why: str) -> None:
+        """Stop the program (or stop watching it) because of a refusal; the exit code is 1."""
+        if self._failed:
+            return
         self._failed = True
         if self._target is not None and self._target.forwards_signals:
-            log.error("stopping %s: its services cannot be registered", self._target.description)
+            log.error("stopping %s: %s", self._target.description, why)
             self._target.send(signal.SIGTERM)
         else:
             self._stop.set()
@@ -184,6 +202,7 @@ class Supervisor:
                     meta=service.meta,
                     check=service.dcy_check,
                     deregister_after=service.deregister_after,
+                    on_lost=self._on_registration_lost,
                 ),
                 REGISTER_BACKOFF,
                 on_retry=report,

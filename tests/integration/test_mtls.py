@@ -4,9 +4,7 @@ matching flags), and fails at once, non-zero, naming TLS, without one or with a 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,11 +13,11 @@ from typing import Any
 import pytest
 
 from dcy import Dcy, TlsError, WatchOptions
+from tests import programs
 from tests.harness import ConsulAgent, HealthServer, TlsFiles, eventually
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 FAST = WatchOptions(wait=2.0, first_answer_timeout=5.0)
 # A TLS refusal is not transient: a run that fails on it ends long before this.
 FAIL_FAST = 15.0
@@ -55,15 +53,14 @@ async def health_server() -> AsyncIterator[HealthServer]:
 
 
 def _env(agent: ConsulAgent, tls: TlsFiles | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
-    env["CONSUL_HTTP_ADDR"] = agent.https_url
+    files = {}
     if tls is not None:
-        env |= {
+        files = {
             "CONSUL_CACERT": str(tls.ca),
             "CONSUL_CLIENT_CERT": str(tls.client_cert),
             "CONSUL_CLIENT_KEY": str(tls.client_key),
         }
-    return env | extra
+    return programs.consul_env(CONSUL_HTTP_ADDR=agent.https_url, **files, **extra)
 
 
 def _flags(tls: TlsFiles) -> list[str]:
@@ -76,17 +73,9 @@ def _flags(tls: TlsFiles) -> list[str]:
 
 def _fails_naming_tls(argv: list[str], env: dict[str, str]) -> str:
     """Run a program that must give up on TLS: non-zero, fast, saying why."""
-    started = time.monotonic()
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=FAIL_FAST)
-    assert done.returncode != 0, done.stderr
-    assert time.monotonic() - started < FAIL_FAST
-    assert "TLS" in done.stderr and "certificate" in done.stderr.lower(), done.stderr
-    return done.stderr
-
-
-def _registered(agent: ConsulAgent, name: str) -> bool:
-    checks = agent.api(f"/v1/health/checks/{name}") or []
-    return bool(checks) and all(c["Status"] == "passing" for c in checks)
+    stderr = programs.fails_fast(argv, env, FAIL_FAST, "TLS")
+    assert "certificate" in stderr.lower(), stderr
+    return stderr
 
 
 # -- the library ---------------------------------------------------------------------------
@@ -194,7 +183,7 @@ def test_dcy_template_renders_over_mtls_and_fails_without_certificate(
     source = tmp_path / "in.j2"
     source.write_text('{% for s in service("consul") %}{{ s.Port }}{% endfor %}\n')
     out = tmp_path / "out.txt"
-    argv = [str(BIN / "dcy-template"), "-once", "-template", f"{source}:{out}"]
+    argv = [programs.program("dcy-template"), "-once", "-template", f"{source}:{out}"]
     done = subprocess.run(argv, env=_env(agent, tls), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert out.read_text().strip().isdigit()
@@ -221,19 +210,22 @@ def test_dcy_register_over_mtls_and_fails_without_certificate(
 ) -> None:
     """dcy-register with the Consul CLI's TLS flags registers its program; without the client
     certificate it stops the program and exits non-zero at once."""
-    argv = [str(BIN / "dcy-register"), "--name", unique_name, "--port", "1", "--check", "ttl"]
-    proc = subprocess.Popen(
-        [*argv, *_flags(tls), "--", "sleep", "60"],
-        env=_env(agent, None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = [
+        programs.program("dcy-register"),
+        "--name",
+        unique_name,
+        "--port",
+        "1",
+        "--check",
+        "ttl",
+    ]
+    proc = programs.start([*argv, *_flags(tls), "--", "sleep", "60"], _env(agent, None))
     try:
-        _wait_for(lambda: _registered(agent, unique_name), proc, "dcy-register registered")
+        programs.wait_for(
+            lambda: programs.passing(agent, unique_name), proc, "dcy-register registered"
+        )
     finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
+        stderr = programs.stop(proc)
     assert not agent.api(f"/v1/health/checks/{unique_name}"), stderr
     _fails_naming_tls([*argv, "-ca-file", str(tls.ca), "--", "sleep", "60"], _env(agent, None))
 
@@ -242,21 +234,14 @@ def test_dcy_alert_over_mtls_and_fails_without_certificate(
     agent: ConsulAgent, tls: TlsFiles, other_ca: TlsFiles
 ) -> None:
     """dcy-alert watches with the client certificate; with a wrong CA it exits 1 at once."""
-    proc = subprocess.Popen(
-        [str(BIN / "dcy-alert"), *_flags(tls)],
-        env=_env(agent, None),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = programs.start([programs.program("dcy-alert"), *_flags(tls)], _env(agent, None))
     try:
-        _wait_for_stderr(proc, "watching every check")
+        programs.wait_for_stderr(proc, "watching every check")
     finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
+        programs.stop(proc)
     assert proc.returncode == 0
     _fails_naming_tls(
-        [str(BIN / "dcy-alert"), "-ca-file", str(other_ca.ca), "-client-cert",
+        [programs.program("dcy-alert"), "-ca-file", str(other_ca.ca), "-client-cert",
          str(tls.client_cert), "-client-key", str(tls.client_key)],
         _env(agent, None),
     )  # fmt: skip
@@ -268,44 +253,11 @@ def test_services_register_over_mtls_and_exit_without_certificate(
 ) -> None:
     """A service registers and passes its check with the CONSUL_* TLS files; without the
     client certificate it exits 1 at once, naming TLS."""
-    program = str(BIN / f"dcy-{service}")
-    proc = subprocess.Popen(
-        [program, "--check-interval", "0.5"],
-        env=_env(agent, tls),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    path = programs.program(f"dcy-{service}")
+    proc = programs.start([path, "--check-interval", "0.5"], _env(agent, tls))
     try:
-        _wait_for(lambda: _registered(agent, service), proc, f"{service} passing")
+        programs.wait_for(lambda: programs.passing(agent, service), proc, f"{service} passing")
     finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=30)
+        stderr = programs.stop(proc)
     assert proc.returncode == 0, stderr
-    _fails_naming_tls([program], _env(agent, None, CONSUL_CACERT=str(tls.ca)))
-
-
-# -- helpers -------------------------------------------------------------------------------
-def _wait_for(predicate: object, proc: subprocess.Popen[str], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{what}: exited {proc.returncode}: {proc.communicate()[1]}")
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within 30s")
-
-
-def _wait_for_stderr(proc: subprocess.Popen[str], text: str) -> None:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"exited before {text!r}: {''.join(seen)}")
-        seen.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"no {text!r} within 30s: {''.join(seen)}")
+    _fails_naming_tls([path], _env(agent, None, CONSUL_CACERT=str(tls.ca)))
