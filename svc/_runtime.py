@@ -144,7 +144,7 @@ class Runtime:
         self.dcy: Dcy | None = None
         self.registration: Registration | None = None
         self.registered = asyncio.Event()
-        self.fatal: DcyError | None = None
+        self.fatal: Exception | None = None
 
     @property
     def tags(self) -> list[str]:
@@ -226,8 +226,9 @@ class Runtime:
     def stop(self) -> None:
         self._stop.set()
 
-    def fail(self, exc: DcyError) -> None:
-        """Stop gracefully because of ``exc`` (see :func:`cannot_heal`); the exit status is 1."""
+    def fail(self, exc: Exception) -> None:
+        """Stop gracefully because of ``exc`` (see :func:`cannot_heal`, or work that cannot go
+        on); the exit status is 1."""
         if self.fatal is None:
             self.fatal = exc
             log.error("stopping: %s", exc)

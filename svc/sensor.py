@@ -67,11 +67,11 @@ class Sensor:
         assert self.runtime is not None
         try:
             await self._publish()
-        except DcyError as exc:
-            # A refusal no retry cures (the token may not read nsqd, say): stop instead of
-            # serving on while publishing nothing. Passing errors are the publisher's to retry.
-            if not cannot_heal(exc):
-                raise
+        except Exception as exc:
+            # The publisher retries what passes (an outage, nsqd restarting); what reaches
+            # here will not heal: a refusal (the token may not read nsqd) or a batch nsqd
+            # refuses (a 4xx). Stop, with exit status 1, instead of serving on while
+            # publishing nothing.
             self.runtime.fail(exc)
 
     async def _publish(self) -> None:

@@ -509,9 +509,11 @@ def consul_cluster(workdir: Path, **kwargs: Any) -> Iterator[ConsulCluster]:
 
 @dataclass
 class NsqCluster:
-    """One nsqlookupd and one nsqd pointing at it, on free ports, data in ``workdir``."""
+    """One nsqlookupd and one nsqd pointing at it, on free ports, data in ``workdir``;
+    ``nsqd_args`` are added to nsqd's command line."""
 
     workdir: Path
+    nsqd_args: tuple[str, ...] = ()
     ports: dict[str, int] = field(default_factory=dict)
     lookupd: ManagedProcess | None = None
     nsqd: ManagedProcess | None = None
@@ -576,6 +578,7 @@ class NsqCluster:
                 f"--lookupd-tcp-address={self.lookupd_tcp}",
                 "--broadcast-address=127.0.0.1",
                 f"--data-path={data}",
+                *self.nsqd_args,
             ],
             self.workdir / "nsqd.log",
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness import NsqCluster
 from tests.system import ServiceProcess, System, wait
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,24 @@ def system(tmp_path: Path) -> Iterator[System]:
         yield running
     finally:
         running.stop()
+
+
+def test_sensor_stops_when_nsqd_refuses_its_readings(tmp_path: Path) -> None:
+    """nsqd refuses every batch outright (a 4xx: readings above its --max-msg-size): no retry
+    can help, so the sensor stops with exit status 1 and says why, instead of serving on
+    while publishing nothing."""
+    system = System(tmp_path).start_infrastructure(with_nsq=False)
+    try:
+        system.nsq = NsqCluster(tmp_path / "nsq", nsqd_args=("--max-msg-size=8",)).start()
+        system.register_nsq()
+        system.wait_passing("nsqd", 1)
+        sensor = system.start("sensor", "--mode", "nsq", "--rate", "20")
+        assert sensor.proc.process is not None
+        assert sensor.proc.process.wait(30) == 1, sensor.log()
+        assert "nsqd refused a batch for sensor_values" in sensor.log()
+        assert "stopping: " in sensor.log()
+    finally:
+        system.stop()
 
 
 def sequence_numbers(results: list[dict[str, Any]]) -> list[int]:
