@@ -20,7 +20,9 @@ Everything not in the table is classified by its status alone:
 Reads of lists are not refused but filtered: Consul leaves out what the token may not read
 and says so in a header (:data:`FILTERED_BY_ACLS`). A filtered answer with nothing left in it
 (no instance of a service the token may not read, no session) is :func:`hidden_by_acls`, an
-:class:`AclDenied`; a partly filtered one is an answer, as least privilege intends. A
+:class:`AclDenied`; a partly filtered one is an answer, as least privilege intends, and so is
+an empty one of a read of everything the token may see (all services, all nodes, every check
+in a state): what is left out says nothing about what it asked for. A
 recursive KV read of a prefix the token may not read cannot be told from an empty prefix:
 Consul answers 404 without the header.
 """

@@ -289,10 +289,16 @@ class HttpConsul:
         index: Index = 0,
         wait: float | None = None,
         hash_index: bool = False,
+        everything_visible: bool = False,
     ) -> _Answer:
         """Send one request and classify its outcome. A ``wait`` with a non-empty ``index``
         makes it a blocking query. A GET answered 404 comes back (an unknown key or agent
-        service is an answer); every other error status raises what ``classify`` says."""
+        service is an answer); every other error status raises what ``classify`` says.
+
+        A read of named things (a service's instances, a session) that ACLs filtered down
+        to nothing is AclDenied. With ``everything_visible`` (all services, all nodes, every
+        check in a state) an empty filtered answer is an answer: the token may lack read on
+        what was left out and still have read on things that merely do not exist now."""
         timeout = _CALL_TIMEOUT
         if index and wait is not None:
             name = "hash" if hash_index else "index"
@@ -328,7 +334,7 @@ class HttpConsul:
                 address=self.config.address,
             )
         answer = _Answer(status, header if hash_index else _int_index(header), raw, filtered)
-        if filtered and not answer.json():
+        if filtered and not everything_visible and not answer.json():
             # A list read whose every entry the token may not see answers 200 and empty:
             # without this, a missing service:read or node:read looks like "no instances".
             raise hidden_by_acls(f"{method} {path}")
@@ -369,9 +375,17 @@ class HttpConsul:
             ) from exc
 
     async def _read(
-        self, path: str, params: Params, *, index: Index, wait: float | None
+        self,
+        path: str,
+        params: Params,
+        *,
+        index: Index,
+        wait: float | None,
+        everything_visible: bool = False,
     ) -> QueryResult:
-        answer = await self._request("GET", path, params, index=index, wait=wait)
+        answer = await self._request(
+            "GET", path, params, index=index, wait=wait, everything_visible=everything_visible
+        )
         return QueryResult(answer.index, None if answer.status == 404 else answer.json())
 
     # -- ConsulAPI ----------------------------------------------------------------------------
@@ -416,13 +430,17 @@ class HttpConsul:
         self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
     ) -> QueryResult:
         params = [("dc", datacenter)] if datacenter else []
-        return await self._read("/v1/catalog/services", params, index=index, wait=wait)
+        return await self._read(
+            "/v1/catalog/services", params, index=index, wait=wait, everything_visible=True
+        )
 
     async def catalog_nodes(
         self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
     ) -> QueryResult:
         params = [("dc", datacenter)] if datacenter else []
-        return await self._read("/v1/catalog/nodes", params, index=index, wait=wait)
+        return await self._read(
+            "/v1/catalog/nodes", params, index=index, wait=wait, everything_visible=True
+        )
 
     async def catalog_node(
         self,
@@ -547,7 +565,9 @@ class HttpConsul:
     ) -> QueryResult:
         check_health_state(state)
         params = [("dc", datacenter)] if datacenter else []
-        return await self._read(f"/v1/health/state/{state}", params, index=index, wait=wait)
+        return await self._read(
+            f"/v1/health/state/{state}", params, index=index, wait=wait, everything_visible=True
+        )
 
     async def catalog_datacenters(self) -> list[str]:
         answer = await self._request("GET", "/v1/catalog/datacenters")

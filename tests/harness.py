@@ -22,9 +22,12 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tools.build import require_binary
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class HarnessError(RuntimeError):
@@ -202,6 +205,18 @@ def bound_status_port(log: str) -> int | None:
     logged it (asking the system for the port leaves no window for a clash)."""
     found = re.search(r"status: /health and /metrics on http://127\.0\.0\.1:(\d+)", log)
     return int(found.group(1)) if found else None
+
+
+def template_health(port: int) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of a dcy-template's /health on ``port``; ``(0, {})`` while
+    nothing answers there (not listening yet, or gone)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
 
 
 def start_on_free_ports(
@@ -584,6 +599,16 @@ class NsqCluster:
         )
         proc.spawn()
         return proc
+
+    async def create_channel(self, http: aiohttp.ClientSession, topic: str, channel: str) -> None:
+        """Topic and channel on this nsqd up front: published messages then wait in the
+        channel, and its lookupd names the nsqd as a producer of the topic at once."""
+        for path, params in (
+            ("/topic/create", {"topic": topic}),
+            ("/channel/create", {"topic": topic, "channel": channel}),
+        ):
+            async with http.post(f"http://{self.nsqd_http}{path}", params=params) as response:
+                assert response.status == 200, await response.text()
 
     def stop(self) -> None:
         for proc in (self.nsqd, self.lookupd):

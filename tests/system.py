@@ -8,10 +8,12 @@ Results the app logs are JSON lines on its stdout, parsed by :meth:`System.resul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +202,17 @@ class System:
             self.nsq.stop()
         if self.consul is not None:
             self.consul.stop()
+
+
+@contextlib.contextmanager
+def running_system(workdir: Path, *, with_nsq: bool = True) -> Iterator[System]:
+    """A System with its infrastructure started (see :meth:`System.start_infrastructure`);
+    everything it started is stopped on the way out, a half-started one too."""
+    system = System(workdir)
+    try:
+        yield system.start_infrastructure(with_nsq=with_nsq)
+    finally:
+        system.stop()
 
 
 def wait(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:

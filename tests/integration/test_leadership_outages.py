@@ -6,6 +6,7 @@ its agent. It ends only when its session can no longer be valid, or Consul says 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -63,8 +64,11 @@ async def test_leadership_survives_a_raft_leader_election(
     """SIGKILL of the Raft leader: renewals fail while the servers elect a new one (500 "No
     cluster leader", RPC errors) and are retried; the leadership (TTL 15 s) is never lost,
     its session renews again after the election, and lookups never answer empty."""
-    api = RenewalLog(ConsulConfig.from_env(cluster.client.http_addr))
-    async with Dcy(api=api, watch_options=FAST) as dcy:
+    # Dcy leaves an api it was given open: the test owns (and closes) it.
+    async with (
+        contextlib.aclosing(RenewalLog(ConsulConfig.from_env(cluster.client.http_addr))) as api,
+        Dcy(api=api, watch_options=FAST) as dcy,
+    ):
         assert dcy.agent is not None
         await dcy.register(unique_name, 7300, check="ttl")
         await eventually(lambda: dcy.instances(unique_name), what="registered")
@@ -106,9 +110,9 @@ async def test_leadership_survives_a_five_second_agent_outage(
     the leadership (TTL 15 s, default renewal interval) holds; afterwards its session is
     renewed at once and still holds the lock."""
     proxy = await OutageProxy(consul.http_addr).start()
-    api = RenewalLog(ConsulConfig.from_env(proxy.address))
     try:
         async with (
+            contextlib.aclosing(RenewalLog(ConsulConfig.from_env(proxy.address))) as api,
             Dcy(api=api, watch_options=FAST) as dcy,
             dcy.leadership(unique_name, ttl=TTL) as leader,
         ):

@@ -8,7 +8,6 @@ every service really has to register again.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -17,12 +16,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.harness import ManagedProcess, free_ports
-from tests.system import System, wait
+from tests.harness import ManagedProcess, free_ports, template_health
+from tests.system import System, running_system, wait
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +33,8 @@ CONSUL_TEMPLATE = "{% for i in service('consul') %}{{ i.Address }}:{{ i.Port }}\
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
-    running = System(tmp_path).start_infrastructure(with_nsq=False)
-    try:
+    with running_system(tmp_path, with_nsq=False) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -55,11 +50,6 @@ def app_cycles(port: int) -> dict[str, float]:
     _, body = get(f"http://127.0.0.1:{port}/metrics")
     found = re.findall(r'^app_cycles_total\{outcome="(\w+)"\} (\S+)$', body.decode(), re.M)
     return {"ok": 0.0, "failed": 0.0} | {outcome: float(n) for outcome, n in found}
-
-
-def template_health(port: int) -> tuple[int, dict[str, Any]]:
-    status, body = get(f"http://127.0.0.1:{port}/health")
-    return status, json.loads(body)
 
 
 def file_state(path: Path) -> tuple[int, int, bytes]:

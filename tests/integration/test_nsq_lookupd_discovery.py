@@ -49,17 +49,6 @@ def deregister(agent: ConsulAgent, service_id: str) -> None:
     urllib.request.urlopen(request, timeout=5).close()
 
 
-async def prepare(http: aiohttp.ClientSession, nsq: NsqCluster) -> None:
-    """Topic and channel on this nsqd, so its lookupd names it as a producer."""
-    base = f"http://{nsq.nsqd_http}"
-    for path, params in (
-        ("/topic/create", {"topic": TOPIC}),
-        ("/channel/create", {"topic": TOPIC, "channel": CHANNEL}),
-    ):
-        async with http.post(base + path, params=params) as response:
-            assert response.status == 200
-
-
 async def test_lookupds_come_and_go_through_consul(
     consul_factory: Callable[..., ConsulAgent], two_nsq: tuple[NsqCluster, NsqCluster]
 ) -> None:
@@ -70,8 +59,8 @@ async def test_lookupds_come_and_go_through_consul(
     first, second = two_nsq
     got: list[bytes] = []
     async with aiohttp.ClientSession() as http, Dcy(agent.http_addr) as dcy:
-        await prepare(http, first)
-        await prepare(http, second)
+        await first.create_channel(http, TOPIC, CHANNEL)
+        await second.create_channel(http, TOPIC, CHANNEL)
         register_lookupd(agent, "lookupd-a", first)
         reader = await start_consumer(dcy, TOPIC, CHANNEL, got.extend, lookupd_poll_interval=0.5)
         try:

@@ -9,7 +9,7 @@ import json
 import signal
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,7 @@ import pytest
 from dcy import Backoff
 from svc._nsq import BatchPublisher
 from svc._nsq_reader import BatchHandler, NsqReader
-from tests.harness import NsqCluster
+from tests.harness import NsqCluster, eventually
 
 pytestmark = pytest.mark.integration
 TOPIC, CHANNEL = "readings", "tests"
@@ -37,17 +37,6 @@ async def publish(http: aiohttp.ClientSession, nsq: NsqCluster, bodies: list[byt
         assert response.status == 200, await response.text()
 
 
-async def create_channel(http: aiohttp.ClientSession, nsq: NsqCluster) -> None:
-    """Topic and channel up front: published messages then wait in the channel."""
-    base = f"http://{nsq.nsqd_http}"
-    for path, params in (
-        ("/topic/create", {"topic": TOPIC}),
-        ("/channel/create", {"topic": TOPIC, "channel": CHANNEL}),
-    ):
-        async with http.post(base + path, params=params) as response:
-            assert response.status == 200
-
-
 async def channel_stats(
     http: aiohttp.ClientSession, nsq: NsqCluster, name: str = CHANNEL
 ) -> dict[str, Any]:
@@ -58,19 +47,6 @@ async def channel_stats(
             if channel["channel_name"] == name:
                 return dict(channel)
     return {}
-
-
-async def eventually(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` (sync or async) until it holds, failing after ``timeout``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        value = condition()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def reader(nsq: NsqCluster, handler: BatchHandler, **options: Any) -> NsqReader:
@@ -99,7 +75,7 @@ async def test_two_consumers_receive_every_message_once(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """3,000 messages on one channel, two readers: each message handled exactly once."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     seen: Counter[bytes] = Counter()
     per_reader: list[int] = [0, 0]
 
@@ -111,10 +87,10 @@ async def test_two_consumers_receive_every_message_once(
         return handle
 
     readers = [reader(nsq, counting(0)), reader(nsq, counting(1))]
-    await eventually(lambda: all(r.connected == 1 for r in readers), "both readers connected")
+    await eventually(lambda: all(r.connected == 1 for r in readers), what="both readers connected")
     await publish(http, nsq, bodies(3000))
-    await eventually(lambda: sum(seen.values()) >= 3000, "3,000 messages handled")
-    await eventually(lambda: settled(http, nsq), "every message finished")
+    await eventually(lambda: sum(seen.values()) >= 3000, what="3,000 messages handled")
+    await eventually(lambda: settled(http, nsq), what="every message finished")
     for r in readers:
         await r.close()
     assert set(seen) == set(bodies(3000))
@@ -126,7 +102,7 @@ async def test_failed_batch_is_requeued_then_finished(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """A handler that raises gets its messages again (REQ); once it succeeds they are done."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     failed: set[bytes] = set()
     done: list[bytes] = []
 
@@ -138,8 +114,8 @@ async def test_failed_batch_is_requeued_then_finished(
 
     consumer = reader(nsq, flaky, handler_backoff=Backoff(base=0.01, cap=0.02))
     await publish(http, nsq, bodies(100))
-    await eventually(lambda: len(set(done)) == 100, "every message handled successfully")
-    await eventually(lambda: settled(http, nsq), "every message finished")
+    await eventually(lambda: len(set(done)) == 100, what="every message handled successfully")
+    await eventually(lambda: settled(http, nsq), what="every message finished")
     stats = await channel_stats(http, nsq)
     await consumer.close()
     assert failed == set(bodies(100))
@@ -150,7 +126,7 @@ async def test_lost_connection_messages_go_to_the_other_consumer(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """A connection dropped mid-batch: the messages it never finished reach another reader."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     release = asyncio.Event()
     stuck: list[bytes] = []
     rescued: list[bytes] = []
@@ -164,15 +140,15 @@ async def test_lost_connection_messages_go_to_the_other_consumer(
 
     # A short message timeout: nsqd gives a dead client's messages out again after it.
     victim = reader(nsq, hold, max_in_flight=50, msg_timeout_ms=1000)
-    await eventually(lambda: victim.connected == 1, "victim connected")
+    await eventually(lambda: victim.connected == 1, what="victim connected")
     await publish(http, nsq, bodies(50))
-    await eventually(lambda: len(stuck) == 50, "the victim holding every message")
+    await eventually(lambda: len(stuck) == 50, what="the victim holding every message")
     victim.set_max_in_flight(0)  # it reconnects; the rescue must come from the other reader
     victim.abort_connections()
     rescuer = reader(nsq, take)
-    await eventually(lambda: len(rescued) >= 50, "the held messages delivered again")
+    await eventually(lambda: len(rescued) >= 50, what="the held messages delivered again")
     release.set()
-    await eventually(lambda: settled(http, nsq), "every message finished")
+    await eventually(lambda: settled(http, nsq), what="every message finished")
     await victim.close()
     await rescuer.close()
     assert sorted(rescued) == sorted(bodies(50))
@@ -182,7 +158,7 @@ async def test_unfinished_messages_never_exceed_max_in_flight(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """With max_in_flight 10, no more than 10 messages are ever in the handlers at once."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     await publish(http, nsq, bodies(200))
     holding = 0
     most = 0
@@ -197,7 +173,7 @@ async def test_unfinished_messages_never_exceed_max_in_flight(
         handled += len(batch)
 
     consumer = reader(nsq, slow, max_in_flight=10)
-    await eventually(lambda: handled >= 200, "200 messages handled")
+    await eventually(lambda: handled >= 200, what="200 messages handled")
     await consumer.close()
     assert most == 10
 
@@ -206,14 +182,14 @@ async def test_heartbeats_keep_an_idle_connection(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """With 1s heartbeats, three heartbeats later the first connection is up and working."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     got: list[bytes] = []
     consumer = reader(nsq, got.extend, heartbeat_interval_ms=1000)
-    await eventually(lambda: consumer.connected == 1, "connected")
+    await eventually(lambda: consumer.connected == 1, what="connected")
     # nsqd drops a client that stays silent for two heartbeats: three answered span that.
-    await eventually(lambda: consumer.heartbeats >= 3, "three heartbeats answered")
+    await eventually(lambda: consumer.heartbeats >= 3, what="three heartbeats answered")
     await publish(http, nsq, [b"still there"])
-    await eventually(lambda: got == [b"still there"], "the message after the silence")
+    await eventually(lambda: got == [b"still there"], what="the message after the silence")
     assert consumer.connects == 1
     await consumer.close()
 
@@ -222,13 +198,13 @@ async def test_max_in_flight_zero_stops_delivery(
     nsq: NsqCluster, http: aiohttp.ClientSession
 ) -> None:
     """set_max_in_flight(0) stops new messages; raising it again resumes them."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     got: list[bytes] = []
     consumer = reader(nsq, got.extend)
     await publish(http, nsq, bodies(10, "a"))
-    await eventually(lambda: len(got) == 10, "the first messages")
+    await eventually(lambda: len(got) == 10, what="the first messages")
     consumer.set_max_in_flight(0)
-    await eventually(lambda: client_ready_counts(http, nsq, [0]), "nsqd applied RDY 0")
+    await eventually(lambda: client_ready_counts(http, nsq, [0]), what="nsqd applied RDY 0")
     await publish(http, nsq, bodies(10, "b"))
 
     async def waiting_in_channel() -> bool:
@@ -237,17 +213,17 @@ async def test_max_in_flight_zero_stops_delivery(
 
     # nsqd only hands a message to a client whose RDY allows it; with RDY 0 applied (as nsqd
     # itself reports) every new message stays in the channel, and the stats say so.
-    await eventually(waiting_in_channel, "the new messages waiting in the channel")
+    await eventually(waiting_in_channel, what="the new messages waiting in the channel")
     assert got == bodies(10, "a")
     consumer.set_max_in_flight(100)
-    await eventually(lambda: len(got) == 20, "the held-back messages")
+    await eventually(lambda: len(got) == 20, what="the held-back messages")
     await consumer.close()
 
 
 async def test_close_finishes_what_it_handled(nsq: NsqCluster, http: aiohttp.ClientSession) -> None:
     """close() during slow handlers waits for them and finishes their messages: nothing
     handled comes back to the next reader, nothing unhandled is lost."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     await publish(http, nsq, bodies(100))
     first: list[bytes] = []
 
@@ -256,15 +232,15 @@ async def test_close_finishes_what_it_handled(nsq: NsqCluster, http: aiohttp.Cli
         first.extend(batch)
 
     consumer = reader(nsq, slow, max_in_flight=20)
-    await eventually(lambda: len(first) > 0, "handling under way")
+    await eventually(lambda: len(first) > 0, what="handling under way")
     await consumer.close()
     handled = list(first)
     stats = await channel_stats(http, nsq)
     assert stats["in_flight_count"] == 0 and stats["requeue_count"] == 0
     second: list[bytes] = []
     follower = reader(nsq, second.extend)
-    await eventually(lambda: len(handled) + len(second) >= 100, "the rest delivered")
-    await eventually(lambda: settled(http, nsq), "every message finished")
+    await eventually(lambda: len(handled) + len(second) >= 100, what="the rest delivered")
+    await eventually(lambda: settled(http, nsq), what="every message finished")
     await follower.close()
     assert sorted(handled + second) == sorted(bodies(100))
 
@@ -276,18 +252,18 @@ async def test_producer_found_after_start_and_after_restart(
     after nsqd restarts."""
     got: list[bytes] = []
     consumer = reader(nsq, got.extend)
-    await eventually(lambda: consumer.lookups >= 1, "lookupd answered")
+    await eventually(lambda: consumer.lookups >= 1, what="lookupd answered")
     assert consumer.connected == 0  # it named no producer
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     await publish(http, nsq, [b"first"])
-    await eventually(lambda: got == [b"first"], "the message from the new producer")
+    await eventually(lambda: got == [b"first"], what="the message from the new producer")
     assert nsq.nsqd is not None
     nsq.nsqd.stop()
-    await eventually(lambda: consumer.connected == 0, "the connection gone")
+    await eventually(lambda: consumer.connected == 0, what="the connection gone")
     nsq.start_nsqd()
-    await eventually(lambda: consumer.connected == 1, "connected again")
+    await eventually(lambda: consumer.connected == 1, what="connected again")
     await publish(http, nsq, [b"second"])
-    await eventually(lambda: got == [b"first", b"second"], "the message after the restart")
+    await eventually(lambda: got == [b"first", b"second"], what="the message after the restart")
     assert consumer.connects == 2
     await consumer.close()
 
@@ -297,7 +273,7 @@ async def test_publish_many_resolves_once_every_chunk_is_accepted(
 ) -> None:
     """publish_many over several /mpub chunks resolves after all of them; a later publish
     waits for its own chunk; the reader then gets every message once."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
 
     async def nsqd_url() -> str:
         return f"http://{nsq.nsqd_http}"
@@ -309,7 +285,7 @@ async def test_publish_many_resolves_once_every_chunk_is_accepted(
     assert publisher.published == 2501
     got: Counter[bytes] = Counter()
     consumer = reader(nsq, got.update)
-    await eventually(lambda: sum(got.values()) >= 2501, "every published message")
+    await eventually(lambda: sum(got.values()) >= 2501, what="every published message")
     await consumer.close()
     await publisher.aclose()
     assert set(got) == {*bodies(2500), b"last"} and max(got.values()) == 1
@@ -324,7 +300,7 @@ async def test_a_batch_in_hand_is_touched_past_the_message_timeout(
     nsqd looks for timed-out messages only on channels its scan loop has picked up (it
     refreshes that list every 5s), so a control client on a second channel of the topic,
     which never finishes nor touches its message, shows when timeouts are being enforced."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     release = asyncio.Event()
     calls: list[list[bytes]] = []
 
@@ -337,10 +313,10 @@ async def test_a_batch_in_hand_is_touched_past_the_message_timeout(
     try:
         # Subscribed with RDY 1 before the publish: the control channel gets its copy.
         await eventually(
-            lambda: client_ready_counts(http, nsq, [1], "control"), "the control client ready"
+            lambda: client_ready_counts(http, nsq, [1], "control"), what="the control client ready"
         )
         await publish(http, nsq, [b"long job"])
-        await eventually(lambda: calls == [[b"long job"]], "the message in hand")
+        await eventually(lambda: calls == [[b"long job"]], what="the message in hand")
 
         async def control_timed_out_twice() -> bool:
             stats = await channel_stats(http, nsq, "control")
@@ -348,9 +324,9 @@ async def test_a_batch_in_hand_is_touched_past_the_message_timeout(
 
         # Two timeouts of the control message: nsqd enforced timeouts for over a second while
         # the reader's message was in hand.
-        await eventually(control_timed_out_twice, "timeouts enforced on the topic's channels")
+        await eventually(control_timed_out_twice, what="timeouts enforced on the topic's channels")
         release.set()
-        await eventually(lambda: settled(http, nsq), "the message finished")
+        await eventually(lambda: settled(http, nsq), what="the message finished")
         stats = await channel_stats(http, nsq)
     finally:
         control.close()
@@ -378,7 +354,7 @@ async def test_failures_back_off_with_rdy_zero_then_restore_it(
     """A handler that fails three times in a row: each failure stops delivery (nsqd reports
     RDY 0) for a delay that grows under the policy, and the failed message comes back only
     after it; the first success restores the full RDY."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     policy = Backoff(base=0.5, cap=5.0)
     loop = asyncio.get_running_loop()
     calls: list[float] = []
@@ -389,14 +365,14 @@ async def test_failures_back_off_with_rdy_zero_then_restore_it(
             raise RuntimeError(f"failure {len(calls)}")
 
     consumer = reader(nsq, failing_thrice, max_in_flight=4, handler_backoff=policy)
-    await eventually(lambda: client_ready_counts(http, nsq, [4]), "RDY 4 at the start")
+    await eventually(lambda: client_ready_counts(http, nsq, [4]), what="RDY 4 at the start")
     await publish(http, nsq, [b"flaky"])
     # The third pause lasts at least a second: nsqd must show RDY 0 during it.
-    await eventually(lambda: len(calls) == 3, "three failures")
-    await eventually(lambda: client_ready_counts(http, nsq, [0]), "RDY 0 while backing off")
-    await eventually(lambda: len(calls) == 4, "the fourth delivery", timeout=30)
-    await eventually(lambda: client_ready_counts(http, nsq, [4]), "RDY 4 again")
-    await eventually(lambda: settled(http, nsq), "the message finished")
+    await eventually(lambda: len(calls) == 3, what="three failures")
+    await eventually(lambda: client_ready_counts(http, nsq, [0]), what="RDY 0 while backing off")
+    await eventually(lambda: len(calls) == 4, what="the fourth delivery", timeout=30)
+    await eventually(lambda: client_ready_counts(http, nsq, [4]), what="RDY 4 again")
+    await eventually(lambda: settled(http, nsq), what="the message finished")
     stats = await channel_stats(http, nsq)
     await consumer.close()
     gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
@@ -415,9 +391,9 @@ async def test_what_nsqd_keeps_across_a_restart(
     disk and has them again after its restart; killed, it loses them all (it keeps queues
     in memory up to --mem-queue-size, 10,000 by default). What a crash may lose is what nsqd
     held: accepted and not yet finished by a consumer."""
-    await create_channel(http, nsq)
+    await nsq.create_channel(http, TOPIC, CHANNEL)
     await publish(http, nsq, bodies(10))
-    await eventually(lambda: channel_depth(http, nsq, 10), "ten messages waiting")
+    await eventually(lambda: channel_depth(http, nsq, 10), what="ten messages waiting")
     assert nsq.nsqd is not None
     nsq.nsqd.stop(getattr(signal, how))
     nsq.start_nsqd()

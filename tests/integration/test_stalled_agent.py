@@ -11,20 +11,17 @@ Bounds (defaults): a blocking query gets no answer within wait + wait/16 + 10 s 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from dcy import ConsulUnavailable, Dcy, WatchOptions
-from tests.harness import ConsulAgent, ManagedProcess, eventually, free_ports
+from tests.harness import ConsulAgent, ManagedProcess, eventually, free_ports, template_health
 from tests.outage_proxy import OutageProxy
 
 pytestmark = pytest.mark.integration
@@ -129,16 +126,6 @@ async def test_opening_gives_up_within_wait_for_agent(proxy: OutageProxy) -> Non
     assert took <= 3.0 + SLACK, f"open took {took:.1f}s"
 
 
-def _health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-    except OSError:
-        return 0, {}
-
-
 async def test_template_once_exits_1_after_missing_key_timeout(
     proxy: OutageProxy, tmp_path: Path
 ) -> None:
@@ -195,7 +182,9 @@ async def test_template_keeps_its_file_and_reports_stale(
     renderer.spawn()
     try:
         await eventually(
-            lambda: _health(status_port)[0] == 200 and out.exists(), timeout=30, what="rendered"
+            lambda: template_health(status_port)[0] == 200 and out.exists(),
+            timeout=30,
+            what="rendered",
         )
         stat = out.stat()
         content = out.read_bytes()
@@ -204,7 +193,7 @@ async def test_template_keeps_its_file_and_reports_stale(
         stalled = time.monotonic()
 
         async def stale() -> bool:
-            status, body = await asyncio.to_thread(_health, status_port)
+            status, body = await asyncio.to_thread(template_health, status_port)
             return status == 503 and body.get("stale_seconds", 0) > 0
 
         await eventually(stale, timeout=STALE_BOUND + SLACK, what="stale reported")

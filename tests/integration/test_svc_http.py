@@ -14,18 +14,15 @@ from typing import Any
 
 import pytest
 
-from tests.system import ServiceProcess, System, wait
+from tests.system import ServiceProcess, System, running_system, wait
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
-    running = System(tmp_path).start_infrastructure(with_nsq=False)
-    try:
+    with running_system(tmp_path, with_nsq=False) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def port_of(system: System, service: ServiceProcess) -> int:

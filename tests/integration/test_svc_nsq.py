@@ -6,33 +6,29 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import NsqCluster
-from tests.system import ServiceProcess, System, wait
+from tests.harness import ManagedProcess, NsqCluster
+from tests.system import ServiceProcess, System, running_system, wait
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
-    running = System(tmp_path).start_infrastructure()
-    try:
+    with running_system(tmp_path) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_sensor_stops_when_nsqd_refuses_its_readings(tmp_path: Path) -> None:
     """nsqd refuses every batch outright (a 4xx: readings above its --max-msg-size): no retry
     can help, so the sensor stops with exit status 1 and says why, instead of serving on
     while publishing nothing."""
-    system = System(tmp_path).start_infrastructure(with_nsq=False)
-    try:
+    with running_system(tmp_path, with_nsq=False) as system:
         system.nsq = NsqCluster(tmp_path / "nsq", nsqd_args=("--max-msg-size=8",)).start()
         system.register_nsq()
         system.wait_passing("nsqd", 1)
@@ -41,8 +37,6 @@ def test_sensor_stops_when_nsqd_refuses_its_readings(tmp_path: Path) -> None:
         assert sensor.proc.process.wait(30) == 1, sensor.log()
         assert "nsqd refused a batch for sensor_values" in sensor.log()
         assert "stopping: " in sensor.log()
-    finally:
-        system.stop()
 
 
 def sequence_numbers(results: list[dict[str, Any]]) -> list[int]:
@@ -57,6 +51,21 @@ def start_pipeline(system: System, workers: int, *worker_args: str) -> ServicePr
     system.wait_passing("app", 1)
     wait(lambda: "leading: nsq mode" in app.log(), what="app leading")
     return app
+
+
+def flow_then_nsqd_down(
+    system: System, take_down: Callable[[ManagedProcess], None]
+) -> tuple[ServiceProcess, ServiceProcess, NsqCluster]:
+    """A sensor publishing 50 readings a second through one worker to the app; once they
+    flow, nsqd taken down (``take_down``: stop or kill) and kept down until the sensor has
+    seen the outage (a publish refused). The app, the sensor and the NSQ pair."""
+    app = start_pipeline(system, 1)
+    sensor = system.start("sensor", "--mode", "nsq", "--rate", "50")
+    wait(lambda: len(System.results(app)) >= 50, what="steady flow")
+    assert system.nsq is not None and system.nsq.nsqd is not None
+    take_down(system.nsq.nsqd)
+    wait(lambda: "publishing to sensor_values failed" in sensor.log(), what="sensor noticed")
+    return app, sensor, system.nsq
 
 
 def test_burst_arrives_complete_and_once(system: System) -> None:
@@ -98,14 +107,8 @@ def test_nsqd_restart_loses_no_reading(system: System) -> None:
     """nsqd stopped (SIGTERM) while readings flow and started again: publishers retry, nsqd
     writes what it held to disk on the way down, and every reading the sensor counts as
     published reaches the app, once."""
-    app = start_pipeline(system, 1)
-    sensor = system.start("sensor", "--mode", "nsq", "--rate", "50")
-    wait(lambda: len(System.results(app)) >= 50, what="steady flow")
-    assert system.nsq is not None and system.nsq.nsqd is not None
-    system.nsq.nsqd.stop()
-    # nsqd stays down until the sensor has seen the outage (a publish refused).
-    wait(lambda: "publishing to sensor_values failed" in sensor.log(), what="sensor noticed")
-    system.nsq.start_nsqd()
+    app, sensor, nsq = flow_then_nsqd_down(system, ManagedProcess.stop)
+    nsq.start_nsqd()
     before = len(System.results(app))
     wait(lambda: len(System.results(app)) >= before + 100, what="flow after the restart")
     published = stop_sensor(sensor)
@@ -122,16 +125,11 @@ def test_nsqd_sigkill_loses_at_most_what_it_held(system: System) -> None:
     their way to the app). Nothing else: every reading the sensor published after the crash
     arrives, messages a consumer held are handled (a worker's result waits for nsqd to come
     back), and no reading is logged twice."""
-    app = start_pipeline(system, 1)
-    sensor = system.start("sensor", "--mode", "nsq", "--rate", "50")
-    wait(lambda: len(System.results(app)) >= 50, what="steady flow")
-    assert system.nsq is not None and system.nsq.nsqd is not None
-    system.nsq.nsqd.kill()
+    app, sensor, nsq = flow_then_nsqd_down(system, ManagedProcess.kill)
     # Once a publish failed, the sensor's count stops: it is the last reading nsqd accepted
     # before the crash (the one in progress is retried until the new nsqd takes it).
-    wait(lambda: "publishing to sensor_values failed" in sensor.log(), what="sensor noticed")
     accepted_before_crash = sensor_published(sensor)
-    system.nsq.start_nsqd()
+    nsq.start_nsqd()
     wait(
         lambda: max(sequence_numbers(System.results(app)) or [0]) > accepted_before_crash + 50,
         what="flow after the restart",
@@ -176,10 +174,7 @@ def stop_sensor(sensor: ServiceProcess) -> int:
 
 def test_services_started_before_nsq_wait_for_it(tmp_path: Path) -> None:
     """Workers and the app started while Consul knows no NSQ keep waiting, then work."""
-    from tests.harness import NsqCluster
-
-    system = System(tmp_path).start_infrastructure(with_nsq=False)
-    try:
+    with running_system(tmp_path, with_nsq=False) as system:
         app = system.start("app", "--mode", "nsq")
         worker = system.start("worker", "--mode", "nsq")
         wait(lambda: "waiting for nsq" in worker.log(), what="worker waiting")
@@ -189,5 +184,3 @@ def test_services_started_before_nsq_wait_for_it(tmp_path: Path) -> None:
         system.start("sensor", "--mode", "nsq", "--burst", "200", "--rate", "0")
         results = wait(lambda: len(System.results(app)) >= 200 and System.results(app))
         assert sequence_numbers(results) == list(range(1, 201))
-    finally:
-        system.stop()

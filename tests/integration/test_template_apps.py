@@ -235,6 +235,18 @@ def template_child(
     )
 
 
+def rendered_nginx(agent: ConsulAgent, setup: NginxSetup) -> tuple[Child, Child]:
+    """dcy-template rendering ``setup``'s nginx.conf, started (it reloads nginx on every
+    change), and that nginx, not started yet (see start_nginx)."""
+    renderer = template_child(
+        agent,
+        setup.tmp,
+        f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
+        env=setup.template_env,
+    ).start()
+    return renderer, Child(setup.argv("-g", "daemon off;"), setup.tmp / "nginx.out")
+
+
 @contextlib.contextmanager
 def running(*children: Child) -> Iterator[None]:
     try:
@@ -329,13 +341,7 @@ async def test_nginx_follows_a_removed_worker_without_a_failed_request(
                 worker.register(consul, service)
             ids = {w1.name, w2.name, w3.name}
             await eventually(lambda: passing_ids(consul, service) == ids, what="3 passing")
-            renderer = template_child(
-                consul,
-                tmp,
-                f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
-                env=setup.template_env,
-            ).start()
-            nginx = Child(setup.argv("-g", "daemon off;"), tmp / "nginx.out")
+            renderer, nginx = rendered_nginx(consul, setup)
             with running(renderer, nginx):
                 expected = sorted(f"127.0.0.1:{w.port}" for w in (w1, w2, w3))
                 await eventually(lambda: sorted(setup.upstream()) == expected, what="3 upstreams")
@@ -412,13 +418,7 @@ async def test_nginx_answers_503_when_no_worker_is_left(
         async with workers(1, service) as (only,):
             only.register(consul, service)
             await eventually(lambda: passing_ids(consul, service) == {only.name}, what="passing")
-            renderer = template_child(
-                consul,
-                tmp,
-                f"templates/nginx.conf.j2:{setup.conf}:{setup.reload_command}",
-                env=setup.template_env,
-            ).start()
-            nginx = Child(setup.argv("-g", "daemon off;"), tmp / "nginx.out")
+            renderer, nginx = rendered_nginx(consul, setup)
             with running(renderer, nginx):
                 await eventually(
                     lambda: setup.upstream() == [f"127.0.0.1:{only.port}"], what="conf"

@@ -12,11 +12,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.harness import ConsulAgent, ManagedProcess, bound_status_port, until
+from tests.harness import (
+    ConsulAgent,
+    ManagedProcess,
+    bound_status_port,
+    template_health,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,14 +49,6 @@ def read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def health(port: int) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 class Renderer:
@@ -162,19 +159,19 @@ def test_consul_outage_keeps_files_and_renderer_recovers(
     )
     status_port = until(lambda: bound_status_port(renderer.log()), what="status server")
     until(lambda: read(out) == "7101 ", what="first render")
-    until(lambda: health(status_port)[0] == 200, what="healthy")
+    until(lambda: template_health(status_port)[0] == 200, what="healthy")
     written = out.stat().st_mtime_ns
     agent.stop()
-    until(lambda: health(status_port)[0] == 503, what="stale reported")
+    until(lambda: template_health(status_port)[0] == 503, what="stale reported")
     time.sleep(3)  # dozens of failed retries at this schedule (consul-template gives up)
-    code, body = health(status_port)
+    code, body = template_health(status_port)
     assert code == 503 and body["stale_seconds"] > 2
     assert "Consul unreachable" in " ".join(body["problems"])
     assert renderer.alive and out.read_text() == "7101 " and out.stat().st_mtime_ns == written
     agent.start()  # same ports, empty state: the service is gone until registered again
     register(agent, "web-2", 7102)
     until(lambda: read(out) == "7102 ", what="re-render after recovery")
-    until(lambda: health(status_port)[0] == 200, what="fresh again")
+    until(lambda: template_health(status_port)[0] == 200, what="fresh again")
     assert renderer.alive
 
 

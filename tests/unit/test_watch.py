@@ -50,6 +50,16 @@ class Recorder:
         return self.seen[-1]
 
 
+async def in_blocking_query(fake: FakeConsul, engine: WatchEngine) -> Recorder:
+    """A Recorder subscribed to WORKER, once it has its first snapshot and the loop's
+    blocking query is in flight."""
+    recorder = Recorder()
+    engine.subscribe(WORKER, recorder)
+    await eventually(lambda: len(recorder.seen) == 1)
+    await eventually(lambda: fake.in_flight == 1)
+    return recorder
+
+
 class ScriptedConsul(FakeConsul):
     """A FakeConsul that logs each health query and can lie about the next answer's index."""
 
@@ -210,10 +220,7 @@ async def test_index_going_backwards_resets_the_loop() -> None:
         fake.set_status(sid, "passing")  # push the index well above 1
     engine = WatchEngine(fake, OPTIONS)
     try:
-        recorder = Recorder()
-        engine.subscribe(WORKER, recorder)
-        await eventually(lambda: len(recorder.seen) == 1)
-        await eventually(lambda: fake.in_flight == 1)
+        recorder = await in_blocking_query(fake, engine)
         sent = len(fake.requests)
         current = fake.requests[-1][0]  # the blocking query in flight
         assert isinstance(current, int) and current > 2
@@ -254,11 +261,8 @@ async def test_outage_marks_the_snapshot_stale_and_keeps_the_value() -> None:
     fake.add_service("worker", port=9702)
     engine = WatchEngine(fake, OPTIONS)
     try:
-        recorder = Recorder()
-        engine.subscribe(WORKER, recorder)
-        await eventually(lambda: len(recorder.seen) == 1)
+        recorder = await in_blocking_query(fake, engine)
         good = recorder.last
-        await eventually(lambda: fake.in_flight == 1)
         fake.set_unavailable()
         await eventually(lambda: recorder.last.stale)
         stale = recorder.last
@@ -507,10 +511,7 @@ async def test_a_returning_agent_is_seen_at_once_whatever_the_backoff() -> None:
     options = WatchOptions(wait=0.3, min_interval=0, backoff=Backoff(3.0, 60.0))
     engine = WatchEngine(fake, options)
     try:
-        recorder = Recorder()
-        engine.subscribe(WORKER, recorder)
-        await eventually(lambda: len(recorder.seen) == 1)
-        await eventually(lambda: fake.in_flight == 1)
+        recorder = await in_blocking_query(fake, engine)
         fake.set_unavailable()
         await eventually(lambda: recorder.last.stale)
         probes = fake.calls["agent_info"]
