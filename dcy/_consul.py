@@ -580,16 +580,37 @@ class HttpConsul:
         await self._session.close()
 
 
+# OpenSSL's names (``SSLError.reason``) for the alerts a peer sends when it will not accept
+# us: no client certificate, one it cannot verify, expired, revoked, or a handshake it
+# refuses. Only these end a watch; any other TLS error (a damaged record, say) is a broken
+# connection like any other, and retried.
+_REFUSED_BY_PEER = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    }
+)
+
+
 def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS alert behind a connection error, if there is one. An EOF or a clean close
-    inside TLS is a connection that went away (transient), not a refusal."""
+    """The alert by which the agent refused us, behind a connection error, if there is one
+    (see ``_REFUSED_BY_PEER``)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, ssl.SSLError) and not isinstance(
-            current, ssl.SSLEOFError | ssl.SSLZeroReturnError
-        ):
+        # An SSLError made outside the ssl module may lack the attribute.
+        reason = getattr(current, "reason", None)
+        if isinstance(current, ssl.SSLError) and reason in _REFUSED_BY_PEER:
             return current
         current = current.__cause__ or current.__context__
     return None

@@ -491,7 +491,10 @@ class NsqReader:
         for connection in self._connections:
             connection.send_rdy(0)
         for closer in self._closers:
-            await closer()
+            try:
+                await closer()
+            except Exception:  # one closer failing must not keep connections open
+                log.exception("%s/%s: closing failed", self.topic, self.channel)
         for task in (*self._pollers.values(), *self._producers.values()):
             task.cancel()
         if self._handling:
