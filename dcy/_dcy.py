@@ -112,7 +112,11 @@ class Dcy:
         await self.aclose()
 
     async def open(self) -> None:
-        api = self._given_api or HttpConsul(self.config)
+        api = self._given_api or HttpConsul(
+            self.config,
+            max_connections=self._watch_options.max_connections,
+            blocking_connections=self._watch_options.blocking_connections,
+        )
         try:
             self.agent = await self._ask_agent(api)
         except BaseException:
