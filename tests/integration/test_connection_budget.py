@@ -19,7 +19,8 @@ import pytest
 from dcy import Dcy, Snapshot
 from dcy._sockets import count_connections
 from dcy._specs import HealthServiceSpec
-from tests.harness import ConsulAgent, require_binary
+from tests.harness import ConsulAgent
+from tools.build import require_binary
 
 SERVICES = 300
 
