@@ -15,13 +15,14 @@ v1.14.11 (see NOTES-issue16.md):
   names the services whose health changed; a node check names every watched service with an
   instance on that node.
 * ``/v1/catalog/services`` moves on every registration, re-registration that changes
-  anything (port, meta, tags) and deregistration; its diff (names, tags) names a few. A
-  registration carrying checks (what an agent syncs) writes them in the same Raft index:
-  a changed check whose ``ModifyIndex`` is the catalog's new index names its service. What
-  neither explains (a check-less instance added, or one whose port changed) is found by a
-  sweep: every watched service query of that datacenter is re-fetched, ``reserved/2`` at a
-  time. Consul's ``filter`` cannot narrow these answers by index (``ModifyIndex`` is no
-  valid selector there) nor is there a per-service index in a wide answer.
+  anything (port, meta, tags) and deregistration; its diff (names, tags) names a few, but
+  several writes may fall between two of its answers and it only tells the last one's
+  index. A move is credited to the diffs only when every Raft index in between is
+  accounted for (see :meth:`HealthDetector._unexplained`); what is not (a check-less
+  instance added, or one whose port changed) is found by a sweep: every watched service
+  query of that datacenter is re-fetched, ``reserved/2`` at a time. Consul's ``filter``
+  cannot narrow these answers by index (``ModifyIndex`` is no valid selector there) nor is
+  there a per-service index in a wide answer.
 * ``/v1/kv/<root>?recurse`` on the common root of the watched keys moves on any write or
   delete under it; a diff of ``ModifyIndex`` per key names the keys.
 * ``/v1/catalog/nodes`` moves on every registration and deregistration of the catalog (not
@@ -113,11 +114,15 @@ class Detector:
             except Exception as exc:
                 error = exc if isinstance(exc, DcyError) else DcyError(f"{name}: {exc!r}")
                 log.debug("change detector %s failed: %s", name, exc)
-                if not error.transient and not self._ready.is_set():
-                    # Refused for good (an ACL without node:read, say): let the queries ask
-                    # for themselves, so that their own answers (or refusals) are seen.
+                if not error.transient:
+                    # Refused for good (an ACL without node:read, or without list on the KV
+                    # folder): nothing would say when the queries it covers change, so they
+                    # end with that refusal, as a query refused itself does.
                     log.warning("change detector %s refused: %s", name, exc)
                     self._ready.set()
+                    for watch in tuple(self.watches):
+                        watch.end(error)
+                    return
                 if not failed:
                     failed = True
                     # Nobody re-fetches meanwhile: every query of the group is stale now.
@@ -174,16 +179,50 @@ class Detector:
 
 
 class HealthDetector(Detector):
-    """``/v1/health/state/any`` and ``/v1/catalog/services`` for the service queries."""
+    """``/v1/health/state/any`` and ``/v1/catalog/services`` for the service queries.
+
+    Which catalog moves need no sweep rests on what Consul guarantees about indexes: every
+    write is one Raft log entry, and its index is global, unique to that write across every
+    table. A write stamps what it touches with its index (a check's ``ModifyIndex``, the
+    services table's index, the ``service.<name>`` index a health query answers with), and
+    a table's index is that of its newest write. So between two catalog answers at I0 and
+    I1, the catalog was written at I1 and at any number of unknown indexes in (I0, I1); each
+    index in that interval is one write, of the catalog or of something else (KV, sessions,
+    coordinates). The move is credited only when each index is shown to be a write whose
+    catalog change a diff already acted on:
+
+    * a check whose ``ModifyIndex`` is that index (a registration carries its checks: the
+      agent's sync, ``/v1/catalog/register``), its service or node having been re-fetched;
+    * a removal seen in the checks, when every other index since the previous health
+      answer is a check write (then the removal is the checks table's newest write);
+    * a service named by the catalog's own diff whose own index (a non-blocking health
+      query) is that index.
+
+    Anything else, even a single unknown index, could hide a check-less change: sweep. The
+    premise, true of what agents send and of ``/v1/catalog/register``: one write registers or
+    deregisters one instance (with its checks), or one node with all of its own. A
+    ``/v1/txn`` writing several services in one index without a check of each is not
+    covered (the per-``wait`` re-fetch still is)."""
+
+    # A catalog diff naming more services than this is not checked name by name: sweep.
+    MAX_NAMED = 8
 
     def __init__(self, engine: WatchEngine, group: Group) -> None:
         super().__init__(engine, group)
         self._checks: dict[tuple[str, str], tuple[int, str]] = {}
         self._checks_index: Index = 0
         self._catalog: dict[str, tuple[str, ...]] = {}
+        self._catalog_index: Index = 0
         self._catalog_seen = False
-        self._written: deque[int] = deque(maxlen=_REMEMBERED)  # Raft indexes of check writes
+        self._written: deque[int] = deque(maxlen=_REMEMBERED)  # Raft indexes explained
         self._written_set: set[int] = set()
+        # The newest index of a baseline answer: every write up to it happened before the
+        # queries' own fetches that follow the baselines, so they show it.
+        self._floor = 0
+
+    def _baseline(self, index: Index) -> None:
+        if isinstance(index, int):
+            self._floor = max(self._floor, index)
 
     def rebase(self) -> None:
         self._checks = {}
@@ -208,19 +247,32 @@ class HealthDetector(Detector):
         ]
 
     def _remember(self, index: int) -> None:
+        if index in self._written_set:
+            return
         if len(self._written) == self._written.maxlen:
             self._written_set.discard(self._written[0])
         self._written.append(index)
         self._written_set.add(index)
 
+    def _unexplained(self, low: Index, high: Index) -> set[int] | None:
+        """The Raft indexes in (low, high] no diff accounts for; None when there are too
+        many to tell (or the indexes are not numbers: nothing can be proven)."""
+        if not (isinstance(low, int) and isinstance(high, int)) or high <= low or low <= 0:
+            return None
+        low = max(low, self._floor)
+        if high - low > _REMEMBERED + self.MAX_NAMED:
+            return None
+        return {i for i in range(low + 1, high + 1) if i not in self._written_set}
+
     def _on_checks(self, result: QueryResult) -> None:
+        previous = self._checks_index
         if (
             isinstance(result.index, int)
-            and isinstance(self._checks_index, int)
-            and 0 < result.index <= self._checks_index
+            and isinstance(previous, int)
+            and 0 < result.index <= previous
         ):
             return  # seen already (a catalog change asked for it first)
-        first = self._checks_index == 0
+        first = previous == 0
         checks: dict[tuple[str, str], tuple[int, str]] = {}
         for entry in result.body or ():
             checks[(entry.get("Node") or "", entry.get("CheckID") or "")] = (
@@ -232,16 +284,26 @@ class HealthDetector(Detector):
         old = self._checks
         for key, (modified, service) in checks.items():
             if old.get(key) != (modified, service):
-                self._remember(modified)
+                if not first:
+                    self._remember(modified)
                 (names.add(service) if service else nodes.add(key[0]))
+        removed = False
         for key, (_, service) in old.items():
             if key not in checks:
+                removed = True
                 (names.add(service) if service else nodes.add(key[0]))
-        if isinstance(result.index, int) and any(key not in checks for key in old):
-            self._remember(result.index)  # a removal's index is the answer's
+        if removed and isinstance(result.index, int):
+            # The answer's index is the checks table's newest write. It is the removal's
+            # only when every other write since the last answer is a check write we saw
+            # (a deregistration without checks moves the checks table too, unseen).
+            unexplained = self._unexplained(previous, result.index)
+            if unexplained is not None and unexplained <= {result.index}:
+                self._remember(result.index)
         self._checks = checks
         self._checks_index = result.index
-        if not first:
+        if first:
+            self._baseline(result.index)
+        else:
             self._trigger_changed(names, nodes)
 
     def _trigger_changed(self, names: set[str], nodes: set[str]) -> None:
@@ -257,17 +319,16 @@ class HealthDetector(Detector):
     def _on_catalog(self, result: QueryResult) -> None:
         catalog = {name: tuple(tags or ()) for name, tags in (result.body or {}).items()}
         old, self._catalog = self._catalog, catalog
+        previous, self._catalog_index = self._catalog_index, result.index
         if not self._catalog_seen:
             self._catalog_seen = True
+            self._baseline(result.index)
             return
         names = {n for n in catalog.keys() | old.keys() if catalog.get(n) != old.get(n)}
         self._trigger_changed(names, set())
-        if names:
-            return
-        index = result.index
-        if isinstance(index, int) and index in self._written_set:
-            return  # a registration whose checks the health diff attributed
-        task = asyncio.get_running_loop().create_task(self._explain(index))
+        if self._unexplained(previous, result.index) == set():
+            return  # every write since the last answer is a check write acted on
+        task = asyncio.get_running_loop().create_task(self._explain(previous, result.index, names))
         self._tasks.append(task)
         task.add_done_callback(self._done)
 
@@ -275,23 +336,31 @@ class HealthDetector(Detector):
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
 
-    async def _explain(self, index: Index) -> None:
-        """A catalog change with no new name or tag: read the checks now (the health loop
-        may not have woken yet) and see whether a check was written in that same Raft
-        index; sweep otherwise."""
+    async def _explain(self, low: Index, high: Index, names: set[str]) -> None:
+        """A catalog move from ``low`` to ``high`` that the checks seen so far do not
+        account for: read the checks now (the health loop may not have woken yet), then
+        the indexes of the services the catalog's diff names; sweep if a write is left."""
         try:
-            if not (isinstance(index, int) and index in self._written_set):
+            if self._unexplained(low, high):
                 async with self.engine.refetch_slots:
                     result = await self.engine.api.health_state("any", datacenter=self.datacenter)
                 self._on_checks(result)
+            left = self._unexplained(low, high)
+            if left and names and len(names) <= self.MAX_NAMED and len(left) <= len(names):
+                for name in sorted(names):
+                    async with self.engine.refetch_slots:
+                        answer = await self.engine.api.health_service(
+                            name, datacenter=self.datacenter
+                        )
+                    if isinstance(answer.index, int):
+                        left.discard(answer.index)
         except asyncio.CancelledError:
             raise
         except Exception:
             self.sweep()
             return
-        if isinstance(index, int) and index in self._written_set:
-            return
-        self.sweep()
+        if left is None or left:
+            self.sweep()
 
 
 class KeyDetector(Detector):

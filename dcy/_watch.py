@@ -464,6 +464,16 @@ class Watch(Generic[T]):
         if self.snapshot is not None and not self.snapshot.stale:
             self._publish(replace(self.snapshot, stale=True, error=str(error)))
 
+    def end(self, error: DcyError) -> None:
+        """End for good with ``error``, told to every subscriber (a detector of this query
+        was refused): the next user starts a new watch."""
+        self._fail(error)
+        self.engine._forget(self)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            self.engine._stopping.add(self._task)
+            self._task.add_done_callback(self.engine._stopping.discard)
+
     def _fail(self, exc: Exception) -> bool:
         """Record a failed query; whether the loop should retry it."""
         if isinstance(exc, DcyError):

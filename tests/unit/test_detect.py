@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dcy import Backoff, Snapshot, WatchOptions
+from dcy import AclDenied, Backoff, DcyError, Snapshot, WatchOptions
 from dcy._detect import common_root
 from dcy._kv_specs import KeySpec
 from dcy._specs import HealthServiceSpec
@@ -223,3 +223,65 @@ def test_the_budget_must_leave_room_for_blocking_queries() -> None:
         WatchOptions(max_connections=10, reserved_connections=4)
     with pytest.raises(ValueError, match="reserved_connections"):
         WatchOptions(reserved_connections=0)
+
+
+async def test_a_check_less_change_before_a_check_write_is_not_lost(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    # Two writes between two answers of the catalog: s6 on another port (its check
+    # unchanged: nothing written to the checks), then a new instance of s5 with a check.
+    # The catalog's index is that of the second, a check write; the first is found only
+    # because its index is accounted for by nothing.
+    await fake.register_service({"ID": "s6-1006-6", "Name": "s6", "Port": 1999, "Check": CHECK6})
+    fake.add_service("s5", port=2000, node="n1")
+    await eventually(lambda: len(seen.last("s5")) == 2)
+    # Well before the per-`wait` re-fetch (5 s).
+    await eventually(lambda: seen.last("s6")[0].port == 1999, timeout=2.0)
+    assert engine.detectors.sweeps == 1
+
+
+async def test_a_check_less_change_beside_a_tag_change_is_not_lost(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    # The catalog's diff names s6 (its tags); s8's new port is in the same interval.
+    check8 = {"CheckID": "service:s8-1008-8", "Name": "s8 check", "TTL": "10s"}
+    await fake.register_service({"ID": "s8-1008-8", "Name": "s8", "Port": 1888, "Check": check8})
+    await fake.register_service(
+        {"ID": "s6-1006-6", "Name": "s6", "Port": 1006, "Tags": ["blue"], "Check": CHECK6}
+    )
+    await eventually(lambda: seen.last("s6")[0].tags == ("blue",))
+    await eventually(lambda: seen.last("s8")[0].port == 1888, timeout=2.0)
+    assert engine.detectors.sweeps == 1
+
+
+async def test_a_detector_refused_for_good_ends_the_queries_it_covers() -> None:
+    fake = FakeConsul()
+    fake.deny_methods = {"health_state"}
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number)
+    engine = WatchEngine(fake, SMALL)
+    ended: dict[str, DcyError] = {}
+
+    def on_end(name: str) -> Callable[[DcyError], None]:
+        def record(error: DcyError) -> None:
+            ended[name] = error
+
+        return record
+
+    try:
+        iterated = engine.subscribe(HealthServiceSpec("s0"))
+        for number in range(1, SERVICES):
+            name = f"s{number}"
+            engine.subscribe(HealthServiceSpec(name), lambda _: None, on_end=on_end(name))
+        await eventually(lambda: len(ended) == SERVICES - 1)
+        assert all(isinstance(error, AclDenied) for error in ended.values())
+        assert not engine.watches
+        # An iterating subscriber gets the refusal raised.
+        with pytest.raises(AclDenied):
+            async with asyncio.timeout(2.0):
+                async for _ in iterated:
+                    pass
+    finally:
+        await engine.aclose()
