@@ -214,6 +214,11 @@ class Dcy:
         return self._api
 
     @property
+    def watch_options(self) -> WatchOptions:
+        """How this client watches (its connection budget among them)."""
+        return self._watch_options
+
+    @property
     def engine(self) -> WatchEngine:
         if self._engine is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
