@@ -209,7 +209,8 @@ class HealthDetector(Detector):
 
     def __init__(self, engine: WatchEngine, group: Group) -> None:
         super().__init__(engine, group)
-        self._checks: dict[tuple[str, str], tuple[int, str]] = {}
+        # (Node, CheckID) → the service a check belongs to ("" for a node check)
+        self._owners: dict[tuple[str, str], str] = {}
         self._checks_index: Index = 0
         self._catalog: dict[str, tuple[str, ...]] = {}
         self._catalog_index: Index = 0
@@ -225,7 +226,7 @@ class HealthDetector(Detector):
             self._floor = max(self._floor, index)
 
     def rebase(self) -> None:
-        self._checks = {}
+        self._owners = {}
         self._checks_index = 0
         self._catalog_seen = False
 
@@ -272,26 +273,32 @@ class HealthDetector(Detector):
             and 0 < result.index <= previous
         ):
             return  # seen already (a catalog change asked for it first)
-        first = previous == 0
-        checks: dict[tuple[str, str], tuple[int, str]] = {}
-        for entry in result.body or ():
-            checks[(entry.get("Node") or "", entry.get("CheckID") or "")] = (
-                int(entry.get("ModifyIndex") or 0),
-                entry.get("ServiceName") or "" if entry.get("ServiceID") else "",
-            )
+        first = not (isinstance(previous, int) and previous > 0)
+        since = previous if isinstance(previous, int) else 0
+        body = result.body or ()
+        keys = {(e.get("Node") or "", e.get("CheckID") or "") for e in body}
+        # Only checks written since the last answer need a look: their ModifyIndex is above
+        # that answer's index (the checks table's newest write then). Skipping the others
+        # keeps a wake-up at 1,000 services to one pass over the answer.
+        fresh = body if first else [e for e in body if int(e.get("ModifyIndex") or 0) > since]
         names: set[str] = set()
         nodes: set[str] = set()
-        old = self._checks
-        for key, (modified, service) in checks.items():
-            if old.get(key) != (modified, service):
-                if not first:
-                    self._remember(modified)
-                (names.add(service) if service else nodes.add(key[0]))
+        owners = {} if first else self._owners
+        for entry in fresh:
+            key = (entry.get("Node") or "", entry.get("CheckID") or "")
+            owner = entry.get("ServiceName") or "" if entry.get("ServiceID") else ""
+            before = owners.get(key)
+            if before and before != owner:
+                names.add(before)  # the check ID now belongs to another service
+            owners[key] = owner
+            if not first:
+                self._remember(int(entry.get("ModifyIndex") or 0))
+            (names.add(owner) if owner else nodes.add(key[0]))
         removed = False
-        for key, (_, service) in old.items():
-            if key not in checks:
-                removed = True
-                (names.add(service) if service else nodes.add(key[0]))
+        for key in owners.keys() - keys:
+            removed = True
+            owner = owners.pop(key)
+            (names.add(owner) if owner else nodes.add(key[0]))
         if removed and isinstance(result.index, int):
             # The answer's index is the checks table's newest write. It is the removal's
             # only when every other write since the last answer is a check write we saw
@@ -299,7 +306,7 @@ class HealthDetector(Detector):
             unexplained = self._unexplained(previous, result.index)
             if unexplained is not None and unexplained <= {result.index}:
                 self._remember(result.index)
-        self._checks = checks
+        self._owners = owners
         self._checks_index = result.index
         if first:
             self._baseline(result.index)
