@@ -43,6 +43,7 @@ from yarl import URL
 from dcy._answers import FILTERED_BY_ACLS, classify, hidden_by_acls
 from dcy._config import ConsulConfig
 from dcy._errors import ConsulUnavailable, TlsError, UnknownService
+from dcy._sockets import count_connections
 
 log = logging.getLogger("dcy.consul")
 
@@ -241,11 +242,20 @@ Params = Sequence[tuple[str, Any]]
 class HttpConsul:
     """The real Consul, over HTTP(S) or a unix socket."""
 
-    def __init__(self, config: ConsulConfig, *, max_connections: int = 0) -> None:
-        """Create inside a running event loop. ``max_connections`` 0 means unbounded: every
-        blocking query holds one connection for its whole wait."""
+    def __init__(
+        self, config: ConsulConfig, *, max_connections: int = 0, blocking_connections: int = 0
+    ) -> None:
+        """Create inside a running event loop. ``max_connections`` bounds the connections
+        to the agent (0: unbounded, every blocking query holding one for its whole wait);
+        ``blocking_connections`` how many of them blocking queries may hold at once (0: all),
+        so that writes and one-shot reads never queue behind them."""
         self.config = config
         self.requests = 0
+        self.max_connections = max_connections
+        self._blocking_slots = (
+            asyncio.Semaphore(blocking_connections) if blocking_connections > 0 else None
+        )
+        self._in_flight = 0
         connector: aiohttp.BaseConnector
         if config.scheme == "unix":
             assert config.socket_path is not None
@@ -300,7 +310,9 @@ class HttpConsul:
         check in a state) an empty filtered answer is an answer: the token may lack read on
         what was left out and still have read on things that merely do not exist now."""
         timeout = _CALL_TIMEOUT
+        blocking = False
         if index and wait is not None:
+            blocking = True
             name = "hash" if hash_index else "index"
             params = [*params, (name, index), ("wait", f"{max(wait, 0.001) * 1000:.0f}ms")]
             timeout = wait * 1.0625 + _HTTP_SLACK
@@ -310,6 +322,14 @@ class HttpConsul:
         if params:
             url = f"{url}?{urllib.parse.urlencode(params)}"
         self.requests += 1
+        if blocking and self._blocking_slots is not None:
+            async with self._blocking_slots:
+                return await self._send(method, path, url, body, timeout, hash_index)
+        return await self._send(method, path, url, body, timeout, hash_index)
+
+    async def _send(
+        self, method: str, path: str, url: str, body: bytes | None, timeout: float, hash_index: bool
+    ) -> _Answer:
         with self._transport_errors(method, path, timeout):
             async with (
                 asyncio.timeout(timeout),
@@ -575,6 +595,14 @@ class HttpConsul:
 
     async def coordinate_datacenters(self) -> list[dict[str, Any]]:
         return list((await self._request("GET", "/v1/coordinate/datacenters")).json() or ())
+
+    @property
+    def open_connections(self) -> int | None:
+        """TCP connections this process holds to the agent, as the kernel counts them
+        (Linux); None where that cannot be read (a unix socket, another system)."""
+        if self.config.scheme == "unix":
+            return None
+        return count_connections(self._base_url)
 
     async def aclose(self) -> None:
         await self._session.close()

@@ -119,7 +119,11 @@ class Dcy:
         await self.aclose()
 
     async def open(self) -> None:
-        api = self._given_api or HttpConsul(self.config)
+        api = self._given_api or HttpConsul(
+            self.config,
+            max_connections=self._watch_options.max_connections,
+            blocking_connections=self._watch_options.blocking_connections,
+        )
         try:
             self.agent = await self._ask_agent(api)
         except BaseException:
@@ -215,6 +219,11 @@ class Dcy:
         if self._api is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
         return self._api
+
+    @property
+    def watch_options(self) -> WatchOptions:
+        """How this client watches (its connection budget among them)."""
+        return self._watch_options
 
     @property
     def engine(self) -> WatchEngine:

@@ -38,15 +38,19 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from dcy._backoff import Backoff
 from dcy._consul import ConsulAPI, Index, QueryResult
 from dcy._errors import ConsulError, ConsulUnavailable, DcyError
 from dcy._pacing import QueryPacer
+
+if TYPE_CHECKING:
+    from dcy._detect import Detector
 
 log = logging.getLogger("dcy.watch")
 
@@ -64,6 +68,9 @@ WATCH_BACKOFF = Backoff(base=0.1, cap=5.0)
 # a second by every loop (a template re-renders within a second of it), while a hundred loops
 # waiting out their own, longer back-off cost the agent nothing meanwhile.
 AGENT_PROBE = Backoff(base=0.1, cap=0.5)
+# Blocking queries an engine keeps for what cannot be detected (the catalog, a lock key, an
+# agent service) and for the change detectors themselves, past the budget.
+MIN_BLOCKING = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +86,29 @@ class WatchOptions:
     quiet_interval: float = 0.1
     backoff: Backoff = WATCH_BACKOFF
     first_answer_timeout: float = 10.0
+    # The most connections the process opens to its agent, whatever it watches (a Consul
+    # agent refuses a client address past http_max_conns_per_client = 200, every program on
+    # it alike), and how many of them blocking queries may never take: registrations,
+    # heartbeats and re-fetches go through those at once. See dcy._detect.
+    max_connections: int = 32
+    reserved_connections: int = 8
+
+    @property
+    def blocking_connections(self) -> int:
+        """How many blocking queries may wait at once."""
+        return self.max_connections - self.reserved_connections
 
     def __post_init__(self) -> None:
+        for name in ("max_connections", "reserved_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.blocking_connections < MIN_BLOCKING:
+            raise ValueError(
+                f"max_connections ({self.max_connections}) must leave at least {MIN_BLOCKING} "
+                f"connections for blocking queries above reserved_connections "
+                f"({self.reserved_connections})"
+            )
         for name in ("wait", "first_answer_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -230,11 +258,29 @@ class Watch(Generic[T]):
         self._subscribers: list[Subscription[T]] = []
         self._answered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Past the connection budget: the detector whose answers say when to re-fetch.
+        self.detector: Detector | None = None
+        self._wanted = asyncio.Event()
 
     def start(self) -> None:
+        self.detector = self.engine._detector_for(self)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"dcy-watch:{self.spec}"
         )
+
+    def restart(self) -> None:
+        """Start over in the engine's current mode (blocking, or detected); the snapshot
+        stays. Cancelling a blocking query closes its connection."""
+        if self._task is not None:
+            self._task.cancel()
+            self.engine._stopping.add(self._task)
+            self._task.add_done_callback(self.engine._stopping.discard)
+        self._wanted.clear()
+        self.start()
+
+    def trigger(self) -> None:
+        """A detector saw a change this query may show: re-fetch it."""
+        self._wanted.set()
 
     async def first(self, timeout: float | None = None) -> Snapshot[T]:
         """The current snapshot, waiting for Consul's first answer if there is none yet.
@@ -284,9 +330,42 @@ class Watch(Generic[T]):
     async def _run(self) -> None:
         self.engine._starting.add(self)
         try:
-            await self._loop()
+            if self.detector is not None:
+                await self._detected_loop(self.detector)
+            else:
+                await self._loop()
         finally:
             self.engine._starting.discard(self)
+
+    async def _detected_loop(self, detector: Detector) -> None:
+        """Non-blocking re-fetches when the detector says so (and once per ``wait`` in any
+        case, as a blocking query would renew itself), each compared with the last answer:
+        one that changed nothing wakes nobody."""
+        options = self.engine.options
+        retry = replace(options.backoff, deadline=None).start()
+        await detector.ready()
+        while True:
+            index: Index = self.snapshot.index if self.snapshot is not None else 0
+            self._wanted.clear()
+            self.queries += 1
+            try:
+                async with self.engine.refetch_slots:
+                    self.engine.refetches += 1
+                    result = await self.spec.fetch(self.engine.api, 0, options.wait)
+                self._accept(result, index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self._fail(exc):
+                    self.engine._forget(self)
+                    return
+                await asyncio.sleep(retry.next_delay() or 0.0)
+                continue
+            retry.reset()
+            self.engine._starting.discard(self)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(options.wait * (1 + random.random() / 16)):
+                    await self._wanted.wait()
 
     async def _loop(self) -> None:
         options = self.engine.options
@@ -377,6 +456,23 @@ class Watch(Generic[T]):
             log.info("index of %s went backwards (%s → %s): resetting", self.spec, index, new_index)
             return 0, news
         return new_index, news
+
+    def mark_stale(self, error: DcyError) -> None:
+        """Consul cannot be asked (a detector of this query failed): keep the value, say so."""
+        self.last_error = error
+        self._answered.set()
+        if self.snapshot is not None and not self.snapshot.stale:
+            self._publish(replace(self.snapshot, stale=True, error=str(error)))
+
+    def end(self, error: DcyError) -> None:
+        """End for good with ``error``, told to every subscriber (a detector of this query
+        was refused): the next user starts a new watch."""
+        self._fail(error)
+        self.engine._forget(self)
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            self.engine._stopping.add(self._task)
+            self._task.add_done_callback(self.engine._stopping.discard)
 
     def _fail(self, exc: Exception) -> bool:
         """Record a failed query; whether the loop should retry it."""
@@ -486,6 +582,48 @@ class WatchEngine:
         self._stopping: set[asyncio.Task[None]] = set()
         self._starting: set[Watch[Any]] = set()  # loops still without a first answer
         self._closed = False
+        # Past the budget ("wide"): queries that can be detected stop blocking (dcy._detect).
+        from dcy._detect import Detectors
+
+        self.detectors = Detectors(self)
+        self.wide = False
+        self.refetch_slots = asyncio.Semaphore(max(1, self.options.reserved_connections // 2))
+        self.refetches = 0  # non-blocking re-fetches of detected queries
+
+    def _detector_for(self, watch: Watch[Any]) -> Detector | None:
+        return self.detectors.attach(watch) if self.wide else None
+
+    def _rebalance(self) -> None:
+        """Go wide when the blocking queries would not fit in the budget; back to one
+        blocking query per query when they fit in half of it (no flapping at the edge)."""
+        room = self.options.blocking_connections - self.detectors.MAX_DETECTORS
+        count = len(self._watches)
+        wide = count > room if not self.wide else count > room // 2
+        if wide == self.wide:
+            return
+        self.wide = wide
+        log.info(
+            "%d queries watched: %s",
+            count,
+            "past the connection budget, detecting changes with wide queries"
+            if wide
+            else "one blocking query per query again",
+        )
+        for watch in self._watches.values():
+            if self.detectors.detectable(watch.spec):
+                if watch.detector is not None:
+                    self.detectors.detach(watch)
+                watch.restart()
+
+    @property
+    def detector_wakeups(self) -> int:
+        """Answers of the change detectors that moved their index."""
+        return self.detectors.wakeups
+
+    @property
+    def blocking_queries(self) -> int:
+        """Watches holding a blocking query of their own."""
+        return sum(1 for w in self._watches.values() if w.detector is None)
 
     def acquire(self, spec: WatchSpec[T]) -> Watch[T]:
         """The watch for ``spec``, started if new; pair with :meth:`release` (subscriptions
@@ -496,7 +634,9 @@ class WatchEngine:
         if watch is None:
             watch = Watch(spec, self)
             self._watches[spec] = watch
-            watch.start()
+            self._rebalance()
+            if watch._task is None:
+                watch.start()
         watch.users += 1
         return watch
 
@@ -516,11 +656,15 @@ class WatchEngine:
         """A loop that ended for good leaves the table: the next user starts a new one."""
         if self._watches.get(watch.spec) is watch:
             del self._watches[watch.spec]
+            self.detectors.detach(watch)
+            self._rebalance()
 
     def release(self, watch: Watch[Any]) -> None:
         watch.users -= 1
         if watch.users <= 0 and self._watches.get(watch.spec) is watch:
             del self._watches[watch.spec]
+            self.detectors.detach(watch)
+            self._rebalance()
             if watch._task is not None:
                 watch._task.cancel()
                 # Awaited by aclose, so that a closed engine leaves no task behind.
@@ -537,6 +681,7 @@ class WatchEngine:
         self._watches.clear()
         await asyncio.gather(*(w.stop() for w in watches), return_exceptions=True)
         await self.probe.aclose()
+        await self.detectors.aclose()
         if self._stopping:
             # Cancelled already; a loop that ignores it must not hang the close for ever.
             _, stuck = await asyncio.wait(set(self._stopping), timeout=STOP_GRACE)

@@ -140,6 +140,8 @@ class FakeConsul:
         self._index = 1
         self._services: dict[str, _Service] = {}
         self._checks: dict[str, dict[str, Any]] = {}
+        # (datacenter, node, check id) → a node-level check (no ServiceID), like serfHealth
+        self._node_checks: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._modified: dict[tuple[str, str], int] = {}  # (dc, service name) → index
         self._catalog_modified: dict[str, int] = {}
         self._wan: dict[str, list[dict[str, Any]]] = {}  # datacenter → its servers' coordinates
@@ -186,9 +188,45 @@ class FakeConsul:
         """Set every check of an instance to ``status`` (passing, warning, critical)."""
         service = self._services[service_id]
         for check_id in service.check_ids:
-            self._checks[check_id].update(Status=status, Output=output)
+            self._checks[check_id].update(Status=status, Output=output, ModifyIndex=self._index + 1)
         self._touch(service.datacenter, service.definition["Name"])
         self._invalidate_sessions_of_failed_checks()
+
+    def set_node_check(
+        self,
+        node: str,
+        status: str,
+        *,
+        check_id: str = "node-check",
+        datacenter: str | None = None,
+    ) -> None:
+        """Register (or update) a node-level check: like Consul, it counts in the health of
+        every instance on that node, whose services' indexes move with it."""
+        dc = datacenter or self.datacenter
+        key = (dc, node, check_id)
+        index = self._index + 1
+        check = self._node_checks.get(key) or {
+            "Node": node,
+            "CheckID": check_id,
+            "Name": check_id,
+            "Notes": "",
+            "Output": "",
+            "ServiceID": "",
+            "ServiceName": "",
+            "CreateIndex": index,
+        }
+        check.update(Status=status, ModifyIndex=index)
+        self._node_checks[key] = check
+        names = {
+            s.definition["Name"]
+            for s in self._services.values()
+            if s.node == node and s.datacenter == dc
+        }
+        self._index = index
+        for name in names:
+            self._modified[(dc, name)] = index
+        self._modified[(dc, "")] = index  # the checks table moved even with no service there
+        self._wake()
 
     def remove_service(self, service_id: str) -> None:
         service = self._services.pop(service_id)
@@ -255,7 +293,9 @@ class FakeConsul:
         services: dict[str, set[str]] = {}
         for s in self._services.values():
             if s.datacenter == dc:
-                services.setdefault(s.definition["Name"], set()).update(s.definition["Tags"])
+                services.setdefault(s.definition["Name"], set()).update(
+                    s.definition.get("Tags") or ()
+                )
         body = {name: sorted(tags) for name, tags in sorted(services.items())}
         return QueryResult(self._catalog_modified.get(dc, 1), body)
 
@@ -583,6 +623,11 @@ class FakeConsul:
             for c in s.check_ids
             if state == "any" or self._checks[c]["Status"] == state
         ]
+        checks += [
+            dict(c)
+            for (d, _, _), c in self._node_checks.items()
+            if d == dc and (state == "any" or c["Status"] == state)
+        ]
         checks.sort(key=lambda c: (c["Node"], c["CheckID"]))
         return QueryResult(current(), checks)
 
@@ -671,7 +716,8 @@ class FakeConsul:
         old = self._services.pop(service_id, None)
         # A check ID registered again keeps its status unless the definition sets one (the
         # agent does so even when the check's type changes, until the new check first runs).
-        kept = {c: self._checks.pop(c)["Status"] for c in (old.check_ids if old else ())}
+        previous = {c: self._checks.pop(c) for c in (old.check_ids if old else ())}
+        kept = {c: check["Status"] for c, check in previous.items()}
         service = _Service(definition, node, dc)
         raw_checks = _raw_checks(definition)
         for number, raw in enumerate(raw_checks, start=1):
@@ -686,7 +732,17 @@ class FakeConsul:
                 "Output": "",
                 "ServiceID": service_id,
                 "ServiceName": definition["Name"],
+                # Written in the same Raft index as the registration, as Consul does.
+                "CreateIndex": self._index + 1,
+                "ModifyIndex": self._index + 1,
             }
+            before = previous.get(check_id)
+            if before is not None and all(
+                before[f] == self._checks[check_id][f] for f in ("Status", "Name", "Notes")
+            ):
+                # Consul writes a check again only when it changed.
+                for field_name in ("CreateIndex", "ModifyIndex"):
+                    self._checks[check_id][field_name] = before[field_name]
             service.check_ids.append(check_id)
         self._services[service_id] = service
         self._touch(dc, definition["Name"], catalog=True)
@@ -708,7 +764,14 @@ class FakeConsul:
                 "Tags": list(d.get("Tags") or ()),
                 "Meta": dict(d.get("Meta") or {}),
             },
-            "Checks": [dict(self._checks[c]) for c in service.check_ids],
+            "Checks": [
+                *(
+                    dict(c)
+                    for (d, n, _), c in self._node_checks.items()
+                    if d == service.datacenter and n == service.node
+                ),
+                *(dict(self._checks[c]) for c in service.check_ids),
+            ],
         }
 
     def _service_hash(self, service_id: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dcy._durations import parse_duration, parse_wait
+from dcy._watch import MIN_BLOCKING, WatchOptions
 from dcy.template._env import EnvPolicy
 from dcy.template._spec import TemplateSpec, parse_command, spec_from_mapping
 
@@ -38,6 +39,9 @@ class ConsulSettings:
     # block_query_wait); also what bounds noticing an agent that stopped answering: a
     # query gets no answer within wait + wait/16 + 10 s, and the data is reported stale.
     block_query_wait: float = 60.0
+    # The most connections to the agent, whatever the templates watch (dcy's budget; past
+    # it, change detectors and re-fetches instead of a blocking query per query).
+    max_connections: int = WatchOptions().max_connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +192,29 @@ def _consul(current: ConsulSettings, raw: dict[str, Any]) -> ConsulSettings:
             updates["retry_max_backoff"] = parse_duration(
                 retry["max_backoff"], what="retry.max_backoff"
             )
+    if "max_connections" in raw:
+        updates["max_connections"] = parse_max_connections(
+            raw["max_connections"], what="consul.max_connections"
+        )
     return replace(current, **updates)
+
+
+def parse_max_connections(value: Any, *, what: str) -> int:
+    """A connection budget: a whole number leaving room for blocking queries beside the
+    connections kept for writes and re-fetches."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    lowest = WatchOptions().reserved_connections + MIN_BLOCKING
+    if number is None or number < lowest:
+        raise ValueError(
+            f"invalid {what} {value!r}: a whole number >= {lowest} "
+            f"({WatchOptions().reserved_connections} connections are kept for writes and "
+            f"re-fetches, at least {MIN_BLOCKING} are for blocking queries)"
+        )
+    return number
 
 
 def _env(current: EnvPolicy, raw: dict[str, Any]) -> EnvPolicy:

@@ -4,7 +4,11 @@ that serves them (``-status-addr``); :class:`NoMetrics` takes the counts otherwi
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dcy._watch import WatchEngine
 
 
 class RendererMetrics:
@@ -42,6 +46,57 @@ class RendererMetrics:
             registry=self.registry,
         )
 
+    def follow_engine(self, engine: WatchEngine) -> None:
+        """Export the counters of the watch engine (and its client's connections to the
+        agent), read when scraped."""
+        self.registry.register(_EngineCollector(engine))
+
+
+class _EngineCollector:
+    """What the engine counts itself, read at each scrape: connections to the agent, the
+    blocking queries held, and past the budget, the change detectors' work."""
+
+    def __init__(self, engine: WatchEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        engine = self._engine
+        connections = getattr(engine.api, "open_connections", None)
+        if connections is not None:
+            yield GaugeMetricFamily(
+                "dcy_template_agent_connections",
+                "TCP connections open to the Consul agent, as the kernel counts them",
+                value=connections,
+            )
+        yield GaugeMetricFamily(
+            "dcy_template_blocking_queries",
+            "Blocking queries held (one per query within the connection budget; past it, "
+            "only queries no change detector covers)",
+            value=engine.blocking_queries,
+        )
+        yield GaugeMetricFamily(
+            "dcy_template_wide",
+            "1 while the watched queries are past the connection budget (change detectors)",
+            value=int(engine.wide),
+        )
+        yield CounterMetricFamily(
+            "dcy_template_detector_wakeups",
+            "Answers of the change detectors that moved their index",
+            value=engine.detector_wakeups,
+        )
+        yield CounterMetricFamily(
+            "dcy_template_refetches",
+            "Non-blocking re-fetches of queries a change detector covers",
+            value=engine.refetches,
+        )
+        yield CounterMetricFamily(
+            "dcy_template_sweeps",
+            "Changes no detector could attribute: every covered query re-fetched",
+            value=engine.detectors.sweeps,
+        )
+
 
 class _Ignored:
     """Takes what a Prometheus counter or gauge takes, and keeps none of it."""
@@ -68,3 +123,6 @@ class NoMetrics:
         ignored = _Ignored()
         self.renders = self.render_errors = self.writes = self.command_runs = ignored
         self.stale_seconds = self.watched_queries = self.waiting = ignored
+
+    def follow_engine(self, engine: WatchEngine) -> None:
+        pass

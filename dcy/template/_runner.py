@@ -129,6 +129,7 @@ class Renderer:
         self.options = options or RendererOptions()
         self.metrics = metrics or NoMetrics()
         self.metrics.stale_seconds.set_function(self.stale_seconds)
+        self.metrics.follow_engine(engine)
         self._on_pass = on_pass
         self._subscriptions: dict[Any, Subscription[Any]] = {}
         # Queries Consul refused for good (ACL, TLS): a template using one fails the run.

@@ -33,6 +33,7 @@ from dcy.template._config import (
     env_patterns,
     load_config_paths,
     parse_log_level,
+    parse_max_connections,
     parse_signal,
 )
 from dcy.template._exec import ChildSupervisor
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long each blocking query waits for a change (1m); a stalled agent is "
         "noticed after this + 1/16 + 10s",
     )
+    add(
+        "-max-connections",
+        metavar="N",
+        help="most connections to the agent, whatever is watched (32); past it, a few wide "
+        "queries say what changed",
+    )
     add("-log-level", metavar="LEVEL", help="debug, info, warn, error")
     add("-pid-file", metavar="FILE")
     add("-kill-signal", metavar="SIGNAL", help="stop gracefully on this signal (SIGTERM)")
@@ -159,6 +166,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if not wait > 0:
             raise ConfigError(f"invalid -block-query-wait {args.block_query_wait!r}: must be > 0")
         consul_updates["block_query_wait"] = wait
+    if args.max_connections is not None:
+        try:
+            consul_updates["max_connections"] = parse_max_connections(
+                args.max_connections, what="-max-connections"
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     consul = replace(consul, **{k: v for k, v in consul_updates.items() if v is not None})
     updates: dict[str, object] = {"consul": consul}
     cwd = Path.cwd()
@@ -235,7 +249,13 @@ def _dcy_for(consul: ConsulSettings, *, give_up_after: float | None = None) -> D
         base=max(consul.retry_backoff, 0.001),
         cap=max(consul.retry_max_backoff, consul.retry_backoff, 0.001),
     )
-    return flags.client(WatchOptions(wait=consul.block_query_wait, backoff=backoff))
+    return flags.client(
+        WatchOptions(
+            wait=consul.block_query_wait,
+            backoff=backoff,
+            max_connections=consul.max_connections,
+        )
+    )
 
 
 class Application:

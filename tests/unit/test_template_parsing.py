@@ -261,3 +261,31 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
         render_atomically(target, "bad \ud800")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["out.conf"]
+
+
+def test_the_connection_budget_from_config_and_flag(tmp_path: Path) -> None:
+    from dcy._cli import ConsulFlags
+    from dcy.template.cli import _dcy_for, build_parser, config_from_args
+
+    source = tmp_path / "in.tpl"
+    source.write_text("x")
+    config = tmp_path / "c.hcl"
+    config.write_text("consul {\n  max_connections = 48\n}\n")
+    template = f"-template={source}:{tmp_path / 'out'}"
+    parser = build_parser()
+    from_file = config_from_args(parser.parse_args([f"-config={config}", template]))
+    assert from_file.consul.max_connections == 48
+    from_flag = config_from_args(
+        parser.parse_args([f"-config={config}", "-max-connections", "20", template])
+    )
+    assert from_flag.consul.max_connections == 20  # the flag wins
+    assert config_from_args(parser.parse_args([template])).consul.max_connections == 32
+    # What the renderer's client is given; dcy-alert's client gets the default budget.
+    assert _dcy_for(from_flag.consul).watch_options.max_connections == 20
+    assert ConsulFlags().client().watch_options.max_connections == 32
+    for bad in ("15", "many", "-1"):
+        with pytest.raises(ConfigError, match="-max-connections"):
+            config_from_args(parser.parse_args(["-max-connections", bad, template]))
+    config.write_text('consul {\n  max_connections = "lots"\n}\n')
+    with pytest.raises(ConfigError, match=r"consul\.max_connections"):
+        load_config_paths([str(config)])

@@ -1,0 +1,99 @@
+"""CPU and requests per change past the connection budget (issue 16), at 10, 300 and 1,000
+watched services: every service query driven by the change detectors, one check flipped at a
+time, each change waited for before the next. CPU is this process's (time.process_time:
+the watcher, not the agent); requests are the client's.
+
+    .venv/bin/python -m bench.scale_cpu [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from bench._common import agent_session, consul_agent, emit, note, parse_args, put, rounded
+from dcy import Dcy, Snapshot, WatchOptions
+from dcy._specs import HealthServiceSpec
+from tests.scale_series import eventually
+
+# The smallest budget dcy accepts: past 4 watched queries the detectors drive them, so 10
+# services are measured the same way as 1,000.
+OPTIONS = WatchOptions(max_connections=16, reserved_connections=8, quiet_interval=0.0)
+
+
+def registration(number: int, status: str) -> dict[str, Any]:
+    node = f"host{number % 2}"
+    service_id = f"svc{number}-0"
+    return {
+        "Node": node,
+        "Address": f"10.0.0.{1 + number % 2}",
+        "Service": {"ID": service_id, "Service": f"svc{number}", "Port": 8000},
+        "Checks": [
+            {"CheckID": f"node-{node}", "Name": "node", "Status": "passing"},
+            {
+                "CheckID": f"check-{service_id}",
+                "Name": "s",
+                "Status": status,
+                "ServiceID": service_id,
+            },
+        ],
+    }
+
+
+async def measure(services: int, changes: int) -> dict[str, float]:
+    with consul_agent() as agent:
+        async with agent_session(agent) as session:
+            for number in range(services):
+                await put(session, "/v1/catalog/register", registration(number, "passing"))
+            latest: dict[str, Snapshot[Any]] = {}
+            async with Dcy(agent.http_addr, watch_options=OPTIONS) as client:
+                engine = client.engine
+
+                def record(name: str) -> Any:
+                    return lambda snapshot: latest.__setitem__(name, snapshot)
+
+                for number in range(services):
+                    engine.subscribe(HealthServiceSpec(f"svc{number}"), record(f"svc{number}"))
+                await eventually(lambda: len(latest) == services, "first answers", 120)
+                await asyncio.sleep(0.5)
+                assert engine.wide
+                api: Any = engine.api
+                requests, cpu, wall = api.requests, time.process_time(), time.monotonic()
+                rng = random.Random(16)
+                state: dict[int, str] = {}
+                for _ in range(changes):
+                    number = rng.randrange(services)
+                    status = "critical" if state.get(number, "passing") == "passing" else "passing"
+                    state[number] = status
+                    await put(session, "/v1/catalog/register", registration(number, status))
+                    name = f"svc{number}"
+                    await eventually(
+                        lambda: latest[name].value[0].status == status,  # noqa: B023
+                        "the change",
+                    )
+                    await asyncio.sleep(0.05)  # let the re-fetches of this change end
+                return {
+                    "cpu_ms_per_change": rounded(1000 * (time.process_time() - cpu) / changes),
+                    "requests_per_change": rounded((api.requests - requests) / changes),
+                    "seconds_per_change": rounded((time.monotonic() - wall) / changes),
+                    "sweeps": engine.detectors.sweeps,
+                }
+
+
+async def main() -> None:
+    args = parse_args(__doc__ or "")
+    changes = 20 if args.quick else 100
+    figures: dict[str, Any] = {"bench": "scale_cpu"}
+    for services in (10, 300, 1000):
+        figures[str(services)] = result = await measure(services, changes)
+        note(f"{services} services: {result}")
+    figures["cpu_ratio_1000_to_10"] = rounded(
+        figures["1000"]["cpu_ms_per_change"] / figures["10"]["cpu_ms_per_change"]
+    )
+    emit(figures)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

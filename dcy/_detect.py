@@ -1,0 +1,529 @@
+"""Change detectors: how an engine watching more queries than its connection budget allows
+still sees every change, with a few blocking queries in all.
+
+Over HTTP/1.1 each blocking query holds a connection for its whole wait, and an agent admits
+200 connections per client address by default (``http_max_conns_per_client``), refusing
+everybody on that address past it. Past the budget (``WatchOptions.max_connections``), the
+queries a detector covers stop blocking: a few wide blocking queries per datacenter say *what*
+changed, and only the queries their diff points at are re-fetched, without blocking, each
+answer compared with the last one (an unchanged answer wakes nobody). Measured against Consul
+v1.14.11 (see NOTES-issue16.md):
+
+* ``/v1/health/state/any`` moves on every check added, changed or removed, and on every
+  deregistration (even of a service without checks). Its entries carry ``ModifyIndex``,
+  ``ServiceName`` and, for node checks, an empty ``ServiceID``: a diff per (Node, CheckID)
+  names the services whose health changed; a node check names every watched service with an
+  instance on that node.
+* ``/v1/catalog/services`` moves on every registration, re-registration that changes
+  anything (port, meta, tags) and deregistration; its diff (names, tags) names a few, but
+  several writes may fall between two of its answers and it only tells the last one's
+  index. A move is credited to the diffs only when every Raft index in between is
+  accounted for (see :meth:`HealthDetector._unexplained`); what is not (a check-less
+  instance added, or one whose port changed) is found by a sweep: every watched service
+  query of that datacenter is re-fetched, ``reserved/2`` at a time. Consul's ``filter``
+  cannot narrow these answers by index (``ModifyIndex`` is no valid selector there) nor is
+  there a per-service index in a wide answer.
+* ``/v1/kv/<root>?recurse`` on the common root of the watched keys moves on any write or
+  delete under it; a diff of ``ModifyIndex`` per key names the keys.
+* ``/v1/catalog/nodes`` moves on every registration and deregistration of the catalog (not
+  on check changes): watched nodes' queries (``catalog/node/<name>``) are re-fetched then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from dcy._consul import Index, QueryResult
+from dcy._errors import DcyError
+from dcy._kv_specs import KeyPrefixSpec, KeySpec
+from dcy._node_specs import CatalogNodeSpec
+from dcy._specs import HealthServiceSpec
+
+if TYPE_CHECKING:
+    from dcy._watch import Watch, WatchEngine
+
+log = logging.getLogger("dcy.watch")
+
+Group = tuple[str, str | None]  # (kind, datacenter)
+# Raft indexes of recent check writes, to explain a catalog change made in the same write.
+_REMEMBERED = 4096
+
+
+def group_of(spec: object) -> Group | None:
+    """Which detector covers a query, or None for a query that always blocks itself."""
+    if isinstance(spec, HealthServiceSpec):
+        return ("health", spec.datacenter)
+    if isinstance(spec, KeySpec | KeyPrefixSpec):
+        return ("kv", spec.datacenter)
+    if isinstance(spec, CatalogNodeSpec):
+        return ("nodes", spec.datacenter)
+    return None
+
+
+class Detector:
+    """The blocking loops of one group, and the watches they trigger."""
+
+    def __init__(self, engine: WatchEngine, group: Group) -> None:
+        self.engine = engine
+        self.group = group
+        self.datacenter = group[1]
+        self.watches: set[Watch[Any]] = set()
+        self._ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._baselines = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._follow(name, fetch, on_answer), name=f"dcy-detect:{name}")
+            for name, fetch, on_answer in self.loops()
+        ]
+
+    def loops(
+        self,
+    ) -> list[tuple[str, Callable[[Index], Awaitable[QueryResult]], Callable[[QueryResult], None]]]:
+        raise NotImplementedError
+
+    async def ready(self) -> None:
+        """Returns once every loop has its first answer: a query fetched after this cannot
+        miss a change (the detector's diff starts from there)."""
+        await self._ready.wait()
+
+    async def _follow(
+        self,
+        name: str,
+        fetch: Callable[[Index], Awaitable[QueryResult]],
+        on_answer: Callable[[QueryResult], None],
+    ) -> None:
+        options = self.engine.options
+        retry = replace(options.backoff, deadline=None).start()
+        index: Index = 0
+        first = True
+        failed = False
+        while True:
+            try:
+                result = await fetch(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc if isinstance(exc, DcyError) else DcyError(f"{name}: {exc!r}")
+                log.debug("change detector %s failed: %s", name, exc)
+                if not error.transient:
+                    # Refused for good (an ACL without node:read, or without list on the KV
+                    # folder): nothing would say when the queries it covers change, so they
+                    # end with that refusal, as a query refused itself does.
+                    log.warning("change detector %s refused: %s", name, exc)
+                    self._ready.set()
+                    for watch in tuple(self.watches):
+                        watch.end(error)
+                    return
+                if not failed:
+                    failed = True
+                    # Nobody re-fetches meanwhile: every query of the group is stale now.
+                    for watch in tuple(self.watches):
+                        watch.mark_stale(error)
+                index = 0
+                await asyncio.sleep(retry.next_delay() or 0.0)
+                continue
+            retry.reset()
+            new_index = result.index
+            moved = new_index != index
+            if first or failed:
+                # A new baseline; after an outage, what changed meanwhile is unknown.
+                if failed:
+                    self.rebase()
+                on_answer(result)
+                if failed:
+                    self.sweep()
+                if first:
+                    first = False
+                    self._baselines += 1
+                    if self._baselines == len(self._tasks):
+                        self._ready.set()
+            elif moved:
+                self.engine.detectors.wakeups += 1
+                on_answer(result)
+            failed = False
+            if isinstance(new_index, int) and isinstance(index, int) and 0 < new_index < index:
+                index = 0  # backwards: a new agent; ask without blocking
+                continue
+            index = new_index if (not isinstance(new_index, int) or new_index > 0) else 1
+            # No hot loop: a wide query wakes on every change of its table; coalesce them.
+            await asyncio.sleep(options.quiet_interval if moved else 0.0)
+
+    def rebase(self) -> None:
+        """Forget what the diffs compare with: the next answers are a new baseline."""
+
+    def trigger(self, watches: Iterable[Watch[Any]]) -> None:
+        for watch in watches:
+            watch.trigger()
+
+    def sweep(self) -> None:
+        """A change nobody can attribute: re-fetch every query of the group."""
+        self.engine.detectors.sweeps += 1
+        self.trigger(tuple(self.watches))
+
+    def add(self, watch: Watch[Any]) -> None:
+        self.watches.add(watch)
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class HealthDetector(Detector):
+    """``/v1/health/state/any`` and ``/v1/catalog/services`` for the service queries.
+
+    Which catalog moves need no sweep rests on what Consul guarantees about indexes: every
+    write is one Raft log entry, and its index is global, unique to that write across every
+    table. A write stamps what it touches with its index (a check's ``ModifyIndex``, the
+    services table's index, the ``service.<name>`` index a health query answers with), and
+    a table's index is that of its newest write. So between two catalog answers at I0 and
+    I1, the catalog was written at I1 and at any number of unknown indexes in (I0, I1); each
+    index in that interval is one write, of the catalog or of something else (KV, sessions,
+    coordinates). The move is credited only when each index is shown to be a write whose
+    catalog change a diff already acted on:
+
+    * a check whose ``ModifyIndex`` is that index (a registration carries its checks: the
+      agent's sync, ``/v1/catalog/register``), its service or node having been re-fetched;
+    * a removal seen in the checks, when every other index since the previous health
+      answer is a check write (then the removal is the checks table's newest write);
+    * a service named by the catalog's own diff whose own index (a non-blocking health
+      query) is that index.
+
+    Anything else, even a single unknown index, could hide a check-less change: sweep. The
+    premise, true of what agents send and of ``/v1/catalog/register``: one write registers or
+    deregisters one instance (with its checks), or one node with all of its own. A
+    ``/v1/txn`` writing several services in one index without a check of each is not
+    covered (the per-``wait`` re-fetch still is)."""
+
+    # A catalog diff naming more services than this is not checked name by name: sweep.
+    MAX_NAMED = 8
+
+    def __init__(self, engine: WatchEngine, group: Group) -> None:
+        super().__init__(engine, group)
+        # (Node, CheckID) → the service a check belongs to ("" for a node check)
+        self._owners: dict[tuple[str, str], str] = {}
+        self._checks_index: Index = 0
+        self._catalog: dict[str, tuple[str, ...]] = {}
+        self._catalog_index: Index = 0
+        self._catalog_seen = False
+        self._written: deque[int] = deque(maxlen=_REMEMBERED)  # Raft indexes explained
+        self._written_set: set[int] = set()
+        # The newest index of a baseline answer: every write up to it happened before the
+        # queries' own fetches that follow the baselines, so they show it.
+        self._floor = 0
+
+    def _baseline(self, index: Index) -> None:
+        if isinstance(index, int):
+            self._floor = max(self._floor, index)
+
+    def rebase(self) -> None:
+        self._owners = {}
+        self._checks_index = 0
+        self._catalog_seen = False
+
+    def loops(
+        self,
+    ) -> list[tuple[str, Callable[[Index], Awaitable[QueryResult]], Callable[[QueryResult], None]]]:
+        api, wait, dc = self.engine.api, self.engine.options.wait, self.datacenter
+        return [
+            (
+                "health state",
+                lambda index: api.health_state("any", datacenter=dc, index=index, wait=wait),
+                self._on_checks,
+            ),
+            (
+                "catalog services",
+                lambda index: api.catalog_services(datacenter=dc, index=index, wait=wait),
+                self._on_catalog,
+            ),
+        ]
+
+    def _remember(self, index: int) -> None:
+        if index in self._written_set:
+            return
+        if len(self._written) == self._written.maxlen:
+            self._written_set.discard(self._written[0])
+        self._written.append(index)
+        self._written_set.add(index)
+
+    def _unexplained(self, low: Index, high: Index) -> set[int] | None:
+        """The Raft indexes in (low, high] no diff accounts for; None when there are too
+        many to tell (or the indexes are not numbers: nothing can be proven)."""
+        if not (isinstance(low, int) and isinstance(high, int)) or high <= low or low <= 0:
+            return None
+        low = max(low, self._floor)
+        if high - low > _REMEMBERED + self.MAX_NAMED:
+            return None
+        return {i for i in range(low + 1, high + 1) if i not in self._written_set}
+
+    def _on_checks(self, result: QueryResult) -> None:
+        previous = self._checks_index
+        if (
+            isinstance(result.index, int)
+            and isinstance(previous, int)
+            and 0 < result.index <= previous
+        ):
+            return  # seen already (a catalog change asked for it first)
+        first = not (isinstance(previous, int) and previous > 0)
+        since = previous if isinstance(previous, int) else 0
+        body = result.body or ()
+        keys = {(e.get("Node") or "", e.get("CheckID") or "") for e in body}
+        # Only checks written since the last answer need a look: their ModifyIndex is above
+        # that answer's index (the checks table's newest write then). Skipping the others
+        # keeps a wake-up at 1,000 services to one pass over the answer.
+        fresh = body if first else [e for e in body if int(e.get("ModifyIndex") or 0) > since]
+        names: set[str] = set()
+        nodes: set[str] = set()
+        owners = {} if first else self._owners
+        for entry in fresh:
+            key = (entry.get("Node") or "", entry.get("CheckID") or "")
+            owner = entry.get("ServiceName") or "" if entry.get("ServiceID") else ""
+            before = owners.get(key)
+            if before and before != owner:
+                names.add(before)  # the check ID now belongs to another service
+            owners[key] = owner
+            if not first:
+                self._remember(int(entry.get("ModifyIndex") or 0))
+            (names.add(owner) if owner else nodes.add(key[0]))
+        removed = False
+        for key in owners.keys() - keys:
+            removed = True
+            owner = owners.pop(key)
+            (names.add(owner) if owner else nodes.add(key[0]))
+        if removed and isinstance(result.index, int):
+            # The answer's index is the checks table's newest write. It is the removal's
+            # only when every other write since the last answer is a check write we saw
+            # (a deregistration without checks moves the checks table too, unseen).
+            unexplained = self._unexplained(previous, result.index)
+            if unexplained is not None and unexplained <= {result.index}:
+                self._remember(result.index)
+        self._owners = owners
+        self._checks_index = result.index
+        if first:
+            self._baseline(result.index)
+        else:
+            self._trigger_changed(names, nodes)
+
+    def _trigger_changed(self, names: set[str], nodes: set[str]) -> None:
+        if not names and not nodes:
+            return
+        self.trigger(
+            w
+            for w in tuple(self.watches)
+            if (isinstance(w.spec, HealthServiceSpec) and w.spec.name in names)
+            or (nodes and w.snapshot is not None and any(i.node in nodes for i in w.snapshot.value))
+        )
+
+    def _on_catalog(self, result: QueryResult) -> None:
+        catalog = {name: tuple(tags or ()) for name, tags in (result.body or {}).items()}
+        old, self._catalog = self._catalog, catalog
+        previous, self._catalog_index = self._catalog_index, result.index
+        if not self._catalog_seen:
+            self._catalog_seen = True
+            self._baseline(result.index)
+            return
+        names = {n for n in catalog.keys() | old.keys() if catalog.get(n) != old.get(n)}
+        self._trigger_changed(names, set())
+        if self._unexplained(previous, result.index) == set():
+            return  # every write since the last answer is a check write acted on
+        task = asyncio.get_running_loop().create_task(self._explain(previous, result.index, names))
+        self._tasks.append(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _explain(self, low: Index, high: Index, names: set[str]) -> None:
+        """A catalog move from ``low`` to ``high`` that the checks seen so far do not
+        account for: read the checks now (the health loop may not have woken yet), then
+        the indexes of the services the catalog's diff names; sweep if a write is left."""
+        try:
+            if self._unexplained(low, high):
+                async with self.engine.refetch_slots:
+                    result = await self.engine.api.health_state("any", datacenter=self.datacenter)
+                self._on_checks(result)
+            left = self._unexplained(low, high)
+            if left and names and len(names) <= self.MAX_NAMED and len(left) <= len(names):
+                for name in sorted(names):
+                    async with self.engine.refetch_slots:
+                        answer = await self.engine.api.health_service(
+                            name, datacenter=self.datacenter
+                        )
+                    if isinstance(answer.index, int):
+                        left.discard(answer.index)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.sweep()
+            return
+        if left is None or left:
+            self.sweep()
+
+
+class KeyDetector(Detector):
+    """``/v1/kv/<root>?recurse`` over the common root of the watched keys."""
+
+    def __init__(self, engine: WatchEngine, group: Group, root: str) -> None:
+        super().__init__(engine, group)
+        self.root = root
+        self._keys: dict[str, int] | None = None
+
+    def rebase(self) -> None:
+        self._keys = None
+
+    def loops(
+        self,
+    ) -> list[tuple[str, Callable[[Index], Awaitable[QueryResult]], Callable[[QueryResult], None]]]:
+        api, wait, dc, root = self.engine.api, self.engine.options.wait, self.datacenter, self.root
+        return [
+            (
+                f"keys {root}*",
+                lambda index: api.kv_get(root, recurse=True, index=index, wait=wait, datacenter=dc),
+                self._on_keys,
+            )
+        ]
+
+    def _on_keys(self, result: QueryResult) -> None:
+        keys = {e["Key"]: int(e.get("ModifyIndex") or 0) for e in result.body or ()}
+        old, self._keys = self._keys, keys
+        if old is None:
+            return
+        changed = {k for k in keys.keys() | old.keys() if keys.get(k) != old.get(k)}
+        if not changed:
+            return
+        self.trigger(w for w in tuple(self.watches) if _covers(w.spec, changed))
+
+
+def _covers(spec: object, keys: set[str]) -> bool:
+    if isinstance(spec, KeySpec):
+        return spec.key in keys
+    if isinstance(spec, KeyPrefixSpec):
+        return any(k.startswith(spec.prefix) for k in keys)
+    return False
+
+
+def common_root(paths: Iterable[str]) -> str:
+    """The longest common prefix of ``paths``, cut after its last "/" (a folder)."""
+    items = list(paths)
+    if not items:
+        return ""
+    first, last = min(items), max(items)
+    size = 0
+    while size < min(len(first), len(last)) and first[size] == last[size]:
+        size += 1
+    prefix = first[:size]
+    if len(items) == 1 and items[0] == prefix and not prefix.endswith("/"):
+        return prefix  # one key or prefix: exactly it
+    return prefix[: prefix.rfind("/") + 1]
+
+
+class NodeDetector(Detector):
+    """``/v1/catalog/nodes``: it moves whenever a node or a registration changes."""
+
+    def loops(
+        self,
+    ) -> list[tuple[str, Callable[[Index], Awaitable[QueryResult]], Callable[[QueryResult], None]]]:
+        api, wait, dc = self.engine.api, self.engine.options.wait, self.datacenter
+        return [
+            (
+                "catalog nodes",
+                lambda index: api.catalog_nodes(datacenter=dc, index=index, wait=wait),
+                self._on_nodes,
+            )
+        ]
+
+    def _on_nodes(self, result: QueryResult) -> None:
+        if self._ready.is_set():
+            self.trigger(tuple(self.watches))
+
+
+class Detectors:
+    """Every detector of an engine, started with its first watch, stopped with its last."""
+
+    # The most blocking queries the detectors of one datacenter hold.
+    MAX_DETECTORS = 4
+
+    def __init__(self, engine: WatchEngine) -> None:
+        self.engine = engine
+        self._detectors: dict[Group, Detector] = {}
+        self.wakeups = 0  # detector answers that moved their index
+        self.sweeps = 0  # changes no diff could attribute
+
+    def detectable(self, spec: object) -> bool:
+        return group_of(spec) is not None
+
+    @property
+    def count(self) -> int:
+        return len(self._detectors)
+
+    def attach(self, watch: Watch[Any]) -> Detector | None:
+        group = group_of(watch.spec)
+        if group is None:
+            return None
+        detector = self._detectors.get(group)
+        if group[0] == "kv":
+            detector = self._kv_detector(group, detector, watch)
+        elif detector is None:
+            kind = HealthDetector if group[0] == "health" else NodeDetector
+            detector = self._detectors[group] = kind(self.engine, group)
+            detector.start()
+        detector.add(watch)
+        return detector
+
+    def _kv_detector(self, group: Group, detector: Detector | None, watch: Watch[Any]) -> Detector:
+        paths = [_path(w.spec) for w in (detector.watches if detector else ())]
+        root = common_root([*paths, _path(watch.spec)])
+        if isinstance(detector, KeyDetector) and detector.root == root:
+            return detector
+        # A wider root: a new detector, whose first answer is its baseline; its queries
+        # re-fetch once after it, so that nothing written in between is lost.
+        replacement = KeyDetector(self.engine, group, root)
+        self._detectors[group] = replacement
+        replacement.start()
+        if detector is not None:
+            for old in tuple(detector.watches):
+                old.detector = replacement
+                replacement.add(old)
+            asyncio.get_running_loop().create_task(self._hand_over(detector, replacement))
+        return replacement
+
+    @staticmethod
+    async def _hand_over(old: Detector, new: Detector) -> None:
+        await old.aclose()
+        await new.ready()
+        new.sweep()
+
+    def detach(self, watch: Watch[Any]) -> None:
+        detector = watch.detector
+        if detector is None:
+            return
+        watch.detector = None
+        detector.watches.discard(watch)
+        if not detector.watches and self._detectors.get(detector.group) is detector:
+            del self._detectors[detector.group]
+            task = asyncio.get_running_loop().create_task(detector.aclose())
+            self.engine._stopping.add(task)
+            task.add_done_callback(self.engine._stopping.discard)
+
+    async def aclose(self) -> None:
+        detectors = list(self._detectors.values())
+        self._detectors.clear()
+        await asyncio.gather(*(d.aclose() for d in detectors), return_exceptions=True)
+
+
+def _path(spec: object) -> str:
+    if isinstance(spec, KeySpec):
+        return spec.key
+    if isinstance(spec, KeyPrefixSpec):
+        return spec.prefix
+    return ""

@@ -1,0 +1,99 @@
+"""Issue 16: 300 watched services through an agent with Consul's default limits (200
+connections per client address): every change seen, at most 32 connections, and a probe
+client on the same address never refused; over HTTP and over HTTPS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcy import Dcy, Snapshot
+from dcy._specs import HealthServiceSpec
+from tests.harness import ConsulAgent, TlsFiles
+from tests.scale_series import (
+    BUDGET,
+    SERVICES,
+    Agent,
+    ConnectionSampler,
+    Probe,
+    Row,
+    Writer,
+    eventually,
+    register_all,
+    run_series,
+)
+
+
+@pytest.fixture
+def agent(consul_factory: Callable[..., ConsulAgent]) -> Iterator[Agent]:
+    # Consul's defaults: the harness adds no `limits` stanza.
+    started = consul_factory()
+    assert "limits" not in " ".join(started.hcl)
+    reached = Agent(started)
+    register_all(reached)
+    yield reached
+
+
+@pytest.fixture
+def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Iterator[Agent]:
+    tls = TlsFiles.create(tmp_path / "tls")
+    started = consul_factory(hcl=[tls.agent_hcl()], tls_client=tls)
+    assert "limits" not in " ".join(started.hcl)
+    reached = Agent(started, tls)
+    register_all(reached)
+    yield reached
+
+
+async def watch_three_hundred(agent: Agent, **tls: str) -> None:
+    latest: dict[str, Snapshot[Any]] = {}
+
+    def recorder(name: str) -> Callable[[Snapshot[Any]], None]:
+        def record(snapshot: Snapshot[Any]) -> None:
+            latest[name] = snapshot
+
+        return record
+
+    def view() -> Mapping[str, Sequence[Row]]:
+        return {
+            name: [(i.id, i.node, i.port, i.status, i.tags) for i in snapshot.value]
+            for name, snapshot in latest.items()
+        }
+
+    writer = Writer(agent)
+    try:
+        with Probe(agent) as probe, ConnectionSampler(agent) as connections:
+            async with Dcy(agent.url, **tls) as client:  # type: ignore[arg-type]
+                engine = client.engine
+                for number in range(SERVICES):
+                    name = f"svc{number}"
+                    engine.subscribe(HealthServiceSpec(name), recorder(name))
+                await eventually(lambda: len(latest) == SERVICES, "first answers", 60)
+                assert engine.wide
+                await run_series(writer, view)
+                assert engine.detector_wakeups >= 5
+    finally:
+        writer.close()
+    # Counted for this whole process: the writer's keep-alive connection and the probe's
+    # one GET at a time are in it too.
+    assert connections.samples > 0
+    assert 0 < connections.most <= BUDGET + 2
+    assert probe.answers > 0
+    assert probe.failures == []
+
+
+async def test_three_hundred_services_within_the_budget_and_nobody_refused(agent: Agent) -> None:
+    await watch_three_hundred(agent)
+
+
+async def test_the_same_over_https(tls_agent: Agent) -> None:
+    tls = tls_agent.tls
+    assert tls is not None
+    await watch_three_hundred(
+        tls_agent,
+        ca_file=str(tls.ca),
+        client_cert=str(tls.client_cert),
+        client_key=str(tls.client_key),
+    )

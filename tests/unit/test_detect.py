@@ -1,0 +1,287 @@
+"""Past the connection budget: change detectors and targeted re-fetches, against FakeConsul."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from dcy import AclDenied, Backoff, DcyError, Snapshot, WatchOptions
+from dcy._detect import common_root
+from dcy._kv_specs import KeySpec
+from dcy._specs import HealthServiceSpec
+from dcy._watch import WatchEngine
+from dcy.testing import FakeConsul
+
+# 10 blocking connections, 4 of them for detectors: past 6 watched queries, detect.
+SMALL = WatchOptions(
+    wait=5.0,
+    min_interval=0,
+    quiet_interval=0.0,
+    backoff=Backoff(0.01, 0.05),
+    first_answer_timeout=2.0,
+    max_connections=12,
+    reserved_connections=2,
+)
+SERVICES = 20
+CHECK6 = {"CheckID": "service:s6-1006-6", "Name": "s6 check", "TTL": "10s"}
+
+
+async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+async def quiet() -> None:
+    """Let every task triggered by a change run to its end."""
+    for _ in range(5):
+        await asyncio.sleep(0.02)
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.snapshots: dict[str, list[Snapshot[Any]]] = {}
+
+    def callback(self, name: str) -> Callable[[Snapshot[Any]], None]:
+        def record(snapshot: Snapshot[Any]) -> None:
+            self.snapshots.setdefault(name, []).append(snapshot)
+
+        return record
+
+    def last(self, name: str) -> Any:
+        return self.snapshots[name][-1].value
+
+
+@pytest.fixture
+async def watched() -> AsyncIterator[tuple[FakeConsul, WatchEngine, Seen]]:
+    fake = FakeConsul()
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number, node="n1" if number % 2 else "fake-node")
+    engine = WatchEngine(fake, SMALL)
+    seen = Seen()
+    for number in range(SERVICES):
+        engine.subscribe(HealthServiceSpec(f"s{number}"), seen.callback(f"s{number}"))
+    await eventually(lambda: len(seen.snapshots) == SERVICES)
+    await quiet()
+    try:
+        yield fake, engine, seen
+    finally:
+        await engine.aclose()
+
+
+def refetched(engine: WatchEngine, before: dict[str, int]) -> set[str]:
+    return {
+        str(w.spec.name)
+        for w in engine.watches
+        if isinstance(w.spec, HealthServiceSpec) and w.queries > before[w.spec.name]
+    }
+
+
+def queries(engine: WatchEngine) -> dict[str, int]:
+    return {w.spec.name: w.queries for w in engine.watches if isinstance(w.spec, HealthServiceSpec)}
+
+
+async def test_past_the_budget_only_the_detectors_block(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, _ = watched
+    assert engine.wide
+    assert engine.blocking_queries == 0
+    blocking_before = sum(fake.blocking_calls.values())
+    await asyncio.sleep(0.1)
+    assert fake.in_flight == 2  # health state and catalog services
+    assert set(fake.blocking_calls) == {"health_state", "catalog_services"}
+    assert sum(fake.blocking_calls.values()) == blocking_before
+
+
+async def test_a_check_change_refetches_only_its_service(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    before, wakeups = queries(engine), engine.detector_wakeups
+    fake.set_status("s3-1003-3", "critical")
+    await eventually(lambda: seen.last("s3")[0].status == "critical")
+    await quiet()
+    assert refetched(engine, before) == {"s3"}
+    assert engine.detector_wakeups > wakeups
+    assert engine.detectors.sweeps == 0
+
+
+async def test_an_instance_with_a_check_added_and_removed_is_attributed(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    before = queries(engine)
+    added = fake.add_service("s5", port=2000, node="n1")
+    await eventually(lambda: len(seen.last("s5")) == 2)
+    await quiet()
+    assert refetched(engine, before) == {"s5"}
+    before = queries(engine)
+    fake.remove_service(added)
+    await eventually(lambda: len(seen.last("s5")) == 1)
+    await quiet()
+    assert refetched(engine, before) == {"s5"}
+    assert engine.detectors.sweeps == 0
+
+
+async def test_changed_tags_are_attributed_by_the_catalog(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    before = queries(engine)
+    # Same ID, same check: only the catalog (its tags) changes.
+    await fake.register_service(
+        {"ID": "s6-1006-6", "Name": "s6", "Port": 1006, "Tags": ["blue"], "Check": CHECK6}
+    )
+    await eventually(lambda: seen.last("s6")[0].tags == ("blue",))
+    await quiet()
+    assert refetched(engine, before) == {"s6"}
+    assert engine.detectors.sweeps == 0
+
+
+async def test_a_node_check_refetches_the_services_on_that_node(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    before = queries(engine)
+    fake.set_node_check("n1", "critical")
+    odd = {f"s{n}" for n in range(1, SERVICES, 2)}
+    await eventually(lambda: all(seen.last(name)[0].status == "critical" for name in odd))
+    await quiet()
+    assert refetched(engine, before) == odd
+    assert all(seen.last(f"s{n}")[0].status == "passing" for n in range(0, SERVICES, 2))
+
+
+async def test_a_change_nobody_can_attribute_is_found_by_a_sweep(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    # The same instance on another port, its check unchanged: no check written, and the
+    # catalog's names and tags are the same.
+    await fake.register_service({"ID": "s6-1006-6", "Name": "s6", "Port": 1999, "Check": CHECK6})
+    await eventually(lambda: seen.last("s6")[0].port == 1999)
+    assert engine.detectors.sweeps == 1
+    # Every other query was asked again, and none of them woke its subscriber.
+    await quiet()
+    assert all(len(seen.snapshots[f"s{n}"]) == 1 for n in range(SERVICES) if n != 6)
+
+
+async def test_back_within_the_budget_every_query_blocks_again(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    for subscription in [s for w in engine.watches for s in tuple(w._subscribers)][:17]:
+        await subscription.aclose()
+    await eventually(lambda: not engine.wide)
+    await eventually(lambda: fake.in_flight == 3)  # one blocking query per watched service
+    assert engine.blocking_queries == 3
+    name = next(w.spec.name for w in engine.watches if isinstance(w.spec, HealthServiceSpec))
+    service_id = next(i.id for i in seen.last(name))
+    fake.set_status(service_id, "warning")
+    await eventually(lambda: seen.last(name)[0].status == "warning")
+
+
+async def test_kv_keys_past_the_budget_refetch_only_the_written_key() -> None:
+    fake = FakeConsul()
+    engine = WatchEngine(fake, SMALL)
+    seen = Seen()
+    try:
+        for number in range(10):
+            await fake.kv_put(f"app/config/k{number}", b"0")
+            engine.subscribe(KeySpec(f"app/config/k{number}"), seen.callback(f"k{number}"))
+        await eventually(lambda: len(seen.snapshots) == 10)
+        await quiet()
+        assert engine.wide and fake.in_flight == 1
+        before = {w.spec: w.queries for w in engine.watches}
+        await fake.kv_put("app/config/k4", b"1")
+        await eventually(lambda: seen.last("k4").value == "1")
+        await quiet()
+        assert {w.spec for w in engine.watches if w.queries > before[w.spec]} == {
+            KeySpec("app/config/k4")
+        }
+        await fake.kv_delete("app/config/k2")
+        await eventually(lambda: seen.last("k2") is None)
+    finally:
+        await engine.aclose()
+
+
+def test_the_kv_detector_watches_the_common_folder() -> None:
+    assert common_root(["app/config/a", "app/config/b"]) == "app/config/"
+    assert common_root(["app/config/a", "app/other"]) == "app/"
+    assert common_root(["app/x"]) == "app/x"
+    assert common_root(["a", "b"]) == ""
+
+
+def test_the_budget_must_leave_room_for_blocking_queries() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        WatchOptions(max_connections=10, reserved_connections=4)
+    with pytest.raises(ValueError, match="reserved_connections"):
+        WatchOptions(reserved_connections=0)
+
+
+async def test_a_check_less_change_before_a_check_write_is_not_lost(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    # Two writes between two answers of the catalog: s6 on another port (its check
+    # unchanged: nothing written to the checks), then a new instance of s5 with a check.
+    # The catalog's index is that of the second, a check write; the first is found only
+    # because its index is accounted for by nothing.
+    await fake.register_service({"ID": "s6-1006-6", "Name": "s6", "Port": 1999, "Check": CHECK6})
+    fake.add_service("s5", port=2000, node="n1")
+    await eventually(lambda: len(seen.last("s5")) == 2)
+    # Well before the per-`wait` re-fetch (5 s).
+    await eventually(lambda: seen.last("s6")[0].port == 1999, timeout=2.0)
+    assert engine.detectors.sweeps == 1
+
+
+async def test_a_check_less_change_beside_a_tag_change_is_not_lost(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    # The catalog's diff names s6 (its tags); s8's new port is in the same interval.
+    check8 = {"CheckID": "service:s8-1008-8", "Name": "s8 check", "TTL": "10s"}
+    await fake.register_service({"ID": "s8-1008-8", "Name": "s8", "Port": 1888, "Check": check8})
+    await fake.register_service(
+        {"ID": "s6-1006-6", "Name": "s6", "Port": 1006, "Tags": ["blue"], "Check": CHECK6}
+    )
+    await eventually(lambda: seen.last("s6")[0].tags == ("blue",))
+    await eventually(lambda: seen.last("s8")[0].port == 1888, timeout=2.0)
+    assert engine.detectors.sweeps == 1
+
+
+async def test_a_detector_refused_for_good_ends_the_queries_it_covers() -> None:
+    fake = FakeConsul()
+    fake.deny_methods = {"health_state"}
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number)
+    engine = WatchEngine(fake, SMALL)
+    ended: dict[str, DcyError] = {}
+
+    def on_end(name: str) -> Callable[[DcyError], None]:
+        def record(error: DcyError) -> None:
+            ended[name] = error
+
+        return record
+
+    try:
+        iterated = engine.subscribe(HealthServiceSpec("s0"))
+        for number in range(1, SERVICES):
+            name = f"s{number}"
+            engine.subscribe(HealthServiceSpec(name), lambda _: None, on_end=on_end(name))
+        await eventually(lambda: len(ended) == SERVICES - 1)
+        assert all(isinstance(error, AclDenied) for error in ended.values())
+        assert not engine.watches
+        # An iterating subscriber gets the refusal raised.
+        with pytest.raises(AclDenied):
+            async with asyncio.timeout(2.0):
+                async for _ in iterated:
+                    pass
+    finally:
+        await engine.aclose()
