@@ -228,6 +228,7 @@ class Run:
     detector: ContentDetector
     started: float  # perf_counter() just before the process was spawned
     log: Path
+    pid: int  # the tool's own process (its CPU time and sockets are read from /proc)
 
     async def arrival(
         self, future: asyncio.Future[float], what: str, timeout: float = CHANGE_TIMEOUT
@@ -267,7 +268,7 @@ async def running(
             start_new_session=True,
         )
     try:
-        yield Run(tool, detector, started, log), first
+        yield Run(tool, detector, started, log, process.pid), first
     finally:
         detector.close()
         if process.returncode is None:
