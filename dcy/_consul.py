@@ -324,8 +324,14 @@ class HttpConsul:
         self.requests += 1
         if blocking and self._blocking_slots is not None:
             async with self._blocking_slots:
-                return await self._send(method, path, url, body, timeout, hash_index)
-        return await self._send(method, path, url, body, timeout, hash_index)
+                answer = await self._send(method, path, url, body, timeout, hash_index)
+        else:
+            answer = await self._send(method, path, url, body, timeout, hash_index)
+        if answer.filtered and not everything_visible and not answer.json():
+            # A list read whose every entry the token may not see answers 200 and empty:
+            # without this, a missing service:read or node:read looks like "no instances".
+            raise hidden_by_acls(f"{method} {path}")
+        return answer
 
     async def _send(
         self, method: str, path: str, url: str, body: bytes | None, timeout: float, hash_index: bool
@@ -353,12 +359,7 @@ class HttpConsul:
                 operation=f"{method} {path}",
                 address=self.config.address,
             )
-        answer = _Answer(status, header if hash_index else _int_index(header), raw, filtered)
-        if filtered and not everything_visible and not answer.json():
-            # A list read whose every entry the token may not see answers 200 and empty:
-            # without this, a missing service:read or node:read looks like "no instances".
-            raise hidden_by_acls(f"{method} {path}")
-        return answer
+        return _Answer(status, header if hash_index else _int_index(header), raw, filtered)
 
     @contextlib.contextmanager
     def _transport_errors(self, method: str, path: str, timeout: float) -> Iterator[None]:
