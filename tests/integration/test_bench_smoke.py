@@ -35,6 +35,13 @@ FIGURES = {
         "bound_vs_ttl_only",
     ),
     "system_dns": ("libc_cached_p50_us", "libc_uncached_p50_us", "direct_p50_us"),
+    "scale_cpu": (
+        "cpu_ms_per_change_10",
+        "cpu_ms_per_change_1000",
+        "requests_per_change_1000",
+        "sweeps_1000",
+        "cpu_ratio_1000_to_10",
+    ),
     "import_cost": ("aiohttp_ms", "dcy_ms", "floor_ms", "dcy_vs_aiohttp"),
     "pipeline": (
         "nsq_1_worker_per_s",
