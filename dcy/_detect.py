@@ -18,10 +18,10 @@ v1.14.11 (see NOTES-issue16.md):
   anything (port, meta, tags) and deregistration; its diff (names, tags) names a few. A
   move whose index (the newest catalog write's) no diff accounts for (a check-less instance
   added, or one whose port changed) is found by a sweep: every watched service query of
-  that datacenter is re-fetched, ``reserved/2`` at a time (see :class:`HealthDetector` for
-  the one case left to the per-``wait`` re-fetch). Consul's ``filter`` cannot narrow these
-  answers by index (``ModifyIndex`` is no valid selector there) nor is there a per-service
-  index in a wide answer.
+  that datacenter is re-fetched, half the blocking connections at a time (see
+  :class:`HealthDetector` for the one case left to the per-``wait`` re-fetch). Consul's
+  ``filter`` cannot narrow these answers by index (``ModifyIndex`` is no valid selector
+  there) nor is there a per-service index in a wide answer.
 * ``/v1/kv/<root>?recurse`` on the common root of the watched keys moves on any write or
   delete under it; a diff of ``ModifyIndex`` per key names the keys.
 * ``/v1/catalog/nodes`` moves on every registration and deregistration of the catalog (not
@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
@@ -42,6 +43,7 @@ from dcy._consul import Index, QueryResult
 from dcy._errors import DcyError
 from dcy._kv_specs import KeyPrefixSpec, KeySpec
 from dcy._node_specs import CatalogNodeSpec
+from dcy._pacing import QueryPacer
 from dcy._specs import HealthServiceSpec
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ class Detector:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._baselines = 0
+        self._triggered = 0  # watches triggered so far: an answer that raised it had news
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -102,10 +105,21 @@ class Detector:
     ) -> None:
         options = self.engine.options
         retry = replace(options.backoff, deadline=None).start()
+        # Paced as a watch loop is (dcy/_pacing.py): after an answer that triggered a query
+        # the next wide query goes out at once, so a change made right after another is seen
+        # as fast; a move that concerned no watched query (another service, a key elsewhere)
+        # waits out `quiet_interval`, so a busy table is not read in a hot loop.
+        pacer = QueryPacer(
+            min_interval=options.min_interval,
+            burst=options.burst,
+            quiet_interval=options.quiet_interval,
+        )
         index: Index = 0
         first = True
         failed = False
         while True:
+            sent = time.monotonic()
+            pacer.spend(sent)
             try:
                 result = await fetch(index)
             except asyncio.CancelledError:
@@ -133,6 +147,7 @@ class Detector:
             retry.reset()
             new_index = result.index
             moved = new_index != index
+            triggered = self._triggered
             if first or failed:
                 # A new baseline; after an outage, what changed meanwhile is unknown.
                 if failed:
@@ -153,14 +168,17 @@ class Detector:
                 index = 0  # backwards: a new agent; ask without blocking
                 continue
             index = new_index if (not isinstance(new_index, int) or new_index > 0) else 1
-            # No hot loop: a wide query wakes on every change of its table; coalesce them.
-            await asyncio.sleep(options.quiet_interval if moved else 0.0)
+            news = self._triggered != triggered
+            pause = pacer.delay(time.monotonic(), sent_at=sent, news=news)
+            if pause > 0:
+                await asyncio.sleep(pause)
 
     def rebase(self) -> None:
         """Forget what the diffs compare with: the next answers are a new baseline."""
 
     def trigger(self, watches: Iterable[Watch[Any]]) -> None:
         for watch in watches:
+            self._triggered += 1
             watch.trigger()
 
     def sweep(self) -> None:
@@ -216,6 +234,7 @@ class HealthDetector(Detector):
         # The newest index of a baseline answer: every write up to it happened before the
         # queries' own fetches that follow the baselines, so they show it.
         self._floor = 0
+        self._checks_answered = asyncio.Event()  # set at each answer of the health loop
 
     def _baseline(self, index: Index) -> None:
         if isinstance(index, int):
@@ -298,6 +317,7 @@ class HealthDetector(Detector):
             self._remember(result.index)
         self._owners = owners
         self._checks_index = result.index
+        self._checks_answered.set()
         if first:
             self._baseline(result.index)
         else:
@@ -333,12 +353,32 @@ class HealthDetector(Detector):
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
 
+    # How long a catalog move waits for the health loop's own answer before asking for the
+    # checks itself: both wake on the same write, the health loop a few milliseconds later
+    # at most, and its answer costs no request of its own.
+    CHECKS_GRACE = 0.1
+
+    def _checks_at_least(self, index: Index) -> bool:
+        seen = self._checks_index
+        return isinstance(seen, int) and isinstance(index, int) and seen >= index
+
+    async def _checks_reach(self, index: Index) -> None:
+        """Wait (at most ``CHECKS_GRACE``) until the health loop answered at ``index`` or
+        later."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.CHECKS_GRACE):
+                while not self._checks_at_least(index):
+                    self._checks_answered.clear()
+                    await self._checks_answered.wait()
+
     async def _explain(self, index: Index, names: set[str]) -> None:
         """A catalog move to ``index`` that the checks seen so far do not account for: read
         the checks now (the health loop may not have woken yet), then the indexes of the
         services the catalog's diff names; sweep if it is still not accounted for."""
         try:
             if not self._explained(index):
+                await self._checks_reach(index)
+            if not self._explained(index) and not self._checks_at_least(index):
                 async with self.engine.refetch_slots:
                     result = await self.engine.api.health_state("any", datacenter=self.datacenter)
                 self._on_checks(result)

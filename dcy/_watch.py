@@ -587,7 +587,11 @@ class WatchEngine:
 
         self.detectors = Detectors(self)
         self.wide = False
-        self.refetch_slots = asyncio.Semaphore(max(1, self.options.reserved_connections // 2))
+        # Re-fetches are quick non-blocking reads, run only past the budget, where blocking
+        # queries are the few detectors: half the blocking connections may serve them (a
+        # first render over 1,000 services asks 1,000 of them at once). The connector's
+        # limit keeps the total within the budget whatever happens.
+        self.refetch_slots = asyncio.Semaphore(max(1, self.options.blocking_connections // 2))
         self.refetches = 0  # non-blocking re-fetches of detected queries
 
     def _detector_for(self, watch: Watch[Any]) -> Detector | None:
