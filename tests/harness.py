@@ -264,6 +264,8 @@ class ConsulAgent:
     token: str | None = None
     https: bool = False
     ports: dict[str, int] = field(default_factory=dict)
+    # Ports kept when a clash makes start() choose others: clients were told them already.
+    kept_ports: frozenset[str] = frozenset()
     proc: ManagedProcess | None = None
     # HTTPS only (no plain HTTP listener): the harness talks to it with this client certificate.
     tls_client: TlsFiles | None = None
@@ -361,6 +363,8 @@ class ConsulAgent:
             self.spawn()
             try:
                 self.wait_ready(timeout)
+                # Clients know these now: a restart that meets a clash keeps them.
+                self.kept_ports |= {"http", "https", "dns"}
                 return self
             except HarnessError:
                 clash = self.port_clash()
@@ -370,7 +374,12 @@ class ConsulAgent:
         raise AssertionError("unreachable")
 
     def choose_ports(self) -> None:
-        self.ports = dict(zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True))
+        kept = {name: port for name, port in self.ports.items() if name in self.kept_ports}
+        chosen = dict(zip(self.PORT_NAMES, free_ports(len(self.PORT_NAMES)), strict=True))
+        taken = set(kept.values())
+        if taken & set(chosen.values()):
+            return self.choose_ports()  # a kept port came back among the new ones
+        self.ports = {**chosen, **kept}
 
     def spawn(self) -> None:
         """Start the process without waiting (members of a cluster start together)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ConsulAgent, free_ports, until
+from tests.harness import ConsulAgent, until
 
 pytestmark = pytest.mark.integration
 
@@ -209,8 +210,12 @@ def test_child_starts_before_consul_answers_and_is_registered_later(
 ) -> None:
     """With no agent answering the child runs at once; the service appears once an agent
     starts on the configured address."""
-    agent = ConsulAgent(tmp_path / "late-agent")
-    agent.ports = dict(zip(ConsulAgent.PORT_NAMES, free_ports(len(agent.PORT_NAMES)), strict=True))
+    # The HTTP port dcy-register is told stays the agent's even if another port of its clashes;
+    # held (bound, not listening: connections are refused, as with no agent) until then.
+    agent = ConsulAgent(tmp_path / "late-agent", kept_ports=frozenset({"http"}))
+    agent.choose_ports()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", agent.ports["http"]))
     started = tmp_path / "child-started"
     child = f"import pathlib, time; pathlib.Path({str(started)!r}).touch(); time.sleep(600)"
     process = runner.start(
@@ -221,10 +226,12 @@ def test_child_starts_before_consul_answers_and_is_registered_later(
     try:
         until(started.exists, what="child started without Consul")
         until(lambda: "waiting for Consul" in runner.log(), what="a line saying it waits")
+        holder.close()
         agent.start()
         until(lambda: check_status(agent, unique_name) == "passing", what="late registration")
         assert process.poll() is None
     finally:
+        holder.close()
         agent.stop()
 
 
