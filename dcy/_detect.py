@@ -44,7 +44,7 @@ from dcy._errors import DcyError
 from dcy._kv_specs import KeyPrefixSpec, KeySpec
 from dcy._node_specs import CatalogNodeSpec
 from dcy._pacing import QueryPacer
-from dcy._specs import HealthServiceSpec
+from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 
 if TYPE_CHECKING:
     from dcy._watch import Watch, WatchEngine
@@ -78,6 +78,7 @@ class Detector:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._baselines = 0
+        self._loop_count = 0
         self._triggered = 0  # watches triggered so far: an answer that raised it had news
 
     def start(self) -> None:
@@ -86,6 +87,7 @@ class Detector:
             loop.create_task(self._follow(name, fetch, on_answer), name=f"dcy-detect:{name}")
             for name, fetch, on_answer in self.loops()
         ]
+        self._loop_count = len(self._tasks)  # each gives one baseline before `ready`
 
     def loops(
         self,
@@ -158,7 +160,7 @@ class Detector:
                 if first:
                     first = False
                     self._baselines += 1
-                    if self._baselines == len(self._tasks):
+                    if self._baselines == self._loop_count:
                         self._ready.set()
             elif moved:
                 self.engine.detectors.wakeups += 1
@@ -235,6 +237,7 @@ class HealthDetector(Detector):
         # queries' own fetches that follow the baselines, so they show it.
         self._floor = 0
         self._checks_answered = asyncio.Event()  # set at each answer of the health loop
+        self._catalog_ready = asyncio.Event()  # the catalog's baseline is in
 
     def _baseline(self, index: Index) -> None:
         if isinstance(index, int):
@@ -255,12 +258,45 @@ class HealthDetector(Detector):
                 lambda index: api.health_state("any", datacenter=dc, index=index, wait=wait),
                 self._on_checks,
             ),
-            (
-                "catalog services",
-                lambda index: api.catalog_services(datacenter=dc, index=index, wait=wait),
-                self._on_catalog,
-            ),
         ]
+
+    def start(self) -> None:
+        super().start()
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(
+                self._share_catalog(), name="dcy-detect:catalog services"
+            )
+        )
+
+    async def ready(self) -> None:
+        await super().ready()
+        await self._catalog_ready.wait()
+
+    async def _share_catalog(self) -> None:
+        """Follow ``/v1/catalog/services`` through the engine's own watch of it: a template
+        ranging over ``services()`` asks it already, and one query answers both (one request
+        per change less). Acquired here, in a task, not while the engine attaches watches."""
+        try:
+            watch = self.engine.acquire(CatalogServicesSpec(self.datacenter))
+        except RuntimeError:
+            return  # the engine closed meanwhile
+        watch.answer_observers.append(self._on_catalog_answer)
+        watch.detector_users += 1
+        try:
+            snapshot = watch.snapshot
+            if snapshot is not None and not snapshot.stale:
+                self._on_catalog_answer(QueryResult(snapshot.index, dict(snapshot.value)))
+            await asyncio.Event().wait()  # until the detector stops
+        finally:
+            watch.answer_observers.remove(self._on_catalog_answer)
+            watch.detector_users -= 1
+            self.engine.release(watch)
+
+    def _on_catalog_answer(self, result: QueryResult) -> None:
+        if self._catalog_seen:
+            self.engine.detectors.wakeups += 1
+        self._on_catalog(result)
+        self._catalog_ready.set()
 
     def _remember(self, index: int) -> None:
         if index in self._written_set:

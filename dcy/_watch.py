@@ -261,6 +261,10 @@ class Watch(Generic[T]):
         # Past the connection budget: the detector whose answers say when to re-fetch.
         self.detector: Detector | None = None
         self._wanted = asyncio.Event()
+        # Told every answer that moved the index, news or not (a change detector sharing
+        # this query; see dcy._detect).
+        self.answer_observers: list[Callable[[QueryResult], None]] = []
+        self.detector_users = 0  # of `users`, change detectors sharing this query
 
     def start(self) -> None:
         self.detector = self.engine._detector_for(self)
@@ -444,6 +448,8 @@ class Watch(Generic[T]):
                 self._publish(self.snapshot)
             self._answered.set()
             return index, previous.stale
+        for observe in tuple(self.answer_observers):
+            observe(result)
         value = self.spec.decode(result.body)
         snapshot = Snapshot(value, new_index, now)
         news = previous is None or previous.stale or previous.value != value
@@ -601,7 +607,9 @@ class WatchEngine:
         """Go wide when the blocking queries would not fit in the budget; back to one
         blocking query per query when they fit in half of it (no flapping at the edge)."""
         room = self.options.blocking_connections - self.detectors.MAX_DETECTORS
-        count = len(self._watches)
+        # A query only detectors use (their shared catalog query) leaves with them: it must
+        # not keep the engine past the budget on its own.
+        count = sum(1 for w in self._watches.values() if w.users > w.detector_users)
         wide = count > room if not self.wide else count > room // 2
         if wide == self.wide:
             return

@@ -92,7 +92,10 @@ async def test_past_the_budget_only_the_detectors_block(
 ) -> None:
     fake, engine, _ = watched
     assert engine.wide
-    assert engine.blocking_queries == 0
+    # The detectors' catalog query is the engine's own watch of it (shared with any user of
+    # catalog services); it blocks, as every query not detected does.
+    assert [str(w.spec) for w in engine.watches if w.detector is None] == ["catalog services"]
+    assert engine.blocking_queries == 1
     blocking_before = sum(fake.blocking_calls.values())
     await asyncio.sleep(0.1)
     assert fake.in_flight == 2  # health state and catalog services
