@@ -99,6 +99,14 @@ def _backup(destination: Path) -> None:
     """One .bak, the previous good output with its mode, appearing whole in one rename: a
     copy straight into the .bak would leave half a file there if the renderer died."""
     target = backup_path(destination)
+    try:
+        if os.path.samefile(destination, target):
+            # The .bak is the current file already (a renderer died between its backup and
+            # its rename): there is nothing to keep, and renaming a link onto another link of
+            # the same file does nothing at all, which would leave the temporary link behind.
+            return
+    except FileNotFoundError:
+        pass
     temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         os.link(destination, temp)

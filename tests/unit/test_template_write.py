@@ -66,3 +66,16 @@ def test_backup_is_the_replaced_file_itself(tmp_path: Path) -> None:
     assert backup.stat().st_ino == first  # the old file itself, linked: nothing copied
     assert out.read_text() == "v2"
     assert sorted(os.listdir(tmp_path)) == ["app.conf", "app.conf.bak"]
+
+
+def test_a_backup_already_linked_to_the_file_leaves_no_temporary_link(tmp_path: Path) -> None:
+    """A renderer killed between its backup and its rename leaves the .bak a second link of
+    the current file. The next write must not leave a temporary link behind: a rename of one
+    link onto another of the same file does nothing."""
+    out = tmp_path / "out.conf"
+    out.write_text("old")
+    os.link(out, tmp_path / "out.conf.bak")
+    assert render_atomically(out, "new", backup=True)
+    assert out.read_text() == "new"
+    assert (tmp_path / "out.conf.bak").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.conf", "out.conf.bak"]
