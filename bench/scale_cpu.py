@@ -21,7 +21,7 @@ from typing import Any
 from bench._common import agent_session, consul_agent, emit, note, parse_args, put, rounded
 from dcy import Dcy, Snapshot, WatchOptions
 from dcy._specs import HealthServiceSpec
-from tests.scale_series import eventually
+from tests.harness import eventually
 
 # The smallest budget dcy accepts: past 4 watched queries the detectors drive them, so 10
 # services are measured the same way as 1,000.
@@ -61,7 +61,7 @@ async def measure(services: int, changes: int) -> dict[str, float]:
 
                 for number in range(services):
                     engine.subscribe(HealthServiceSpec(f"svc{number}"), record(f"svc{number}"))
-                await eventually(lambda: len(latest) == services, "first answers", 120)
+                await eventually(lambda: len(latest) == services, what="first answers", timeout=120)
                 await asyncio.sleep(0.5)
                 assert engine.wide
                 api: Any = engine.api
@@ -76,7 +76,7 @@ async def measure(services: int, changes: int) -> dict[str, float]:
                     name = f"svc{number}"
                     await eventually(
                         lambda: latest[name].value[0].status == status,  # noqa: B023
-                        "the change",
+                        what="the change",
                     )
                     await asyncio.sleep(0.05)  # let the re-fetches of this change end
                 return {

@@ -43,7 +43,6 @@ from dcy._consul import Index, QueryResult
 from dcy._errors import DcyError
 from dcy._kv_specs import KeyPrefixSpec, KeySpec
 from dcy._node_specs import CatalogNodeSpec
-from dcy._pacing import QueryPacer
 from dcy._specs import CatalogServicesSpec, HealthServiceSpec
 
 if TYPE_CHECKING:
@@ -111,11 +110,7 @@ class Detector:
         # the next wide query goes out at once, so a change made right after another is seen
         # as fast; a move that concerned no watched query (another service, a key elsewhere)
         # waits out `quiet_interval`, so a busy table is not read in a hot loop.
-        pacer = QueryPacer(
-            min_interval=options.min_interval,
-            burst=options.burst,
-            quiet_interval=options.quiet_interval,
-        )
+        pacer = options.pacer()
         index: Index = 0
         first = True
         failed = False

@@ -93,6 +93,12 @@ class WatchOptions:
     max_connections: int = 32
     reserved_connections: int = 8
 
+    def pacer(self) -> QueryPacer:
+        """The pacing of one loop under these options (dcy/_pacing.py)."""
+        return QueryPacer(
+            min_interval=self.min_interval, burst=self.burst, quiet_interval=self.quiet_interval
+        )
+
     @property
     def blocking_connections(self) -> int:
         """How many blocking queries may wait at once."""
@@ -375,11 +381,7 @@ class Watch(Generic[T]):
         options = self.engine.options
         api = self.engine.api
         retry = replace(options.backoff, deadline=None).start()
-        pacer = QueryPacer(
-            min_interval=options.min_interval,
-            burst=options.burst,
-            quiet_interval=options.quiet_interval,
-        )
+        pacer = options.pacer()
         index: Index = 0
         pause = 0.0
         while True:

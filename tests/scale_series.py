@@ -4,19 +4,17 @@ watcher must see, and a probe client on the same address that must never be refu
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import ssl
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dcy._sockets import count_connections
-from tests.harness import ConsulAgent, TlsFiles
+from tests.harness import ConsulAgent, TlsFiles, eventually
 from tools.build import require_binary
 
 SERVICES = 300
@@ -170,14 +168,6 @@ def register_all(agent: Agent) -> None:
         writer.close()
 
 
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not seen within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def run_series(writer: Writer, view: View) -> None:
     """Make each change of the series and wait until ``view`` shows it."""
 
@@ -189,21 +179,21 @@ async def run_series(writer: Writer, view: View) -> None:
         return found[0][3] if found else None
 
     writer.put("/v1/catalog/register", registration("host1", "svc7", 1))
-    await eventually(lambda: len(rows("svc7")) == 2, "instance added")
+    await eventually(lambda: len(rows("svc7")) == 2, what="instance added")
     writer.put("/v1/catalog/deregister", {"Node": "host1", "ServiceID": "svc7-1"})
-    await eventually(lambda: len(rows("svc7")) == 1, "instance removed")
+    await eventually(lambda: len(rows("svc7")) == 1, what="instance removed")
     writer.put("/v1/catalog/register", registration("host0", "svc10", 0, status="critical"))
-    await eventually(lambda: status("svc10") == "critical", "check critical")
+    await eventually(lambda: status("svc10") == "critical", what="check critical")
     writer.put("/v1/catalog/register", registration("host0", "svc10", 0))
-    await eventually(lambda: status("svc10") == "passing", "check passing again")
+    await eventually(lambda: status("svc10") == "passing", what="check passing again")
     writer.put("/v1/catalog/register", registration("host1", "svc21", 0, tags=("blue",)))
-    await eventually(lambda: any(r[4] == ("blue",) for r in rows("svc21")), "tags changed")
+    await eventually(lambda: any(r[4] == ("blue",) for r in rows("svc21")), what="tags changed")
     # A node check failing: every service on host1 (the odd ones), none of the others.
     failing = registration("host1", "svc1", 0)
     failing["Checks"][0]["Status"] = "critical"
     writer.put("/v1/catalog/register", failing)
     await eventually(
         lambda: all(status(f"svc{n}") == "critical" for n in range(1, SERVICES, 2)),
-        "node check failing",
+        what="node check failing",
     )
     assert all(status(f"svc{n}") == "passing" for n in range(0, SERVICES, 2))

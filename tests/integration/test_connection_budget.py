@@ -12,7 +12,7 @@ import pytest
 
 from dcy import Dcy, Snapshot
 from dcy._specs import HealthServiceSpec
-from tests.harness import ConsulAgent, TlsFiles
+from tests.harness import ConsulAgent, TlsFiles, eventually
 from tests.scale_series import (
     BUDGET,
     SERVICES,
@@ -21,7 +21,6 @@ from tests.scale_series import (
     Probe,
     Row,
     Writer,
-    eventually,
     register_all,
     run_series,
 )
@@ -70,7 +69,7 @@ async def watch_three_hundred(agent: Agent, **tls: str) -> None:
                 for number in range(SERVICES):
                     name = f"svc{number}"
                     engine.subscribe(HealthServiceSpec(name), recorder(name))
-                await eventually(lambda: len(latest) == SERVICES, "first answers", 60)
+                await eventually(lambda: len(latest) == SERVICES, what="first answers", timeout=60)
                 assert engine.wide
                 await run_series(writer, view)
                 assert engine.detector_wakeups >= 5

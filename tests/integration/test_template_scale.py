@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ConsulAgent, ManagedProcess, bound_status_port, until
+from tests.harness import ConsulAgent, ManagedProcess, bound_status_port, eventually, until
 from tests.scale_series import (
     BUDGET,
     SERVICES,
@@ -23,7 +23,6 @@ from tests.scale_series import (
     Probe,
     Row,
     Writer,
-    eventually,
     register_all,
     run_series,
 )
@@ -87,7 +86,9 @@ async def test_a_template_over_three_hundred_services_within_the_budget(
             assert renderer.process is not None
             with ConnectionSampler(agent, renderer.process.pid) as connections:
                 await eventually(
-                    lambda: len(rendered(output)) > SERVICES, "first render of every service", 60
+                    lambda: len(rendered(output)) > SERVICES,
+                    what="first render of every service",
+                    timeout=60,
                 )
                 port = until(
                     lambda: bound_status_port(renderer.log_path.read_text()),
@@ -109,9 +110,10 @@ async def test_a_template_over_three_hundred_services_within_the_budget(
     assert 0 < connections.most <= BUDGET
     assert probe.answers > 0
     assert probe.failures == []
-    assert after["dcy_template_detector_wakeups_total"] >= before[
-        "dcy_template_detector_wakeups_total"
-    ] + 5
+    assert (
+        after["dcy_template_detector_wakeups_total"]
+        >= before["dcy_template_detector_wakeups_total"] + 5
+    )
     # At least the node check's 150 services were asked again.
     assert after["dcy_template_refetches_total"] >= before["dcy_template_refetches_total"] + 150
     assert "dcy_template_sweeps_total" in after

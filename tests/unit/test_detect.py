@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from dcy._kv_specs import KeySpec
 from dcy._specs import HealthServiceSpec
 from dcy._watch import WatchEngine
 from dcy.testing import FakeConsul
+from tests.harness import eventually
 
 # 10 blocking connections, 4 of them for detectors: past 6 watched queries, detect.
 SMALL = WatchOptions(
@@ -28,14 +28,6 @@ SMALL = WatchOptions(
 )
 SERVICES = 20
 CHECK6 = {"CheckID": "service:s6-1006-6", "Name": "s6 check", "TTL": "10s"}
-
-
-async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.005)
 
 
 async def quiet() -> None:

@@ -112,8 +112,8 @@ async def test_only_affected_templates_rerender(dcy: Dcy, fake: FakeConsul, tmp_
     fake.add_service("web", port=8002)
     await eventually(lambda: web.read_text() == "80018002", what="web re-rendered")
     # A change of db renders db once: had the web change rendered db too, it counts two.
-    fake.add_service("db", port=9002)
-    await eventually(lambda: db.read_text() == "54329002", what="db re-rendered")
+    fake.add_service("db", port=5433)
+    await eventually(lambda: db.read_text() == "54325433", what="db re-rendered")
     assert db_state.renders == db_renders + 1
     await running.stop()
 
