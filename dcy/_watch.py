@@ -366,8 +366,7 @@ class Watch(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not self._fail(exc):
-                    self.engine._forget(self)
+                if self._ends_on(exc):
                     return
                 await asyncio.sleep(retry.next_delay() or 0.0)
                 continue
@@ -376,6 +375,14 @@ class Watch(Generic[T]):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(options.wait * (1 + random.random() / 16)):
                     await self._wanted.wait()
+
+    def _ends_on(self, exc: Exception) -> bool:
+        """Record a failed query; True when the loop must end (an error that will not heal),
+        the engine then forgetting this watch."""
+        if self._fail(exc):
+            return False
+        self.engine._forget(self)
+        return True
 
     async def _loop(self) -> None:
         options = self.engine.options
@@ -397,8 +404,7 @@ class Watch(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not self._fail(exc):
-                    self.engine._forget(self)
+                if self._ends_on(exc):
                     return
                 # After an error the agent may be a new one (restarted, or a server restored
                 # from a snapshot) whose index is below ours: a blocking query with our index
