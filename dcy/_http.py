@@ -34,9 +34,9 @@ the instance with the fewest requests of this client waiting for response header
 
 from __future__ import annotations
 
-import asyncio
-import math
+import time
 from collections.abc import Coroutine, Generator, Iterable
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -44,25 +44,36 @@ import aiohttp
 from aiohttp import ClientResponse
 from yarl import URL
 
-from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
-from dcy._http_retry import (
-    NOT_CONNECTED,
-    RETRY_STATUSES,
-    all_failed,
-    may_retry,
-    status_error,
-    within,
-)
-from dcy._http_routing import Route, Router
-from dcy._query import Instance, ServiceQuery
+from dcy._http_balancing import Strategy
+from dcy._http_policy import CallPolicy
+from dcy._http_retry import RETRY_STATUSES, replayable
+from dcy._http_routing import Route
 from dcy._resolve import Datacenters, Resolver
 
-# How long a pool serves requests before asking the resolver's cache again. The cache follows
-# Consul through a blocking query; asking it per request cost as much as the rest of the
-# by-name work together, and a tenth of a second is far below Consul's own check intervals.
-REFRESH_EVERY = 0.1
-# Past this many endpoints, those no pool refers to any more are forgotten.
-_MAX_ENDPOINTS = 1024
+# Raised before a single byte of the request left: safe to send anywhere else.
+NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+def within(timeout: aiohttp.ClientTimeout, seconds: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts, with the whole exchange cut to ``seconds`` at most."""
+    total = seconds if timeout.total is None else min(timeout.total, seconds)
+    return aiohttp.ClientTimeout(
+        total=total,
+        connect=timeout.connect,
+        sock_read=timeout.sock_read,
+        sock_connect=timeout.sock_connect,
+        ceil_threshold=timeout.ceil_threshold,
+    )
+
+
+def status_error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
+    """A retried 502/503/504, as the error recorded for that attempt."""
+    return aiohttp.ClientResponseError(
+        response.request_info,
+        response.history,
+        status=response.status,
+        message=response.reason or "",
+    )
 
 
 class RequestContext:
@@ -101,7 +112,8 @@ class HttpClient:
     ``external_hosts`` are single-label hosts that are not services (``localhost`` never is);
     ``datacenters`` fails over to other datacenters as ``Dcy.lookup`` does. A service's
     instances are rebuilt whenever the resolver's snapshot changes (with datacenter
-    failover, at most every ``REFRESH_EVERY`` seconds)."""
+    failover, at most every ``REFRESH_EVERY`` seconds). Balancing, retries and ejection are
+    ``self.policy``'s, shared with the requests and httpx clients."""
 
     def __init__(
         self,
@@ -117,27 +129,21 @@ class HttpClient:
         datacenters: Datacenters | None = None,
         **session_options: Any,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(
-                f"unknown pick strategy {strategy!r}: use one of {', '.join(STRATEGIES)}"
-            )
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"attempts must be an int >= 1, got {attempts!r}")
-        if not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
-            raise ValueError(f"budget must be a positive number of seconds, got {budget!r}")
-        self._resolver = resolver
-        self._router = Router(domain=resolver.domain, external_hosts=external_hosts)
-        self._strategy = strategy
-        self._attempts = attempts
-        self._budget = float(budget)
-        self._outliers = Outliers(eject_after=eject_after, eject_for=eject_for)
-        self._retry_statuses = frozenset(retry_statuses)
-        self._datacenters = datacenters
+        self.policy = CallPolicy(
+            resolver,
+            strategy=strategy,
+            attempts=attempts,
+            budget=budget,
+            eject_after=eject_after,
+            eject_for=eject_for,
+            retry_statuses=retry_statuses,
+            external_hosts=external_hosts,
+            datacenters=datacenters,
+        )
+        self._budget = self.policy.budget
         self._session_options = session_options
         self._session: aiohttp.ClientSession | None = None
         self._first_timeout = aiohttp.ClientTimeout(total=self._budget)
-        self._pools: dict[ServiceQuery, Pool] = {}
-        self._endpoints: dict[str, Endpoint] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def __aenter__(self) -> HttpClient:
@@ -194,10 +200,10 @@ class HttpClient:
         session = self._session
         if session is None or session.closed:
             session = self._open()
-        routed = self._router.route(url if isinstance(url, str) else str(url))
+        routed = self.policy.route(url if isinstance(url, str) else str(url))
         if routed is None:
             return await session.request(method, url, **options)
-        return await self._send_by_name(session, method.upper(), *routed, options)
+        return await self._send_by_name(session, method, *routed, options)
 
     async def _send_by_name(
         self,
@@ -207,104 +213,39 @@ class HttpClient:
         rest: str,
         options: dict[str, Any],
     ) -> ClientResponse:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        pool = self._pools.get(route.query)
-        if pool is None or not self._pool_current(pool, route.query, now):
-            pool = await self._refresh(route.query, now)
-        deadline = now + self._budget
+        policy = self.policy
+        now = time.monotonic()
+        pool = await policy.pool(route.query, now)
+        exchange = policy.exchange(pool, route, method, replayable=replayable(options), now=now)
+        method = exchange.method
         bounded = "timeout" not in options
-        tried: list[tuple[Instance, BaseException]] = []
-        excluded: list[Endpoint] = []
-        for attempt in range(1, self._attempts + 1):
-            if attempt > 1:
-                now = loop.time()
-                if now >= deadline:
-                    break
-                if bounded:
-                    options["timeout"] = within(session.timeout, deadline - now)
-            elif bounded:
-                options["timeout"] = self._first_timeout
-            index = pool.choose(self._strategy, excluded, now)
-            if index < 0:
-                break
-            instance, endpoint = pool.instances[index], pool.endpoints[index]
-            endpoint.in_flight += 1
+        while (chosen := exchange.next()) is not None:
+            instance, endpoint = chosen
+            if bounded:
+                options["timeout"] = (
+                    self._first_timeout
+                    if exchange.attempt == 1
+                    else within(session.timeout, exchange.left())
+                )
             try:
                 response = await session.request(
                     method, route.prefix + endpoint.hostport + rest, **options
                 )
             except aiohttp.InvalidURL:
+                exchange.released(endpoint)
                 raise  # the caller's mistake, not the instance's
             except aiohttp.ClientResponseError:
-                Outliers.succeeded(endpoint)  # raise_for_status: the instance did answer
+                exchange.released(endpoint, answered=True)  # raise_for_status: it answered
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:
-                sent = not isinstance(exc, NOT_CONNECTED)
-                self._outliers.failed(endpoint, pool.endpoints, loop.time())
-                tried.append((instance, exc))
-                excluded.append(endpoint)
-                if may_retry(method, options, sent=sent):
-                    continue
-                if sent:
-                    raise all_failed(method, str(route.query), tried, sent=True) from exc
-                break
-            finally:
-                endpoint.in_flight -= 1
-            if response.status not in self._retry_statuses:
-                if endpoint.failures:
-                    Outliers.succeeded(endpoint)
-                return response
-            now = loop.time()
-            self._outliers.failed(endpoint, pool.endpoints, now)
-            excluded.append(endpoint)
-            if (
-                attempt == self._attempts
-                or now >= deadline
-                or not pool.has_other(excluded)
-                or not may_retry(method, options, sent=True)
+                exchange.failed(instance, endpoint, exc, sent=not isinstance(exc, NOT_CONNECTED))
+                continue
+            except BaseException:
+                exchange.released(endpoint)  # cancelled: no verdict on the instance
+                raise
+            if exchange.answered(
+                instance, endpoint, response.status, partial(status_error, response)
             ):
-                return response  # a 502/503/504 is still an answer: the last one is returned
-            tried.append((instance, status_error(response)))
+                return response
             response.release()
-        cause = tried[-1][1] if tried else None
-        raise all_failed(method, str(route.query), tried, sent=False) from cause
-
-    def _pool_current(self, pool: Pool, service: ServiceQuery, now: float) -> bool:
-        if self._datacenters is None:
-            # Same snapshot object, same instances: a dict lookup and an identity check.
-            return pool.snapshot is not None and (
-                self._resolver.cached_snapshot(service) is pool.snapshot
-            )
-        return now < pool.fresh_until
-
-    async def _refresh(self, service: ServiceQuery, now: float) -> Pool:
-        """The service's pool, brought up to date with the resolver's cached answer."""
-        resolver, datacenters = self._resolver, self._datacenters
-        instances = (await resolver.lookup(service, datacenters=datacenters)).instances
-        if not instances:
-            # Raises ServiceNotFound or NoHealthyInstances, worded by the resolver.
-            await resolver.pick(service, datacenters=datacenters)
-            instances = (await resolver.lookup(service, datacenters=datacenters)).instances
-        pool = self._pools.get(service)
-        if pool is None:
-            pool = self._pools[service] = Pool()
-        pool.update(instances, self._endpoint)
-        pool.fresh_until = now + REFRESH_EVERY
-        pool.snapshot = self._resolver.cached_snapshot(service)
-        return pool
-
-    def _endpoint(self, hostport: str) -> Endpoint:
-        endpoint = self._endpoints.get(hostport)
-        if endpoint is None:
-            if len(self._endpoints) >= _MAX_ENDPOINTS:
-                self._prune_endpoints()
-            endpoint = self._endpoints[hostport] = Endpoint(hostport)
-        return endpoint
-
-    def _prune_endpoints(self) -> None:
-        """Forget endpoints no pool uses, unless a request on them is still running."""
-        used = {id(e) for pool in self._pools.values() for e in pool.endpoints}
-        self._endpoints = {
-            key: e for key, e in self._endpoints.items() if id(e) in used or e.in_flight
-        }
+        raise exchange.failure()

@@ -4,14 +4,14 @@ The rule (RFC 9110 §9.2.2 for which methods are idempotent): an attempt whose c
 never made sent nothing, so any method may go to another instance. Once the request may have
 reached a server, only idempotent methods are sent again, and only with a body that can be
 sent twice (bytes, text, a form or ``json=``; not a stream that the first try consumed).
+
+Nothing here knows an HTTP library: aiohttp, requests and httpx clients all decide with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import aiohttp
 
 from dcy._errors import AllInstancesFailed
 from dcy._query import Instance
@@ -20,44 +20,37 @@ from dcy._query import Instance
 RETRY_STATUSES: frozenset[int] = frozenset({502, 503, 504})
 
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Raised before a single byte of the request left: safe to send anywhere else.
-NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _REPLAYABLE_BODIES = (bytes, bytearray, str, Mapping, list, tuple)
 
 Attempts = Sequence[tuple[Instance, BaseException]]
 
 
+class RetriedStatus(Exception):
+    """A 502/503/504 answer that was retried on another instance, as recorded in
+    ``AllInstancesFailed.attempts`` by the requests and httpx clients (the aiohttp client
+    records aiohttp's own ``ClientResponseError``)."""
+
+    def __init__(self, status: int, message: str, url: str) -> None:
+        super().__init__(f"HTTP {status} {message} from {url}".replace("  ", " "))
+        self.status = status
+        self.message = message
+        self.url = url
+
+
 def may_retry(method: str, options: Mapping[str, Any], *, sent: bool) -> bool:
-    """Whether a failed attempt may be made again on another instance."""
-    return replayable(options) and (not sent or method.upper() in IDEMPOTENT_METHODS)
+    """Whether a failed attempt may be made again on another instance (aiohttp options)."""
+    return retry_allowed(method, replayable=replayable(options), sent=sent)
+
+
+def retry_allowed(method: str, *, replayable: bool, sent: bool) -> bool:
+    """Whether a failed attempt may be made again, whatever the HTTP library."""
+    return replayable and (not sent or method.upper() in IDEMPOTENT_METHODS)
 
 
 def replayable(options: Mapping[str, Any]) -> bool:
     """Whether the request body (``data=``) can be sent a second time; ``json=`` always can."""
     data = options.get("data")
     return data is None or isinstance(data, _REPLAYABLE_BODIES)
-
-
-def within(timeout: aiohttp.ClientTimeout, seconds: float) -> aiohttp.ClientTimeout:
-    """The session's timeouts, with the whole exchange cut to ``seconds`` at most."""
-    total = seconds if timeout.total is None else min(timeout.total, seconds)
-    return aiohttp.ClientTimeout(
-        total=total,
-        connect=timeout.connect,
-        sock_read=timeout.sock_read,
-        sock_connect=timeout.sock_connect,
-        ceil_threshold=timeout.ceil_threshold,
-    )
-
-
-def status_error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
-    """A retried 502/503/504, as the error recorded for that attempt."""
-    return aiohttp.ClientResponseError(
-        response.request_info,
-        response.history,
-        status=response.status,
-        message=response.reason or "",
-    )
 
 
 def all_failed(method: str, service: str, tried: Attempts, *, sent: bool) -> AllInstancesFailed:
@@ -76,8 +69,11 @@ def all_failed(method: str, service: str, tried: Attempts, *, sent: bool) -> All
 
 
 def describe(error: BaseException) -> str:
-    if isinstance(error, aiohttp.ClientResponseError):
-        return f"HTTP {error.status} {error.message}".rstrip()
+    # A retried answer, as aiohttp's ClientResponseError or our RetriedStatus: both carry
+    # the status and reason as attributes.
+    status = getattr(error, "status", None)
+    if isinstance(status, int):
+        return f"HTTP {status} {getattr(error, 'message', '')}".rstrip()
     if isinstance(error, TimeoutError) and not str(error):
         return "TimeoutError: no complete answer within the time budget"
     return f"{type(error).__name__}: {error}"

@@ -360,7 +360,7 @@ async def test_the_client_follows_the_resolver_cache(
 ) -> None:
     """An instance added in Consul is among those tried once the pool refreshes."""
     fake, dcy = fake_dcy
-    monkeypatch.setattr("dcy._http.REFRESH_EVERY", 0.0)
+    monkeypatch.setattr("dcy._http_policy.REFRESH_EVERY", 0.0)
     first, second = _closed_port(), _closed_port()
     fake.add_service("growing", port=first, address="127.0.0.1")
 
