@@ -39,10 +39,14 @@ if TYPE_CHECKING:
     from dcy._health_events import HealthWatch, Transition, TransitionCallback
     from dcy._http import HttpClient
     from dcy._http_balancing import Strategy as HttpStrategy
+    from dcy._http_retry import RetriedStatus
+    from dcy._httpx import AsyncHttpxTransport, HttpxTransport
     from dcy._kv import KeyValueStore
     from dcy._kv_specs import KeyValue
     from dcy._leader import Leadership, OnLost
     from dcy._register import HttpCheck, Registration, TcpCheck, TtlCheck
+    from dcy._requests import RequestsAdapter
+    from dcy._sync import SyncDcy, SyncHandle, SyncKeyValueStore, SyncLeadership
 
 # Loaded on first use: a service that never elects a leader or calls by name does not pay
 # for importing how (dnspython alone costs as much as the rest of dcy).
@@ -54,6 +58,14 @@ _LAZY = {
     "TransitionCallback": ("dcy._health_events", "TransitionCallback"),
     "HttpClient": ("dcy._http", "HttpClient"),
     "HttpStrategy": ("dcy._http_balancing", "Strategy"),
+    "RetriedStatus": ("dcy._http_retry", "RetriedStatus"),
+    "HttpxTransport": ("dcy._httpx", "HttpxTransport"),
+    "AsyncHttpxTransport": ("dcy._httpx", "AsyncHttpxTransport"),
+    "RequestsAdapter": ("dcy._requests", "RequestsAdapter"),
+    "SyncDcy": ("dcy._sync", "SyncDcy"),
+    "SyncHandle": ("dcy._sync", "SyncHandle"),
+    "SyncKeyValueStore": ("dcy._sync", "SyncKeyValueStore"),
+    "SyncLeadership": ("dcy._sync", "SyncLeadership"),
     "KeyValueStore": ("dcy._kv", "KeyValueStore"),
     "Leadership": ("dcy._leader", "Leadership"),
     "OnLost": ("dcy._leader", "OnLost"),
@@ -70,6 +82,7 @@ __all__ = [
     "AclDenied",
     "AgentInfo",
     "AllInstancesFailed",
+    "AsyncHttpxTransport",
     "Backoff",
     "Callback",
     "Check",
@@ -86,6 +99,7 @@ __all__ = [
     "HttpCheck",
     "HttpClient",
     "HttpStrategy",
+    "HttpxTransport",
     "Instance",
     "InvalidName",
     "KeyValue",
@@ -96,6 +110,8 @@ __all__ = [
     "NoHealthyInstances",
     "OnLost",
     "Registration",
+    "RequestsAdapter",
+    "RetriedStatus",
     "Retry",
     "ServiceNotFound",
     "ServiceQuery",
@@ -103,6 +119,10 @@ __all__ = [
     "Snapshot",
     "Strategy",
     "Subscription",
+    "SyncDcy",
+    "SyncHandle",
+    "SyncKeyValueStore",
+    "SyncLeadership",
     "TcpCheck",
     "TlsError",
     "Transition",

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TypedDict
 
 from dcy._errors import AllInstancesFailed
 from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
@@ -33,6 +34,19 @@ from dcy._resolve import Datacenters, Resolver
 REFRESH_EVERY = 0.1
 # Past this many endpoints, those no pool refers to any more are forgotten.
 _MAX_ENDPOINTS = 1024
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The options of a client by name, whatever its HTTP library (see CallPolicy)."""
+
+    strategy: Strategy
+    attempts: int
+    budget: float
+    eject_after: int
+    eject_for: float
+    retry_statuses: Iterable[int]
+    external_hosts: Iterable[str]
+    datacenters: Datacenters | None
 
 
 class CallPolicy:

@@ -1,0 +1,166 @@
+"""httpx transports that call services by name: ``http://worker/square``.
+
+    http = httpx.Client(transport=dcy.HttpxTransport(client))          # client: a SyncDcy
+    http.get("http://worker/square", params={"x": 3}).json()
+
+    http = httpx.AsyncClient(transport=dcy.AsyncHttpxTransport(dcy))   # dcy: an open Dcy
+    (await http.get("http://worker/square", params={"x": 3})).json()
+
+Names are recognised, resolved, balanced and retried exactly as by the requests adapter and
+the aiohttp client (``dcy._http_policy``); every other URL goes to the wrapped transport
+(``httpx.HTTPTransport`` / ``httpx.AsyncHTTPTransport`` built from ``transport_options``)
+untouched. Each try goes to one instance's ``address:port`` with the ``Host`` header of that
+address. A refused connection is tried elsewhere for any method; a broken exchange after
+sending, a read timeout, or a 502/503/504, only for idempotent methods whose body httpx holds
+in memory. Each try's timeouts are cut to what is left of ``budget``. No answer at all raises
+AllInstancesFailed. The async transport runs on the caller's event loop, which must be the
+one the async ``Dcy`` client runs on.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Unpack
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - the extra is installed for the tests
+    raise ImportError(
+        "dcy's httpx transports need httpx: install it with pip install 'dcy[httpx]'",
+        name=exc.name,
+    ) from exc
+
+from dcy._dcy import Dcy
+from dcy._http_policy import CallPolicy, Exchange, PolicyOptions
+from dcy._http_retry import RetriedStatus
+from dcy._http_sync import SyncCalls
+from dcy._sync import SyncDcy
+
+# Raised before the request left: safe to send anywhere else.
+_NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# No answer from the instance (httpx.TransportError minus the caller's own mistakes).
+_NO_ANSWER = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+class HttpxTransport(httpx.BaseTransport):
+    """An ``httpx.Client`` transport that resolves service names through a ``SyncDcy``."""
+
+    def __init__(
+        self,
+        client: SyncDcy,
+        *,
+        transport_options: dict[str, Any] | None = None,
+        **options: Unpack[PolicyOptions],
+    ) -> None:
+        self._transport = httpx.HTTPTransport(**(transport_options or {}))
+        self._calls = SyncCalls(client, options)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        started = self._calls.start(
+            str(request.url), request.method, replayable=_replayable(request)
+        )
+        if started is None:
+            return self._transport.handle_request(request)
+        exchange, rest = started
+        while (chosen := exchange.next()) is not None:
+            instance, endpoint = chosen
+            attempt = _attempt(request, exchange, endpoint.hostport, rest)
+            try:
+                response = self._transport.handle_request(attempt)
+            except _NO_ANSWER as error:
+                exchange.failed(
+                    instance, endpoint, error, sent=not isinstance(error, _NOT_CONNECTED)
+                )
+                continue
+            except BaseException:
+                exchange.released(endpoint)
+                raise
+            if exchange.answered(instance, endpoint, response.status_code, _retried(response)):
+                return response
+            response.close()
+        raise exchange.failure()
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+class AsyncHttpxTransport(httpx.AsyncBaseTransport):
+    """An ``httpx.AsyncClient`` transport that resolves service names through an open async
+    ``Dcy``, on its event loop."""
+
+    def __init__(
+        self,
+        dcy: Dcy,
+        *,
+        transport_options: dict[str, Any] | None = None,
+        **options: Unpack[PolicyOptions],
+    ) -> None:
+        self._transport = httpx.AsyncHTTPTransport(**(transport_options or {}))
+        self._policy = CallPolicy(dcy.resolver, **options)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self._policy
+        routed = policy.route(str(request.url))
+        if routed is None:
+            return await self._transport.handle_async_request(request)
+        route, rest = routed
+        now = time.monotonic()
+        pool = await policy.pool(route.query, now)
+        exchange = policy.exchange(
+            pool, route, request.method, replayable=_replayable(request), now=now
+        )
+        while (chosen := exchange.next()) is not None:
+            instance, endpoint = chosen
+            attempt = _attempt(request, exchange, endpoint.hostport, rest)
+            try:
+                response = await self._transport.handle_async_request(attempt)
+            except _NO_ANSWER as error:
+                exchange.failed(
+                    instance, endpoint, error, sent=not isinstance(error, _NOT_CONNECTED)
+                )
+                continue
+            except BaseException:
+                exchange.released(endpoint)
+                raise
+            if exchange.answered(instance, endpoint, response.status_code, _retried(response)):
+                return response
+            await response.aclose()
+        raise exchange.failure()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def _replayable(request: httpx.Request) -> bool:
+    # Bytes, text, forms and json are held in memory as a ByteStream; a generator is not.
+    return isinstance(request.stream, httpx.ByteStream)
+
+
+def _attempt(request: httpx.Request, exchange: Exchange, hostport: str, rest: str) -> httpx.Request:
+    """The request as sent to one instance: its URL and Host, timeouts cut to the budget."""
+    headers = request.headers.copy()
+    if headers.get("host") == request.url.netloc.decode("ascii"):
+        headers["host"] = hostport
+    extensions = dict(request.extensions)
+    left = max(exchange.left(), 0.001)
+    timeouts = extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        extensions["timeout"] = {
+            key: left if value is None else min(value, left) for key, value in timeouts.items()
+        }
+    else:
+        extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), left)
+    return httpx.Request(
+        request.method,
+        exchange.route.prefix + hostport + rest,
+        headers=headers,
+        stream=request.stream,
+        extensions=extensions,
+    )
+
+
+def _retried(response: httpx.Response) -> partial[RetriedStatus]:
+    return partial(
+        RetriedStatus, response.status_code, response.reason_phrase, str(response.request.url)
+    )
