@@ -76,7 +76,9 @@ class HttpxTransport(httpx.BaseTransport):
             except BaseException:
                 exchange.released(endpoint)
                 raise
-            if exchange.answered(instance, endpoint, response.status_code, _retried(response)):
+            if exchange.answered(
+                instance, endpoint, response.status_code, _retried(response, attempt)
+            ):
                 return response
             response.close()
         raise exchange.failure()
@@ -123,7 +125,9 @@ class AsyncHttpxTransport(httpx.AsyncBaseTransport):
             except BaseException:
                 exchange.released(endpoint)
                 raise
-            if exchange.answered(instance, endpoint, response.status_code, _retried(response)):
+            if exchange.answered(
+                instance, endpoint, response.status_code, _retried(response, attempt)
+            ):
                 return response
             await response.aclose()
         raise exchange.failure()
@@ -160,7 +164,5 @@ def _attempt(request: httpx.Request, exchange: Exchange, hostport: str, rest: st
     )
 
 
-def _retried(response: httpx.Response) -> partial[RetriedStatus]:
-    return partial(
-        RetriedStatus, response.status_code, response.reason_phrase, str(response.request.url)
-    )
+def _retried(response: httpx.Response, attempt: httpx.Request) -> partial[RetriedStatus]:
+    return partial(RetriedStatus, response.status_code, response.reason_phrase, str(attempt.url))
