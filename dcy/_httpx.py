@@ -55,6 +55,7 @@ class HttpxTransport(httpx.BaseTransport):
     ) -> None:
         self._transport = httpx.HTTPTransport(**(transport_options or {}))
         self._calls = SyncCalls(client, options)
+        self._urls = _Urls()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         started = self._calls.start(
@@ -63,9 +64,10 @@ class HttpxTransport(httpx.BaseTransport):
         if started is None:
             return self._transport.handle_request(request)
         exchange, rest = started
+        aim = _Aim(request, self._urls)
         while (chosen := exchange.next()) is not None:
             instance, endpoint = chosen
-            attempt = _attempt(request, exchange, endpoint.hostport, rest)
+            attempt = aim.at(exchange, endpoint.hostport, rest)
             try:
                 response = self._transport.handle_request(attempt)
             except _NO_ANSWER as error:
@@ -100,6 +102,7 @@ class AsyncHttpxTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._transport = httpx.AsyncHTTPTransport(**(transport_options or {}))
         self._policy = CallPolicy(dcy.resolver, **options)
+        self._urls = _Urls()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         policy = self._policy
@@ -112,9 +115,10 @@ class AsyncHttpxTransport(httpx.AsyncBaseTransport):
         exchange = policy.exchange(
             pool, route, request.method, replayable=_replayable(request), now=now
         )
+        aim = _Aim(request, self._urls)
         while (chosen := exchange.next()) is not None:
             instance, endpoint = chosen
-            attempt = _attempt(request, exchange, endpoint.hostport, rest)
+            attempt = aim.at(exchange, endpoint.hostport, rest)
             try:
                 response = await self._transport.handle_async_request(attempt)
             except _NO_ANSWER as error:
@@ -141,27 +145,54 @@ def _replayable(request: httpx.Request) -> bool:
     return isinstance(request.stream, httpx.ByteStream)
 
 
-def _attempt(request: httpx.Request, exchange: Exchange, hostport: str, rest: str) -> httpx.Request:
-    """The request as sent to one instance: its URL and Host, timeouts cut to the budget."""
-    headers = request.headers.copy()
-    if headers.get("host") == request.url.netloc.decode("ascii"):
-        headers["host"] = hostport
-    extensions = dict(request.extensions)
-    left = max(exchange.left(), 0.001)
-    timeouts = extensions.get("timeout")
-    if isinstance(timeouts, dict):
-        extensions["timeout"] = {
-            key: left if value is None else min(value, left) for key, value in timeouts.items()
-        }
-    else:
-        extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), left)
-    return httpx.Request(
-        request.method,
-        exchange.route.prefix + hostport + rest,
-        headers=headers,
-        stream=request.stream,
-        extensions=extensions,
-    )
+class _Urls:
+    """Parsed instance URLs by text: parsing one costs as much as the rest of the by-name
+    work, and a service's few instances are asked for the same few paths over and over."""
+
+    __slots__ = ("_parsed",)
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, httpx.URL] = {}
+
+    def __call__(self, text: str) -> httpx.URL:
+        url = self._parsed.get(text)
+        if url is None:
+            if len(self._parsed) >= _MAX_URLS:
+                self._parsed.clear()  # URLs built from data: start over rather than grow
+            url = self._parsed[text] = httpx.URL(text)
+        return url
+
+
+_MAX_URLS = 4096
+
+
+class _Aim:
+    """Points the caller's request at one instance per attempt, in place (as aiohttp's
+    client does, the response's request shows the instance's URL): its URL, its ``Host``
+    (unless the caller set one of its own) and timeouts cut to what is left of the budget."""
+
+    __slots__ = ("_own_host", "_request", "_timeouts", "_urls")
+
+    def __init__(self, request: httpx.Request, urls: _Urls) -> None:
+        self._request = request
+        self._urls = urls
+        self._own_host = request.headers.get("host") == request.url.netloc.decode("ascii")
+        timeouts = request.extensions.get("timeout")
+        self._timeouts: dict[str, float | None] = (
+            dict(timeouts)
+            if isinstance(timeouts, dict)
+            else dict.fromkeys(("connect", "read", "write", "pool"))
+        )
+
+    def at(self, exchange: Exchange, hostport: str, rest: str) -> httpx.Request:
+        request = self._request
+        request.url = self._urls(exchange.route.prefix + hostport + rest)
+        if self._own_host:
+            request.headers["Host"] = hostport
+        left = max(exchange.left(), 0.001)
+        cut = {k: left if v is None else min(v, left) for k, v in self._timeouts.items()}
+        request.extensions = {**request.extensions, "timeout": cut}
+        return request
 
 
 def _retried(response: httpx.Response, attempt: httpx.Request) -> partial[RetriedStatus]:
