@@ -9,7 +9,8 @@ and only the client's own failover can avoid it.
 from __future__ import annotations
 
 import json
-import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,7 @@ from tests.integration._sync_servers import (
 
 pytestmark = pytest.mark.integration
 
+FORK_SCRIPT = Path(__file__).with_name("_fork_client.py")
 FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
 KEEP_PASSING = TtlCheck(ttl=30)
 
@@ -210,44 +212,27 @@ def test_32_threads_at_once_share_one_watch(
 
 
 def test_a_forked_child_has_its_own_engine(
-    client: SyncDcy, workers: list[EchoServer], unique_name: str, tmp_path: Path
+    consul: ConsulAgent, client: SyncDcy, workers: list[EchoServer], unique_name: str
 ) -> None:
-    """After os.fork the child calls by name through an engine thread of its own; the
-    parent's engine (its watch sockets) keeps working: it sees an instance added later."""
+    """A program forks after calling by name (``_fork_client.py``): the child calls through
+    an engine thread of its own and exits; the parent's engine, its connections and its
+    watch keep working after that (it sees an instance it registers later)."""
     register(client, unique_name, workers[:1])
     passing(client, unique_name, 1)
-    session = by_name_session(client)
-    assert session.get(f"http://{unique_name}/whoami", timeout=10).json()["id"] == "a"
-    parent_engine = client.aio
-    result = tmp_path / "child.json"
-    pid = os.fork()
-    if pid == 0:  # the child: report, and never return into pytest
-        code = 1
-        try:
-            answer = session.get(f"http://{unique_name}/whoami", timeout=10).json()["id"]
-            report = {
-                "answer": answer,
-                "own_engine": client.aio is not parent_engine,
-                "threads": sorted(t.name for t in threading.enumerate()),
-            }
-            client.close()
-            report["threads_after_close"] = sorted(t.name for t in threading.enumerate())
-            result.write_text(json.dumps(report))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    report = json.loads(result.read_text())
-    assert report["answer"] == "a" and report["own_engine"]
-    assert "dcy-engine" in report["threads"]
-    assert "dcy-engine" not in report["threads_after_close"]
-    # The parent: same engine, still watching (a blocking query on its own sockets).
-    assert client.aio is parent_engine
-    with echo_servers(tmp_path / "later", "c") as (later,):
-        register(client, unique_name, [later])
-        passing(client, unique_name, 2)
-        ids = {
-            session.get(f"http://{unique_name}/whoami", timeout=10).json()["id"] for _ in range(2)
-        }
-    assert ids == {"a", "c"}
+    done = subprocess.run(
+        [sys.executable, str(FORK_SCRIPT), consul.http_addr, unique_name, "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["parent_before"] == report["parent_after"] == "a"
+    child = report["child"]
+    assert child["answer"] == "a" and child["own_engine"]
+    assert child["threads"].count("dcy-engine") == 1
+    assert child["threads_after_close"] == []
+    assert report["child_exit"] == 0 and report["same_engine"]
+    assert report["instances_seen"] == 2
+    assert report["threads_at_end"] == []
