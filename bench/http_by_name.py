@@ -143,7 +143,7 @@ def blocking_getter(
 
 def run_sync_clients(agent: ConsulAgent, port: int, quick: bool) -> Figures:
     """The requests adapter and the httpx transport, by name vs the fixed URL."""
-    per_run = 1_500 if quick else 6_000
+    per_run = 500 if quick else 6_000
     raw_url, named_url = f"http://127.0.0.1:{port}/ping", f"http://{SERVICE}/ping"
     figures: Figures = {}
     with dcy.SyncDcy(agent.http_addr) as client:
@@ -242,7 +242,7 @@ async def run(agent: ConsulAgent, port: int, quick: bool) -> dict[str, float | i
                 note(f"  {per_run / taken:,.0f} requests/s, {used / per_run * 1e6:.0f} µs CPU each")
                 seconds[kind] += taken
                 cpu[kind] += used
-        httpx_async = await run_httpx_async(client, port, 1_500 if quick else 6_000)
+        httpx_async = await run_httpx_async(client, port, 500 if quick else 6_000)
     raw_rps = 2 * per_run / seconds["raw"]
     by_name_rps = 2 * per_run / seconds["by_name"]
     return {

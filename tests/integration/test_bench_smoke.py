@@ -27,7 +27,14 @@ FIGURES = {
         "expected_idle_per_query_per_min",
         "max_connections",
     ),
-    "http_by_name": ("by_name_rps", "raw_rps", "ratio_vs_raw"),
+    "http_by_name": (
+        "by_name_rps",
+        "raw_rps",
+        "ratio_vs_raw",
+        "requests_ratio",
+        "httpx_ratio",
+        "httpx_async_ratio",
+    ),
     "leader": (
         "bound_takeover_s",
         "ttl_only_takeover_s",
