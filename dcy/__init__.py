@@ -1,4 +1,5 @@
-"""dcy: service discovery for asyncio Python services, on HashiCorp Consul.
+"""dcy: service discovery for Python services, on HashiCorp Consul: asyncio first
+(``Dcy``), and blocking code through ``SyncDcy`` (the same engine on a thread of its own).
 
 Long-lived blocking-query watches shared per query, resolution by name (HTTP API and Consul
 DNS), self-registration that survives agent restarts, leader election. Everything public is

@@ -131,9 +131,10 @@ class NoHealthyInstances(LookupFailed):
 class AllInstancesFailed(DcyError):
     """An HTTP request by service name got no answer it could return.
 
-    ``attempts`` lists every instance tried, in order, with what went wrong there (an
-    aiohttp error, or a ``ClientResponseError`` for a retried 502/503/504); the last error is
-    also the ``__cause__``. A request that may have reached a server (a POST whose connection
+    ``attempts`` lists every instance tried, in order, with what went wrong there: the HTTP
+    library's own error (aiohttp, requests or httpx), or for a retried 502/503/504 aiohttp's
+    ``ClientResponseError`` or, from requests and httpx, ``dcy.RetriedStatus``; the last error
+    is also the ``__cause__``. A request that may have reached a server (a POST whose connection
     broke after sending) is never replayed, so this can name a single instance."""
 
     def __init__(

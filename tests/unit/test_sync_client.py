@@ -187,3 +187,15 @@ def test_a_missing_extra_is_named(
     monkeypatch.delitem(sys.modules, module, raising=False)
     with pytest.raises(ImportError, match=extra.replace("[", r"\[").replace("]", r"\]")):
         importlib.import_module(module)
+
+
+def test_leadership_in_blocking_form(fake_client: tuple[FakeConsul, SyncDcy]) -> None:
+    """Entering waits until this process leads; leaving steps down (the lock is free)."""
+    _, client = fake_client
+    with client.leadership("app", ttl=10, lock_delay=0) as leader:
+        assert leader.is_leader
+        with pytest.raises(TimeoutError):
+            leader.wait_lost(timeout=0.1)
+    assert not leader.is_leader
+    with client.leadership("app", ttl=10, lock_delay=0) as again:
+        assert again.is_leader
