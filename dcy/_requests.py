@@ -76,11 +76,13 @@ class RequestsAdapter(HTTPAdapter):
         prefix = exchange.route.prefix
         while (chosen := exchange.next()) is not None:
             instance, endpoint = chosen
-            attempt = request.copy()
-            attempt.url = prefix + endpoint.hostport + rest
+            # Aimed at the instance for this try only (copying a request costs as much as
+            # the rest of the by-name work): afterwards it names the service again, so the
+            # session keeps cookies and resolves redirects for the name.
+            target = request.url = prefix + endpoint.hostport + rest
             try:
                 response = super().send(
-                    attempt,
+                    request,
                     stream,
                     max(exchange.left(), 0.001) if timeout is None else timeout,
                     verify,
@@ -93,10 +95,11 @@ class RequestsAdapter(HTTPAdapter):
             except BaseException:
                 exchange.released(endpoint)
                 raise
-            retried = partial(
-                RetriedStatus, response.status_code, response.reason or "", attempt.url
-            )
-            if exchange.answered(instance, endpoint, response.status_code, retried):
+            finally:
+                request.url = url
+            status = response.status_code
+            retried = partial(RetriedStatus, status, response.reason or "", target)
+            if exchange.answered(instance, endpoint, status, retried):
                 return response
             response.close()
         raise exchange.failure()

@@ -1,6 +1,6 @@
 """``SyncDcy``: dcy for code that is not an asyncio program (Flask, Django, Celery, scripts).
 
-    with dcy.SyncDcy() as client:               # CONSUL_HTTP_ADDR & co., or arguments
+    with dcy.SyncDcy() as client:               # or client = dcy.SyncDcy().open()
         client.register("worker", 9002)          # stays registered until close
         worker = client.pick("worker")           # from the shared, long-lived watch
 
@@ -186,15 +186,17 @@ class SyncDcy:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open(self) -> None:
+    def open(self) -> SyncDcy:
         """Start the engine thread and ask the agent who it is (waiting for it as
-        ``Dcy.open`` does). Raises ConsulUnavailable, AclDenied, TlsError like it."""
+        ``Dcy.open`` does); returns the client (``client = SyncDcy().open()``). Raises
+        ConsulUnavailable, AclDenied, TlsError like ``Dcy.open``."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this SyncDcy is closed; make a new one")
             if self._engine is None or self._engine.pid != os.getpid():
                 self._start()
             self._opened = True
+        return self
 
     def close(self) -> None:
         """Step down, deregister, stop every watch and both threads (see ``Dcy.aclose``).

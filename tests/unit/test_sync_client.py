@@ -48,7 +48,7 @@ def test_open_starts_one_engine_thread_and_close_stops_every_thread() -> None:
     before = dcy_threads()
     client = SyncDcy(api=FakeConsul(), watch_options=FAST)
     assert dcy_threads() == before
-    client.open()
+    assert client.open() is client
     assert dcy_threads().count("dcy-engine") == before.count("dcy-engine") + 1
     client.close()
     assert dcy_threads() == before
