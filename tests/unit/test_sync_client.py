@@ -133,6 +133,8 @@ def test_subscribe_calls_back_on_the_callback_thread(
     on_engine(client, lambda: fake.add_service("api", port=9003))
     time.sleep(0.3)  # a closed subscription must stay silent: nothing to wait for
     assert len(seen) == delivered
+    client.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("dcy-callback")]
 
 
 def test_a_blocking_call_on_the_engine_thread_is_refused(
