@@ -176,7 +176,14 @@ def test_calls_keep_working_from_the_cache_while_the_agent_restarts(
             agent.stop()
             assert Counter(call(app_url) for _ in range(6)) == {"a": 3, "b": 3}
             agent.start()
-            passing(client, unique_name, 2)  # re-registered by the client
+
+            def fresh_with_both() -> bool:
+                # Not the cache (it still holds both): the restarted agent's own answer,
+                # once the client has registered the workers again.
+                answer = client.lookup(unique_name)
+                return not answer.stale and len(answer.instances) == 2
+
+            until(fresh_with_both, what="both workers registered again")
             assert Counter(call(app_url) for _ in range(6)) == {"a": 3, "b": 3}
 
 
