@@ -96,7 +96,9 @@ def getter(client: aiohttp.ClientSession | dcy.HttpClient, url: str) -> Get:
 
 
 Figures = dict[str, float | int]
-ORDER = ("raw", "by_name", "by_name", "raw")
+# The other clients' rows alternate in more, shorter runs: at ~1,000 requests/s a run takes
+# seconds, and load from elsewhere on the machine comes and goes on that scale.
+ORDER = ("raw", "by_name", "by_name", "raw") * 2
 
 
 def run_blocking(get: Callable[[], None], total: int) -> tuple[float, float]:
@@ -122,6 +124,7 @@ def compared(prefix: str, seconds: dict[str, float], cpu: dict[str, float], n: i
     """The figures of one client: by name vs raw, ``n`` requests of each."""
     raw_rps, by_name_rps = n / seconds["raw"], n / seconds["by_name"]
     return {
+        f"{prefix}_requests_each": n,
         f"{prefix}_raw_rps": round(raw_rps),
         f"{prefix}_by_name_rps": round(by_name_rps),
         f"{prefix}_by_name_client_cpu_us": rounded(cpu["by_name"] / n * 1e6, 1),
@@ -143,7 +146,7 @@ def blocking_getter(
 
 def run_sync_clients(agent: ConsulAgent, port: int, quick: bool) -> Figures:
     """The requests adapter and the httpx transport, by name vs the fixed URL."""
-    per_run = 500 if quick else 6_000
+    per_run = 250 if quick else 3_000
     raw_url, named_url = f"http://127.0.0.1:{port}/ping", f"http://{SERVICE}/ping"
     figures: Figures = {}
     with dcy.SyncDcy(agent.http_addr) as client:
@@ -183,7 +186,7 @@ def run_sync_clients(agent: ConsulAgent, port: int, quick: bool) -> Figures:
                     note(f"  {per_run / taken:,.0f} requests/s")
                     seconds[kind] += taken
                     cpu[kind] += used
-                figures |= compared(prefix, seconds, cpu, 2 * per_run)
+                figures |= compared(prefix, seconds, cpu, 4 * per_run)
     return figures
 
 
@@ -216,7 +219,7 @@ async def run_httpx_async(client: dcy.Dcy, port: int, per_run: int) -> Figures:
             note(f"  {per_run / taken:,.0f} requests/s")
             seconds[kind] += taken
             cpu[kind] += used
-    return compared("httpx_async", seconds, cpu, 2 * per_run)
+    return compared("httpx_async", seconds, cpu, 4 * per_run)
 
 
 async def run(agent: ConsulAgent, port: int, quick: bool) -> dict[str, float | int]:
@@ -242,7 +245,7 @@ async def run(agent: ConsulAgent, port: int, quick: bool) -> dict[str, float | i
                 note(f"  {per_run / taken:,.0f} requests/s, {used / per_run * 1e6:.0f} µs CPU each")
                 seconds[kind] += taken
                 cpu[kind] += used
-        httpx_async = await run_httpx_async(client, port, 500 if quick else 6_000)
+        httpx_async = await run_httpx_async(client, port, 250 if quick else 3_000)
     raw_rps = 2 * per_run / seconds["raw"]
     by_name_rps = 2 * per_run / seconds["by_name"]
     return {
