@@ -63,7 +63,7 @@ class _Engine:
     def __init__(self, dcy: Dcy) -> None:
         self.pid = os.getpid()
         self.dcy = dcy
-        # Our own selector, so that a forked child can make its copy harmless (see _forked).
+        # Our own selector, so that a forked child can make its copy harmless (see forked).
         self.selector = selectors.DefaultSelector()
         self.loop = asyncio.SelectorEventLoop(self.selector)
         self.callbacks = ThreadPoolExecutor(1, thread_name_prefix="dcy-callback")
@@ -116,6 +116,10 @@ class _Engine:
         """Close the async client, then stop the loop and both threads. Idempotent; does
         nothing in a forked child, whose copy of this engine is the parent's."""
         if os.getpid() != self.pid or not self.thread.is_alive():
+            return
+        if threading.current_thread() is self.thread:
+            # Collected on the engine thread itself: close from a thread that can wait.
+            threading.Thread(target=self.stop, name="dcy-close", daemon=True).start()
             return
         try:
             self.run(self.dcy.aclose(), timeout=CLOSE_BUDGET + _CLOSE_MARGIN)

@@ -3,6 +3,7 @@ where the fake's watchers live)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import subprocess
@@ -201,3 +202,26 @@ def test_leadership_in_blocking_form(fake_client: tuple[FakeConsul, SyncDcy]) ->
     assert not leader.is_leader
     with client.leadership("app", ttl=10, lock_delay=0) as again:
         assert again.is_leader
+
+
+def test_a_client_collected_on_its_engine_thread_is_still_closed() -> None:
+    """The finalizer runs wherever the last reference goes, the engine thread too: the
+    client is still closed (its registration deregistered) and every thread stops."""
+    before = dcy_threads()
+    fake = FakeConsul()
+    client = SyncDcy(api=fake, watch_options=FAST).open()
+    client.register("svc", 9100, check=dcy.TtlCheck(ttl=30))
+
+    async def running_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    loop = client.run(running_loop())
+    holder = [client]
+    del client
+
+    async def drop() -> None:
+        holder.clear()  # the last reference, dropped on the engine thread
+
+    asyncio.run_coroutine_threadsafe(drop(), loop)
+    until(lambda: dcy_threads() == before, timeout=15, what="every dcy thread gone")
+    assert fake.calls["deregister_service"] == 1
