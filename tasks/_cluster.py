@@ -113,7 +113,8 @@ class Plan:
         for host in dc.hosts:
             counts["nsqd"] += 1
             for kind in ("nsqlookupd", "nsqadmin"):
-                counts[kind] += host.count(kind)
+                if host.count(kind):
+                    counts[kind] += host.count(kind)
             for instance in service_instances(host):
                 counts[instance.kind] += 1
         return counts
@@ -537,18 +538,18 @@ def _terminate(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(running(pid) for pid in pids):
         time.sleep(0.1)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + STOP_WAIT
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(running(pid) for pid in pids):
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
-    """Alive and not a zombie (a zombie of ours is reaped here)."""
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not; one of our children is reaped here)."""
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
