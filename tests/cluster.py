@@ -19,15 +19,17 @@ from tasks import _netns
 from tasks._cluster import Cluster, down, up
 from tasks._inventory import load_inventory
 
-# 1 datacenter: three servers (nsqlookupd and the sensor on s1) and two client hosts with a
-# worker and an app each: killing or cutting a server leaves every service's own agent alive.
+# 1 datacenter: three servers (nsqlookupd on s1), two client hosts with a worker and an app
+# each, and one with the sensor: killing or cutting a server leaves every service's own agent
+# alive, and cutting an app's host leaves the sensor publishing.
 ONE_DC: dict[str, Any] = {
     "dc1": {
-        "s1": {"address": "10.1.0.11", "consul": "server", "run": {"nsqlookupd": 1, "sensor": 1}},
+        "s1": {"address": "10.1.0.11", "consul": "server", "run": {"nsqlookupd": 1}},
         "s2": {"address": "10.1.0.12", "consul": "server", "run": {}},
         "s3": {"address": "10.1.0.13", "consul": "server", "run": {}},
         "c1": {"address": "10.1.0.21", "consul": "client", "run": {"worker": 1, "app": 1}},
         "c2": {"address": "10.1.0.22", "consul": "client", "run": {"worker": 1, "app": 1}},
+        "c3": {"address": "10.1.0.23", "consul": "client", "run": {"sensor": 1}},
     }
 }
 
