@@ -384,19 +384,24 @@ class Cluster:
         return next((h for h in datacenter.hosts if h.address == address), None)
 
     def health(self, dc: str, via: str | None = None) -> dict[str, tuple[int, int]]:
-        """Every service of ``dc``: (passing instances, instances), as one of its agents sees."""
+        """Every service of ``dc``: (passing instances, instances), as one of its agents sees
+        them: an instance passes when its checks and its node's checks (serfHealth) pass."""
         datacenter = self.plan.inventory.datacenter(dc)
         checks = self.api(dc, via or self.ui_host(datacenter).name, "/v1/health/state/any")
-        status: dict[tuple[str, str], bool] = {}
+        node_ok: dict[str, bool] = {}
+        status: dict[tuple[str, str, str], bool] = {}
         for check in checks:
+            ok = check["Status"] == "passing"
             if not check["ServiceName"]:
+                node_ok[check["Node"]] = node_ok.get(check["Node"], True) and ok
                 continue
-            key = (check["ServiceName"], f"{check['Node']}/{check['ServiceID']}")
-            status[key] = status.get(key, True) and check["Status"] == "passing"
+            key = (check["ServiceName"], check["Node"], check["ServiceID"])
+            status[key] = status.get(key, True) and ok
         result: dict[str, tuple[int, int]] = {}
-        for (service, _), passing in sorted(status.items()):
-            ok, total = result.get(service, (0, 0))
-            result[service] = (ok + passing, total + 1)
+        for (service, node, _), passing in sorted(status.items()):
+            ok_count, total = result.get(service, (0, 0))
+            passes = passing and node_ok.get(node, True)
+            result[service] = (ok_count + passes, total + 1)
         return result
 
     def all_passing(self) -> bool:
