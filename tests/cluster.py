@@ -118,3 +118,18 @@ def failed_cycles(cluster: Cluster) -> int:
         for p in cluster.plan.processes
         if p.name.startswith("app")
     )
+
+
+# 2 datacenters of three servers; a worker on one server of each.
+TWO_DC: dict[str, Any] = {
+    "dc1": {
+        "s1": {"address": "10.1.0.11", "consul": "server", "run": {"worker": 1}},
+        "s2": {"address": "10.1.0.12", "consul": "server", "run": {}},
+        "s3": {"address": "10.1.0.13", "consul": "server", "run": {}},
+    },
+    "dc2": {
+        "s1": {"address": "10.2.0.11", "consul": "server", "run": {"worker": 1}},
+        "s2": {"address": "10.2.0.12", "consul": "server", "run": {}},
+        "s3": {"address": "10.2.0.13", "consul": "server", "run": {}},
+    },
+}
