@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from dcy import Dcy
 from tasks._cluster import Cluster
 from tests.cluster import (
     ONE_DC,
+    TWO_DC,
     app_results,
     failed_cycles,
     leading_apps,
@@ -250,3 +252,53 @@ def test_rolling_restart_of_the_servers_loses_nothing(cluster: Cluster) -> None:
     else:
         assert failed_cycles(cluster) == failed_before
         assert len(app_results(cluster)) > results_before, "no cycle completed since"
+
+
+@pytest.fixture
+def two_datacenters(tmp_path: Path) -> Iterator[Cluster]:
+    with local_cluster(tmp_path, TWO_DC, "http") as running:
+        yield running
+
+
+async def test_datacenter_loss_and_return(two_datacenters: Cluster) -> None:
+    """All three servers of dc1 stopped: a client of dc2 asking for dc1's workers with
+    ``datacenters=["dc2"]`` never gets an empty answer; when dc1's servers return, its answers
+    come from dc1 again, fresh, without a restart of the client."""
+    cluster = two_datacenters
+    inventory = cluster.plan.inventory
+    dc1_workers = frozenset(
+        h.address for h in inventory.datacenter("dc1").hosts if h.count("worker")
+    )
+    servers = [h.name for h in inventory.datacenter("dc1").servers]
+    answers: list[tuple[float, frozenset[str], bool]] = []
+    async with Dcy(f"127.0.0.1:{cluster.forward('dc2', 's2', 8500)}") as dcy:
+
+        async def ask() -> tuple[frozenset[str], bool]:
+            lookup = await dcy.lookup("worker@dc1", datacenters=["dc2"])
+            answers.append(
+                (time.monotonic(), frozenset(i.address for i in lookup.instances), lookup.stale)
+            )
+            return answers[-1][1:]
+
+        assert await ask() == (dc1_workers, False)
+        lost_at = time.monotonic()
+        for server in servers:
+            cluster.stop_process("dc1", server, "consul")
+        await eventually(lambda: ask_until(ask, stale=True), timeout=60, what="dc1 marked stale")
+        for _ in range(20):
+            await ask()
+            await asyncio.sleep(0.1)
+        back_at = time.monotonic()
+        for server in servers:
+            cluster.restart("dc1", server, "consul")
+        await eventually(lambda: ask_until(ask, stale=False), timeout=60, what="dc1 fresh")
+    during = sorted({(tuple(sorted(a)), s) for t, a, s in answers if lost_at < t < back_at})
+    print(f"answers during the loss: {during}")
+    print(f"fresh again {answers[-1][0] - back_at:.2f}s after the servers restarted")
+    assert all(addresses for _, addresses, _ in answers), "an empty answer"
+    assert answers[-1][1:] == (dc1_workers, False)
+
+
+async def ask_until(ask: Any, *, stale: bool) -> bool:
+    _, is_stale = await ask()
+    return bool(is_stale == stale)
