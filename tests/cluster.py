@@ -55,6 +55,7 @@ def leftovers(prefix: str) -> list[str]:
 
 @contextlib.contextmanager
 def local_cluster(workdir: Path, datacenters: dict[str, Any], mode: str) -> Iterator[Cluster]:
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "inventory.yml"
     path.write_text(inventory_text(datacenters, mode))
     root = workdir / "cluster"
