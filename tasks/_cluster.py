@@ -152,7 +152,7 @@ def host_processes(
     inventory: Inventory, dc: Datacenter, host: Host, folder: Path, mode: str
 ) -> list[Process]:
     """What ``host`` runs: what its compose file runs, as processes."""
-    from tools.build import require_binary
+    from tasks._infra_check import pinned_binary as require_binary
 
     def proc(name: str, *argv: str, env: Mapping[str, str] | None = None) -> Process:
         return Process(dc.name, host.name, name, tuple(argv), tuple((env or {}).items()))
