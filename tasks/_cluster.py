@@ -65,8 +65,8 @@ class ClusterError(RuntimeError):
 def require_root(euid: int) -> None:
     if euid != 0:
         raise ClusterError(
-            "the local cluster needs root: it creates network namespaces "
-            "(run it as root, e.g. `sudo .venv/bin/inv infra.up --local`)",
+            "the local cluster needs root: it creates and removes network namespaces "
+            "(run it as root, e.g. with sudo)",
             code=2,
         )
 

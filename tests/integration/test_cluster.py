@@ -117,3 +117,16 @@ def test_the_task_refuses_a_bad_inventory_with_the_reason(tmp_path: Path) -> Non
         for ns in _netns.namespaces()
         if ns.startswith("dcyt")  # other tests' clusters
     }
+
+
+@pytest.mark.parametrize("task", ["infra.up", "infra.down"])
+def test_the_tasks_refuse_a_user_without_root_with_exit_status_2(task: str) -> None:
+    """Run as nobody (setpriv): a clear message, exit status 2, nothing started."""
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         str(ROOT / ".venv" / "bin" / "inv"), task, "--local"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "HOME": "/nonexistent"},  # invoke reads ~/.invoke.yaml
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert f"{task}: the local cluster needs root" in result.stderr
