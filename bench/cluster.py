@@ -99,7 +99,7 @@ async def kill_leader(cluster: Cluster, looker: Looker, forward: int) -> tuple[f
                      what="the registered instance in the watch")  # fmt: skip
     fresh_at = looker.changed["app"]
     agent_put(forward, f"/v1/agent/service/deregister/{PROBE}", None)
-    cluster.restart("dc1", old.name, "consul")
+    cluster.start_again("dc1", old.name, "consul")
     await asyncio.to_thread(
         until,
         lambda: cluster.leader("dc1", via=old.name) is not None and cluster.all_passing(),

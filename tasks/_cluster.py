@@ -326,7 +326,8 @@ class Cluster:
         self.signal(dc, host, name, signal.SIGKILL)
         self.procs[(dc, host, name)].wait(10)
 
-    def restart(self, dc: str, host: str, name: str) -> None:
+    def start_again(self, dc: str, host: str, name: str) -> None:
+        """Start a stopped or killed process of the plan again (same argv, same log)."""
         self.start_process(self.plan.process(dc, host, name))
 
     # Network.
@@ -416,7 +417,7 @@ class Cluster:
         return True
 
 
-def datacenter_folders(root: Path) -> Iterator[Path]:
+def _run_folders(root: Path) -> Iterator[Path]:
     return (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else iter(())
 
 
@@ -440,7 +441,7 @@ def up(
             f"a local cluster ({previous.prefix}) is already running from {root}: "
             "stop it first with `inv infra.down --local`"
         )
-    for folder in datacenter_folders(root):  # a previous run's data and logs
+    for folder in _run_folders(root):  # a previous run's data and logs
         shutil.rmtree(folder)
     state = State(plan.prefix, root)
     state.save()  # before anything exists: `down` finds everything by this prefix

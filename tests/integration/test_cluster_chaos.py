@@ -243,7 +243,7 @@ def test_rolling_restart_of_the_servers_loses_nothing(cluster: Cluster) -> None:
     started = time.monotonic()
     for server in cluster.plan.inventory.datacenter("dc1").servers:
         cluster.stop_process("dc1", server.name, "consul")
-        cluster.restart("dc1", server.name, "consul")
+        cluster.start_again("dc1", server.name, "consul")
         wait_server_back(cluster, server.name)
     print(f"3 servers restarted in {time.monotonic() - started:.2f}s")
     until(cluster.all_passing, timeout=60, what="every service passing after the restarts")
@@ -290,7 +290,7 @@ async def test_datacenter_loss_and_return(two_datacenters: Cluster) -> None:
             await asyncio.sleep(0.1)
         back_at = time.monotonic()
         for server in servers:
-            cluster.restart("dc1", server, "consul")
+            cluster.start_again("dc1", server, "consul")
         await eventually(lambda: ask_until(ask, stale=False), timeout=60, what="dc1 fresh")
     during = sorted({(tuple(sorted(a)), s) for t, a, s in answers if lost_at < t < back_at})
     print(f"answers during the loss: {during}")
