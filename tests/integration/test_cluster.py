@@ -44,6 +44,12 @@ def test_up_runs_every_host_in_its_namespace_and_down_leaves_nothing(tmp_path: P
             shown = _netns.ip("-n", ns, "-o", "addr", "show", "dev", "eth0").stdout
             assert f"inet {host.address}/24" in shown
         assert machine_network() == network_before
+        # The fabric routes between the cluster's subnets and nowhere else.
+        fabric = cluster.plan.fabric
+        assert _netns.ip("-n", fabric, "route", "get", "10.1.0.21", check=False).returncode == 0
+        for outside in ("1.1.1.1", "192.168.1.1", "172.17.0.1"):
+            refused = _netns.ip("-n", fabric, "route", "get", outside, check=False)
+            assert refused.returncode != 0 and "unreachable" in refused.stderr, refused
         members = cluster.api("dc1", "c1", "/v1/agent/members")
         assert sorted((m["Name"], m["Addr"], m["Status"]) for m in members) == sorted(
             (h.name, h.address, 1) for h in cluster.plan.inventory.hosts
