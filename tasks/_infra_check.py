@@ -264,8 +264,13 @@ def _service_findings(where: str, host: Host, config: Mapping[str, Any]) -> list
 
 
 def consul_binary() -> Path:
-    """The pinned Consul binary (tools/build.py, loaded by path: invoke does not put the
-    repository root on sys.path); FileNotFoundError says how to build it."""
+    """The pinned Consul binary; FileNotFoundError says how to build it."""
+    return pinned_binary("consul")
+
+
+def pinned_binary(program: str) -> Path:
+    """A pinned binary (consul, nsqd, ...) from tools/build.py, loaded by path: invoke does
+    not put the repository root on sys.path. FileNotFoundError says how to build it."""
     name = "dcy_tools_build"
     module = sys.modules.get(name)
     if module is None:
@@ -274,7 +279,7 @@ def consul_binary() -> Path:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while being defined
         spec.loader.exec_module(module)
-    path: Path = module.require_binary("consul")
+    path: Path = module.require_binary(program)
     return path
 
 

@@ -111,9 +111,8 @@ def consul_joins(inventory: Inventory, dc: Datacenter, host: Host) -> tuple[list
     return join, wan
 
 
-def render_all(inventory: Inventory, pins: Pins, templates: Path = TEMPLATES) -> dict[Path, str]:
-    """Every host's compose file, by path relative to ``datacenters/``."""
-    env = jinja2.Environment(
+def template_environment(templates: Path = TEMPLATES) -> jinja2.Environment:
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -121,21 +120,43 @@ def render_all(inventory: Inventory, pins: Pins, templates: Path = TEMPLATES) ->
         lstrip_blocks=True,
         autoescape=False,  # YAML and HCL, not HTML; every value was validated by the inventory
     )
+
+
+def agent_context(inventory: Inventory, dc: Datacenter, host: Host) -> dict[str, Any]:
+    """What consul-agent.hcl.j2 renders ``host``'s agent from."""
+    join, join_wan = consul_joins(inventory, dc, host)
+    return {
+        "inventory": inventory,
+        "dc": dc,
+        "host": host,
+        "join": join,
+        "join_wan": join_wan,
+        "nsq": nsq_services(host),
+    }
+
+
+def render_agent(
+    inventory: Inventory, dc: Datacenter, host: Host, templates: Path = TEMPLATES
+) -> str:
+    """``host``'s Consul agent configuration: what its compose file passes as ``-hcl``, and
+    what the local cluster (``inv infra.up --local``) runs in the host's namespace."""
+    try:
+        agent = template_environment(templates).get_template("consul-agent.hcl.j2")
+        return agent.render(agent_context(inventory, dc, host))
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"{templates}: {exc}") from exc
+
+
+def render_all(inventory: Inventory, pins: Pins, templates: Path = TEMPLATES) -> dict[Path, str]:
+    """Every host's compose file, by path relative to ``datacenters/``."""
+    env = template_environment(templates)
     try:
         compose = env.get_template("docker-compose.yml.j2")
         agent = env.get_template("consul-agent.hcl.j2")
         files: dict[Path, str] = {}
         for dc in inventory.datacenters:
             for host in dc.hosts:
-                join, join_wan = consul_joins(inventory, dc, host)
-                context: dict[str, Any] = {
-                    "inventory": inventory,
-                    "dc": dc,
-                    "host": host,
-                    "join": join,
-                    "join_wan": join_wan,
-                    "nsq": nsq_services(host),
-                }
+                context = agent_context(inventory, dc, host)
                 context["consul_hcl"] = agent.render(context)
                 context.update(
                     images=pins,

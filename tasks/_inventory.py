@@ -196,3 +196,16 @@ def _text(value: Any, where: str) -> str:
 def _name(value: Any, where: str) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise InventoryError(f"{where}: names are lower-case letters, digits and '-'")
+
+
+def require_quorum(inventory: Inventory, source: str = "inventory") -> None:
+    """Every datacenter has an odd number of Consul servers, at least 3: what a datacenter
+    needs to elect a leader and survive the loss of one server. (`inv infra.check` checks the
+    same in the rendered files; this refuses an inventory before anything is started.)"""
+    for dc in inventory.datacenters:
+        count = len(dc.servers)
+        if count < 3 or count % 2 == 0:
+            raise InventoryError(
+                f"{source}: datacenter {dc.name!r} has {count} Consul server(s); "
+                "it needs an odd number, at least 3"
+            )

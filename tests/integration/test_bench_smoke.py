@@ -18,6 +18,16 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = {
+    "cluster": (
+        "new_leader_p50_s",
+        "new_leader_max_s",
+        "fresh_watch_p50_s",
+        "fresh_watch_max_s",
+        "empty_lookups",
+        "failed_cycles",
+        "readings_lost",
+        "readings_duplicated",
+    ),
     "resolve": ("pick_us", "pick_nowait_us", "http_query_us", "dns_query_us", "pick_over_http"),
     "propagation": ("changes", "p50_ms", "p99_ms", "max_ms", "raw_longpoll_p99_ms"),
     "consul_load": (
@@ -83,7 +93,10 @@ FIGURES = {
 }
 
 # Figures that count mistakes, per benchmark: each must be exactly 0.
-MUST_BE_ZERO = {"pipeline": ("lost", "duplicated")}
+MUST_BE_ZERO = {
+    "pipeline": ("lost", "duplicated"),
+    "cluster": ("empty_lookups", "readings_lost", "readings_duplicated"),
+}
 
 # Benchmarks that report a figure they could not measure as null, say why in "notes" (a list
 # of strings) and report their goals as booleans in "goals": scale's watcher may be refused by
