@@ -12,7 +12,7 @@ import json
 import urllib.request
 from typing import Any
 
-from tests.harness import ConsulAgent
+from tests.harness import ConsulAgent, until
 
 NODES: list[dict[str, Any]] = [
     {
@@ -70,7 +70,10 @@ def _put(agent: ConsulAgent, path: str, body: bytes) -> None:
 
 
 def load(agent: ConsulAgent) -> None:
-    """Write the fixed state into ``agent`` (a fresh dev agent)."""
+    """Write the fixed state into ``agent`` (a fresh dev agent). Returns once the agent's own
+    node is synced too (its tagged addresses arrive with a later anti-entropy run: two renders
+    on either side of it would differ)."""
+    until(lambda: _agent_node_synced(agent), timeout=30, what="the agent's node in the catalog")
     for node in NODES:
         _put(agent, "/v1/catalog/register", json.dumps(node).encode())
     for node, sid, name, tags, port, address, meta, states in SERVICES:
@@ -113,6 +116,12 @@ def load(agent: ConsulAgent) -> None:
         _put(agent, "/v1/catalog/register", json.dumps(body).encode())
     for key, value in KV.items():
         _put(agent, f"/v1/kv/{key}", value.encode())
+
+
+def _agent_node_synced(agent: ConsulAgent) -> bool:
+    with urllib.request.urlopen(f"{agent.url}/v1/catalog/node/{agent.node_name}", timeout=5) as a:
+        body = json.loads(a.read()) or {}
+    return "wan" in ((body.get("Node") or {}).get("TaggedAddresses") or {})
 
 
 def kv_value(agent: ConsulAgent, key: str) -> str:
