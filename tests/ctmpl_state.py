@@ -130,8 +130,8 @@ def load(agent: ConsulAgent) -> None:
     until(lambda: _agent_node_synced(agent), timeout=30, what="the agent's node in the catalog")
     for node in NODES:
         _put(agent, "/v1/catalog/register", json.dumps(node).encode())
-    for node, sid, name, tags, port, address, meta, states in SERVICES:
-        base = next(n for n in NODES if n["Node"] == node)
+    for node_name, sid, name, tags, port, address, meta, states in SERVICES:
+        base = next(n for n in NODES if n["Node"] == node_name)
         checks = []
         for i, state in enumerate(states):
             if state == "maintenance":
