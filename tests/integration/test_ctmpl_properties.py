@@ -59,7 +59,7 @@ LAST_STAGES = ["", "len", 'split ","', 'split "" | len', 'printf "%d"', 'printf 
 VERBS = ["%d", "%5d", "%-5d|", "%x", "%o", "%b", "%v", "%s", "%q", "%t", "%f", "%.2f", "%e", "%g"]
 
 text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
     max_size=16,
 )
 
