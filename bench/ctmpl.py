@@ -35,6 +35,7 @@ from bench._common import agent_session, consul_agent, emit, note, parse_args, p
 from bench.template import (
     AGENT_HCL,
     CASE2_GO,
+    CASE2_JINJA,
     DCY_TEMPLATE,
     Case2Figures,
     ManyServices,
@@ -54,20 +55,35 @@ CORPUS = Path(__file__).resolve().parents[1] / "tests" / "ctmpl_corpus"
 ENV = {"CTMPL_APP_NAME": "shop-from-env"}
 
 
+# As many connections as consul-template opens here (one blocking query per watch): dcy's
+# default budget of 32 makes the engine detect changes with wide queries past it instead.
+NARROW = ("-max-connections", "1000")
+
+
 @dataclass(frozen=True, slots=True)
-class GoSyntaxTool(Tool):
-    """dcy-template told that bench/template.py's ``source.tpl`` is in Go syntax."""
+class DcyTool(Tool):
+    """dcy-template with extra flags (bench/template.py's source file is ``source.tpl``)."""
+
+    extra: tuple[str, ...] = ()
 
     def argv(self, consul_addr: str, source: Path, destination: Path) -> list[str]:
-        return [*Tool.argv(self, consul_addr, source, destination), "-syntax", "go"]
+        return [*Tool.argv(self, consul_addr, source, destination), *self.extra]
 
 
-def tools() -> tuple[Tool, Tool]:
-    ours = GoSyntaxTool("dcy", DCY_TEMPLATE, case1_go, CASE2_GO, signal.SIGTERM)
+def tools() -> tuple[Tool, ...]:
+    """consul-template; dcy-template on the Go template (default budget, and as many
+    connections as consul-template); dcy-template on the jinja twin of the template, the
+    in-Python renderer design (a) would be measured against."""
     theirs = Tool(
         "consul-template", require_binary("consul-template"), case1_go, CASE2_GO, signal.SIGINT
     )
-    return ours, theirs
+    go = ("-syntax", "go")
+    return (
+        theirs,
+        DcyTool("dcy", DCY_TEMPLATE, case1_go, CASE2_GO, signal.SIGTERM, extra=go),
+        DcyTool("dcy_narrow", DCY_TEMPLATE, case1_go, CASE2_GO, signal.SIGTERM, extra=go + NARROW),
+        DcyTool("jinja_narrow", DCY_TEMPLATE, case1_go, CASE2_JINJA, signal.SIGTERM, extra=NARROW),
+    )
 
 
 def corpus_flags(out: Path) -> list[str]:
@@ -127,17 +143,17 @@ async def corpus(agent: ConsulAgent, workdir: Path, samples: int) -> dict[str, l
 async def propagation(
     agent: ConsulAgent, workdir: Path, changes: int, rounds: int
 ) -> dict[str, Case2Figures]:
-    ours, theirs = tools()
-    figures = {tool.name: Case2Figures() for tool in (ours, theirs)}
+    contenders = tools()
+    figures = {tool.name: Case2Figures() for tool in contenders}
     async with agent_session(agent) as session:
         await register_many(session)
-        await same_output(agent, workdir, {tool: tool.case2 for tool in (ours, theirs)})
+        await same_output(agent, workdir, {tool: tool.case2 for tool in contenders})
         note("propagation: outputs identical; measuring")
         consul = agent.api("/v1/health/service/consul")[0]["Service"]
         model = ManyServices(f"consul {consul['ID']} 127.0.0.1:{consul['Port']}\n")
         rng = random.Random(2)
         for number in range(rounds):
-            order = (theirs, ours) if number % 2 == 0 else (ours, theirs)
+            order = contenders if number % 2 == 0 else tuple(reversed(contenders))
             for tool in order:
                 await case2_session(
                     agent, session, workdir, tool, model, changes, rng, figures[tool.name]
@@ -164,33 +180,44 @@ async def main(quick: bool) -> None:
         with consul_agent(AGENT_HCL) as agent:
             many = await propagation(agent, Path(tmp), changes, rounds)
         floor = await import_floor_ms(5 if quick else 15)
-    dcy, ct = many["dcy"], many["consul-template"]
+    ct = many["consul-template"]
     corpus_dcy = statistics.median(once["dcy"])
     corpus_ct = statistics.median(once["consul-template"])
-    figures = {
+    figures: dict[str, float | int] = {
         "corpus_render_ratio": ratio(corpus_dcy, corpus_ct),
-        "propagation_p50_ratio": ratio(percentile(dcy.latencies, 50), percentile(ct.latencies, 50)),
-        "propagation_p99_ratio": ratio(percentile(dcy.latencies, 99), percentile(ct.latencies, 99)),
+        "propagation_p50_ratio": ratio(
+            percentile(many["dcy"].latencies, 50), percentile(ct.latencies, 50)
+        ),
+        "propagation_p99_ratio": ratio(
+            percentile(many["dcy"].latencies, 99), percentile(ct.latencies, 99)
+        ),
         "corpus_templates": len(list(CORPUS.glob("*.ctmpl"))),
         "corpus_samples": len(once["dcy"]),
         "corpus_dcy_ms": rounded(corpus_dcy * 1000),
         "corpus_ct_ms": rounded(corpus_ct * 1000),
         "import_aiohttp_jinja2_ms": rounded(floor),
         "corpus_dcy_minus_import_floor_ms": rounded(corpus_dcy * 1000 - floor),
-        "changes": len(dcy.latencies),
-        "dcy_p50_ms": ms(dcy.latencies, 50),
-        "dcy_p99_ms": ms(dcy.latencies, 99),
-        "ct_p50_ms": ms(ct.latencies, 50),
-        "ct_p99_ms": ms(ct.latencies, 99),
-        "first_render_cold_ratio": ratio(
-            statistics.median(dcy.first_render_cold), statistics.median(ct.first_render_cold)
-        ),
-        "dcy_first_render_cold_ms": rounded(statistics.median(dcy.first_render_cold) * 1000),
-        "ct_first_render_cold_ms": rounded(statistics.median(ct.first_render_cold) * 1000),
-        "dcy_requests_per_change": rounded(dcy.change_requests / dcy.changes),
-        "ct_requests_per_change": rounded(ct.change_requests / ct.changes),
+        "changes": len(ct.latencies),
         "cpus": os.cpu_count() or 0,
     }
+    for name, side in many.items():
+        short = "ct" if name == "consul-template" else name
+        figures |= {
+            f"{short}_p50_ms": ms(side.latencies, 50),
+            f"{short}_p99_ms": ms(side.latencies, 99),
+            f"{short}_first_render_cold_ms": rounded(
+                statistics.median(side.first_render_cold) * 1000
+            ),
+            f"{short}_requests_per_change": rounded(side.change_requests / side.changes),
+            f"{short}_max_connections": max(side.max_connections),
+        }
+        if name != "consul-template":
+            figures[f"{short}_p50_ratio"] = ratio(
+                percentile(side.latencies, 50), percentile(ct.latencies, 50)
+            )
+            figures[f"{short}_p99_ratio"] = ratio(
+                percentile(side.latencies, 99), percentile(ct.latencies, 99)
+            )
     emit({"bench": "ctmpl", **figures})
 
 
