@@ -106,6 +106,11 @@ class GoTemplateRenderer:
                     outcome.error = self._position(str(reply["error"]))
                     return outcome
                 used: list[str] = reply.get("used") or []
+                if used == self._last_used:
+                    # What the first pass checked already (a change of data the template used
+                    # before, the common case): nothing new to look up.
+                    data = []
+                    break
                 data = self._updates(used, source, outcome)
                 if not data:
                     break
