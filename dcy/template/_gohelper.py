@@ -79,6 +79,9 @@ class GoHelper:
                 stdout=subprocess.PIPE,
                 env={},  # nothing to leak: no address, no token, no secrets
                 close_fds=True,
+                # A Ctrl-C at the terminal is the renderer's to handle; the helper ends when
+                # its stdin closes, whatever way the renderer ends.
+                start_new_session=True,
             )
         except OSError as exc:
             raise HelperError(f"cannot start {path}: {exc.strerror or exc}") from exc

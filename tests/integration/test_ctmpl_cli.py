@@ -183,7 +183,7 @@ def test_file_reads_inside_the_sandbox_only(consul: ConsulAgent, tmp_path: Path)
     assert result.returncode == 1 and "outside the sandbox" in result.stderr
 
 
-def test_the_helper_gets_no_consul_address_or_token(
+def test_the_helper_gets_no_consul_address_or_token_and_ends_with_the_renderer(
     consul: ConsulAgent, tmp_path: Path, start: Callable[..., ManagedProcess]
 ) -> None:
     src, out = tmp_path / "t.ctmpl", tmp_path / "out"
@@ -200,3 +200,6 @@ def test_the_helper_gets_no_consul_address_or_token(
     assert len(helpers) == 1
     environ = Path(f"/proc/{helpers[0]}/environ").read_bytes()
     assert b"CONSUL" not in environ and b"tok-123" not in environ
+    # A renderer killed outright leaves no helper behind: its stdin closes, it ends.
+    proc.kill()
+    until(lambda: not Path(f"/proc/{helpers[0]}").exists(), timeout=10, what="the helper ending")
