@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dcy._errors import DcyError
 from dcy.template._env import EnvPolicy
 from dcy.template._functions import DataFunctions
 from dcy.template._godeps import Dependency, UnsupportedDependency, dependency
@@ -114,6 +115,11 @@ class GoTemplateRenderer:
                 data = self._updates(used, source, outcome)
                 if not data:
                     break
+        except DcyError as exc:
+            # Consul refused a query for good (ACL, TLS): the runner stops on it.
+            outcome.refused = exc
+            outcome.error = f"{self.spec.name}: {exc}"
+            return outcome
         except (HelperError, UnsupportedDependency) as exc:
             outcome.error = f"{self.spec.name}: {exc}"
             return outcome
@@ -124,7 +130,7 @@ class GoTemplateRenderer:
             # Still discovering after MAX_PASSES: incomplete; the next answer renders again.
             for name, _ in data:
                 del self._helper.sent[name]  # computed, never sent
-                outcome.waiting.add(self._dependencies[name].spec)
+                outcome.waiting.add(self._dependency(name).spec)
         for name in reply.get("missing") or []:
             dep = self._dependency(name)
             if dep.spec not in outcome.waiting:

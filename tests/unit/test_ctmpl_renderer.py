@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dcy._errors import ConsulError
 from dcy._kv_specs import KeyPrefixSpec, KeySpec, KeyValue
 from dcy._specs import CatalogServicesSpec
 from dcy._watch import Snapshot
@@ -197,6 +198,19 @@ def test_a_render_that_does_not_end_is_stopped_and_the_helper_restarts() -> None
         assert renderer(helper, "{{ add 1 2 }}").render(Watches()).content == "3"
     finally:
         helper.close()
+
+
+def test_a_query_consul_refuses_is_reported_as_refused(helper: GoHelper) -> None:
+    """A refused query (ACL, TLS) is not the template's fault: the runner stops on it."""
+    refusal = ConsulError("Permission denied", status=403)
+
+    def refusing(spec: Any) -> Snapshot[Any] | None:
+        raise refusal
+
+    outcome = renderer(helper, '{{ key "secret/x" }}').render(Watches())
+    assert not outcome.complete and outcome.refused is None
+    outcome = renderer(helper, '{{ key "secret/x" }}').render(refusing)
+    assert outcome.refused is refusal and outcome.error is not None
 
 
 def test_a_missing_helper_is_a_clear_error(tmp_path: Path) -> None:
