@@ -139,10 +139,17 @@ def link_into_checkout() -> None:
     links = ROOT / ".bin"
     links.mkdir(exist_ok=True)
     for program in PROGRAMS:
-        link = links / program.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(binary_path(program.name))
+        _link(links / program.name, binary_path(program.name))
+    if sys.prefix != sys.base_prefix:
+        # Run by a virtualenv's Python (scripts/install): dcy-template looks for its helper
+        # next to its own interpreter first, so it finds the one built from this checkout.
+        _link(Path(sys.executable).parent / "dcy-ctmpl", binary_path("dcy-ctmpl"))
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,15 @@ class HelperError(Exception):
 
 
 def helper_path() -> Path:
-    """Where the helper is: $DCY_CTMPL_HELPER, ``dcy-ctmpl`` on PATH, or the build cache
-    (``tools/build.py`` puts it in ``~/.cache/dcy/bin``)."""
+    """Where the helper is: $DCY_CTMPL_HELPER, next to the running Python (scripts/install
+    links it into the virtualenv), ``dcy-ctmpl`` on PATH, or the newest in the build cache
+    (``tools/build.py`` builds it into ``~/.cache/dcy/bin``)."""
     configured = os.environ.get(HELPER_ENV)
     if configured:
         return Path(configured)
+    beside = Path(sys.executable).with_name(HELPER_NAME)
+    if beside.exists():
+        return beside
     found = shutil.which(HELPER_NAME)
     if found:
         return Path(found)
