@@ -148,6 +148,10 @@ def test_syntax_flag_and_stanza_select_go(consul: ConsulAgent, tmp_path: Path) -
         ('{{ with secret "secret/x" }}{{ .Data }}{{ end }}', "secret is not supported"),
         ("{{ range nomadServices }}{{ end }}", "nomadServices is not supported"),
         ('{{ sprig_env "HOME" }}', "sprig_env is not supported"),
+        (
+            '{{ define "a" }}{{ executeTemplate "a" }}{{ end }}{{ executeTemplate "a" }}',
+            "executeTemplate is not supported by dcy-template: its recursion is unbounded",
+        ),
         ('{{ env "CONSUL_HTTP_TOKEN" }}', "env('CONSUL_HTTP_TOKEN') is denied"),
         ('{{ env "DB_PASSWORD" }}', "env('DB_PASSWORD') is denied"),
         ('{{ file "/etc/passwd" }}', "file() is disabled"),

@@ -73,8 +73,11 @@ type answer struct {
 // refused with an error naming them (consul-template's own denylist says only "function is
 // disabled").
 var refused = map[string]string{
-	"plugin":           "it runs programs",
-	"writeToFile":      "it writes files outside the template's destination",
+	"plugin":      "it runs programs",
+	"writeToFile": "it writes files outside the template's destination",
+	// Each call starts a new execution, out of text/template's depth limit: a template that
+	// calls itself recurses until the helper runs out of stack (a gigabyte).
+	"executeTemplate":  "its recursion is unbounded; use {{ template \"name\" . }}",
 	"secret":           "Vault is not supported",
 	"secrets":          "Vault is not supported",
 	"pkiCert":          "Vault is not supported",
