@@ -207,3 +207,20 @@ def test_the_helper_gets_no_consul_address_or_token_and_ends_with_the_renderer(
     # A renderer killed outright leaves no helper behind: its stdin closes, it ends.
     proc.kill()
     until(lambda: not Path(f"/proc/{helpers[0]}").exists(), timeout=10, what="the helper ending")
+
+
+def test_an_unknown_syntax_is_a_usage_error(tmp_path: Path) -> None:
+    src = tmp_path / "in.tmpl"
+    src.write_text("x")
+    config = tmp_path / "c.hcl"
+    config.write_text(
+        f'template {{\n  source = "{src}"\n  destination = "{tmp_path / "out"}"\n'
+        '  syntax = "perl"\n}\n'
+    )
+    for args, message in (
+        (["-config", str(config)], "unknown syntax 'perl': use go or jinja"),
+        (["-syntax", "perl", "-template", f"{src}:{tmp_path / 'out'}"], "invalid choice"),
+    ):
+        result = subprocess.run([DCY_TEMPLATE, *args], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()
