@@ -8,6 +8,7 @@ rules apply. Messages are JSON lines; the protocol is described in tools/ctmpl-h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -130,7 +131,7 @@ class GoHelper:
                     answer = {"error": str(exc)}
                 self._write(process, (json.dumps(answer) + "\n").encode())
         except HelperError:
-            self.close()
+            self.close(kill=True)  # stuck or dead: it must not hold the renderer any longer
             raise
         self.texts[template_id] = text
         return message  # type: ignore[no-any-return]
@@ -146,7 +147,7 @@ class GoHelper:
             )
             self._read_line(self._process, time.monotonic() + self._timeout)
         except HelperError:
-            self.close()
+            self.close(kill=True)
 
     def _write(self, process: subprocess.Popen[bytes], data: bytes) -> None:
         assert process.stdin is not None
@@ -176,15 +177,19 @@ class GoHelper:
                 raise HelperError(f"the {HELPER_NAME} helper died (exit {process.wait()})")
             self._buffer += chunk
 
-    def close(self) -> None:
+    def close(self, *, kill: bool = False) -> None:
+        """Stop the helper: it ends when its stdin closes (``kill``: at once)."""
         process, self._process = self._process, None
         self.sent.clear()
         self.texts.clear()
         if process is None:
             return
+        if kill:
+            process.kill()
         for stream in (process.stdin, process.stdout):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):  # a dead helper's pipe
+                    stream.close()
         try:
             process.wait(timeout=2)
         except subprocess.TimeoutExpired:
