@@ -67,9 +67,7 @@ def main() -> None:
             samples["aiohttp"].append(import_time_us("aiohttp", env))
             samples["dcy"].append(import_time_us("dcy", env))
             # The least any aiohttp client of Consul could import: aiohttp and a JSON codec.
-            samples["floor"].append(
-                import_time_us("aiohttp", env) + import_time_us("orjson", env)
-            )
+            samples["floor"].append(import_time_us("aiohttp", env) + import_time_us("orjson", env))
             walls["python"].append(wall_ms("pass", env))
             walls["dcy"].append(wall_ms("import dcy", env))
     aiohttp_ms = statistics.median(samples["aiohttp"]) / 1000

@@ -100,9 +100,7 @@ class ConsulFlags:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConsulFlags:
-        return cls(
-            **{name: getattr(args, name, None) for name in cls.__dataclass_fields__}
-        )
+        return cls(**{name: getattr(args, name, None) for name in cls.__dataclass_fields__})
 
     def client(self, watch_options: WatchOptions | None = None) -> Dcy:
         """A client with these settings. Raises ValueError for a bad address, token file

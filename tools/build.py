@@ -16,6 +16,7 @@ the cached binaries for convenience.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -35,6 +36,9 @@ class Program:
     wrapper: str  # folder under tools/ holding the wrapper go.mod
     module: str  # the upstream module whose version is pinned
     package: str  # the Go package built into the executable
+    # Our own Go code lives in the wrapper folder: its hash is part of the cached name, so an
+    # edit rebuilds the binary (a pinned upstream version alone would not).
+    own_source: bool = False
 
 
 PROGRAMS: tuple[Program, ...] = (
@@ -48,6 +52,15 @@ PROGRAMS: tuple[Program, ...] = (
         "consul-template",
         "github.com/hashicorp/consul-template",
         "github.com/hashicorp/consul-template",
+    ),
+    # dcy-template's helper for consul-template syntax (.ctmpl): consul-template's own template
+    # package behind a pipe, fed with the data dcy's watches fetched (dcy/template/_gohelper.py).
+    Program(
+        "dcy-ctmpl",
+        "ctmpl-helper",
+        "github.com/hashicorp/consul-template",
+        ".",
+        own_source=True,
     ),
 )
 
@@ -69,7 +82,18 @@ def pinned_version(program: Program) -> str:
 def binary_path(name: str) -> Path:
     """Where the cached binary of program ``name`` lives (it may not be built yet)."""
     program = _program(name)
-    return cache_dir() / f"{program.name}-{pinned_version(program)}"
+    version = pinned_version(program)
+    if program.own_source:
+        version += "-" + _source_hash(TOOLS / program.wrapper)
+    return cache_dir() / f"{program.name}-{version}"
+
+
+def _source_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".go" or path.name in ("go.mod", "go.sum"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def require_binary(name: str) -> Path:
@@ -115,10 +139,17 @@ def link_into_checkout() -> None:
     links = ROOT / ".bin"
     links.mkdir(exist_ok=True)
     for program in PROGRAMS:
-        link = links / program.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(binary_path(program.name))
+        _link(links / program.name, binary_path(program.name))
+    if sys.prefix != sys.base_prefix:
+        # Run by a virtualenv's Python (scripts/install): dcy-template looks for its helper
+        # next to its own interpreter first, so it finds the one built from this checkout.
+        _link(Path(sys.executable).parent / "dcy-ctmpl", binary_path("dcy-ctmpl"))
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,11 @@ class DatacentersSpec:
 
 
 class TemplateSpecs:
-    """Builds the watch specs template functions depend on."""
+    """Builds the watch specs template functions depend on. ``local_node``: the agent's node
+    name, what consul-template's ``node`` without a name reads."""
+
+    def __init__(self, local_node: str | None = None) -> None:
+        self.local_node = local_node
 
     def key(self, key: str, datacenter: str | None) -> Any:
         from dcy._kv_specs import KeySpec

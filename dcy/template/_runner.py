@@ -27,6 +27,8 @@ from dcy._errors import DcyError
 from dcy._watch import Snapshot, Subscription, WatchEngine
 from dcy.template._commands import CommandResult, run_command
 from dcy.template._env import EnvPolicy
+from dcy.template._gohelper import GoHelper
+from dcy.template._gorender import GoTemplateRenderer
 from dcy.template._metrics import NoMetrics, RendererMetrics
 from dcy.template._render import RenderOutcome, TemplateRenderer
 from dcy.template._spec import TemplateSpec
@@ -88,7 +90,7 @@ class RendererOptions:
 @dataclass(eq=False)
 class TemplateState:
     spec: TemplateSpec
-    renderer: TemplateRenderer
+    renderer: TemplateRenderer | GoTemplateRenderer
     used: dict[Any, Snapshot[Any] | None] = field(default_factory=dict)
     dirty: bool = True
     first_change: float | None = None
@@ -137,6 +139,8 @@ class Renderer:
         self._users: dict[Any, set[TemplateState]] = {}
         self._wake = _Wakeup()
         self._stopping = False
+        # Started with the first Go-syntax (.ctmpl) template: one helper for all of them.
+        self._go_helper: GoHelper | None = None
         self.states: list[TemplateState] = []
         self.command_results: list[CommandResult] = []
         self.set_templates(templates)
@@ -148,21 +152,29 @@ class Renderer:
             self._forget(state)
         now = time.monotonic()
         self.states = [
-            TemplateState(
-                spec,
-                TemplateRenderer(
-                    spec,
-                    domain=self._domain,
-                    sandbox=self.options.sandbox,
-                    specs=self._specs,
-                    env_policy=self.options.env_policy,
-                ),
-                first_change=now,
-                last_change=now,
-            )
+            TemplateState(spec, self._renderer_for(spec), first_change=now, last_change=now)
             for spec in templates
         ]
         self._wake.set()
+
+    def _renderer_for(self, spec: TemplateSpec) -> TemplateRenderer | GoTemplateRenderer:
+        if spec.go_syntax:
+            if self._go_helper is None:
+                self._go_helper = GoHelper()
+            return GoTemplateRenderer(
+                spec,
+                helper=self._go_helper,
+                sandbox=self.options.sandbox,
+                local_node=getattr(self._specs, "local_node", None),
+                env_policy=self.options.env_policy,
+            )
+        return TemplateRenderer(
+            spec,
+            domain=self._domain,
+            sandbox=self.options.sandbox,
+            specs=self._specs,
+            env_policy=self.options.env_policy,
+        )
 
     def source_changed(self, path: Path) -> None:
         """A template source or a file() read by a template changed on disk."""
@@ -406,6 +418,8 @@ class Renderer:
         for spec in list(state.used):
             self._drop_user(spec, state)
         state.used = {}
+        if isinstance(state.renderer, GoTemplateRenderer):
+            state.renderer.close()
 
     def _on_snapshot(self, spec: Any, snapshot: Snapshot[Any]) -> None:
         now = time.monotonic()
@@ -451,6 +465,9 @@ class Renderer:
         )
 
     async def aclose(self) -> None:
+        if self._go_helper is not None:
+            self._go_helper.close()
+            self._go_helper = None
         subscriptions = list(self._subscriptions.values())
         self._subscriptions.clear()
         self._users.clear()

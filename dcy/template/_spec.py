@@ -15,6 +15,7 @@ from typing import Any
 from dcy._durations import parse_duration
 
 DEFAULT_COMMAND_TIMEOUT = 30.0
+SYNTAXES = (None, "go", "jinja")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +32,27 @@ class TemplateSpec:
     wait: tuple[float, float] | None = None
     error_on_missing_key: bool = False
     create_dest_dirs: bool = True
+    # "go" (consul-template's Go text/template), "jinja", or None: go for a ``.ctmpl`` source.
+    syntax: str | None = None
 
     def __post_init__(self) -> None:
+        if self.syntax not in SYNTAXES:
+            raise ValueError(
+                f"template for {self.destination}: unknown syntax {self.syntax!r}: use go or jinja"
+            )
         if (self.source is None) == (self.contents is None):
             raise ValueError(
                 f"template for {self.destination}: give exactly one of source or contents"
             )
         if self.command_timeout <= 0:
             raise ValueError(f"template for {self.destination}: command_timeout must be > 0")
+
+    @property
+    def go_syntax(self) -> bool:
+        """Rendered as consul-template renders it (Go text/template), not with jinja."""
+        if self.syntax is not None:
+            return self.syntax == "go"
+        return self.source is not None and self.source.suffix == ".ctmpl"
 
     @property
     def name(self) -> str:
@@ -104,6 +118,7 @@ def spec_from_mapping(raw: dict[str, Any], *, base: Path | None = None) -> Templ
         "wait",
         "error_on_missing_key",
         "create_dest_dirs",
+        "syntax",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -134,6 +149,7 @@ def spec_from_mapping(raw: dict[str, Any], *, base: Path | None = None) -> Templ
         wait=wait_pair,
         error_on_missing_key=bool(raw.get("error_on_missing_key", False)),
         create_dest_dirs=bool(raw.get("create_dest_dirs", True)),
+        syntax=str(raw["syntax"]).strip().lower() if raw.get("syntax") else None,
     )
 
 

@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE|DIR",
         help="HCL configuration (consul, template, wait, exec stanzas); repeatable",
     )
+    add(
+        "-syntax",
+        choices=("go", "jinja"),
+        help="template language of every template that names none (default: go for a "
+        ".ctmpl source, consul-template's syntax; jinja otherwise)",
+    )
     add("-once", action="store_true", help="render every template once, run commands, exit")
     add("-dry", action="store_true", help="print rendered output to stdout; write and run nothing")
     add("-wait", metavar="MIN[:MAX]", help="quiescence before re-rendering, e.g. 2s:10s")
@@ -177,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     updates: dict[str, object] = {"consul": consul}
     cwd = Path.cwd()
     templates = config.templates + tuple(parse_template_flag(t, base=cwd) for t in args.template)
+    if args.syntax:
+        templates = tuple(t if t.syntax else replace(t, syntax=args.syntax) for t in templates)
     if not templates:
         raise ConfigError("no templates: give -template SRC:DEST[:COMMAND] or -config")
     updates["templates"] = templates
@@ -311,7 +319,7 @@ class Application:
                 dcy.engine,
                 self.config.templates,
                 domain=dcy.agent.domain,
-                specs=TemplateSpecs(),
+                specs=TemplateSpecs(local_node=dcy.agent.node_name),
                 options=RendererOptions(
                     wait=self.config.wait,
                     missing_key_timeout=self.config.missing_key_timeout,

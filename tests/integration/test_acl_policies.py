@@ -208,6 +208,33 @@ def test_template_reading_a_forbidden_key_reports_it(
     assert not (tmp_path / "out").exists()
 
 
+CTMPL = (
+    '{{ range service "NAME" }}{{ .Address }}:{{ .Port }}{{ end }}\ndb={{ key "cfg/NAME/db" }}\n'
+)
+
+
+def test_ctmpl_needs_the_same_policy_and_fails_naming_a_refused_key(
+    agent: ConsulAgent, unique_name: str, tmp_path: Path
+) -> None:
+    """A consul-template (.ctmpl) template reads through dcy's watches: dcy-template.hcl
+    renders it; a key outside the token's prefix ends the run naming the request, with
+    nothing written."""
+    policy = _template_policy(agent, unique_name)
+    source = tmp_path / "in.ctmpl"
+    source.write_text(CTMPL.replace("NAME", unique_name))
+    argv = [program("dcy-template"), "-once", "-template", f"{source}:{tmp_path / 'out'}"]
+    env = env_with(agent, token(agent, policy))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out").read_text() == "127.0.0.1:7200\ndb=postgres://db\n"
+    (tmp_path / "out").unlink()
+    source.write_text(
+        CTMPL.replace("cfg/NAME/db", f"secret/{unique_name}").replace("NAME", unique_name)
+    )
+    fails_naming(argv, env, f"GET /v1/kv/secret/{unique_name}", "in.ctmpl")
+    assert not (tmp_path / "out").exists()
+
+
 # -- dcy-register --------------------------------------------------------------------------
 def _register_argv(name: str) -> list[str]:
     return [program("dcy-register"), "--name", name, "--port", "1", "--check", "ttl"]

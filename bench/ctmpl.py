@@ -1,0 +1,225 @@
+"""dcy-template running consul-template's own ``.ctmpl`` files, against consul-template v0.42.1,
+both CLIs as subprocesses on the same agent in the same run (the conventions of
+bench/template.py, whose machinery this reuses).
+
+Corpus: the whole of tests/ctmpl_corpus (49 templates) on the fixed state of
+tests/ctmpl_state.py, rendered with ``-once`` in one process per tool (one ``-template`` flag
+per file), timed from the process's start to its exit, the tools alternating; the outputs are
+compared byte for byte first. The same-run floor is ``python -c "import aiohttp, jinja2"``.
+
+Propagation: bench/template.py's case 2 with the same Go template for both tools (ranging
+over 200 services × 5 instances: ``services``, then ``service`` for each), dcy-template
+rendering it through its Go helper: an extra instance of one service registered or
+deregistered, back to back, from the PUT's answer to the file holding the new content.
+
+Ratios are ours ÷ consul-template's; below 1 is better.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncio
+import os
+import random
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+from bench._common import agent_session, consul_agent, emit, note, parse_args, percentile, rounded
+from bench.template import (
+    AGENT_HCL,
+    CASE2_GO,
+    CASE2_JINJA,
+    DCY_TEMPLATE,
+    Case2Figures,
+    ManyServices,
+    Tool,
+    case1_go,
+    case2_session,
+    import_floor_ms,
+    register_many,
+    same_output,
+    tool_env,
+)
+from tests import ctmpl_state
+from tests.harness import ConsulAgent
+from tools.build import require_binary
+
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "ctmpl_corpus"
+ENV = {"CTMPL_APP_NAME": "shop-from-env"}
+
+
+# As many connections as consul-template opens here (one blocking query per watch): dcy's
+# default budget of 32 makes the engine detect changes with wide queries past it instead.
+NARROW = ("-max-connections", "1000")
+
+
+@dataclass(frozen=True, slots=True)
+class DcyTool(Tool):
+    """dcy-template with extra flags (bench/template.py's source file is ``source.tpl``)."""
+
+    extra: tuple[str, ...] = ()
+
+    def argv(self, consul_addr: str, source: Path, destination: Path) -> list[str]:
+        return [*Tool.argv(self, consul_addr, source, destination), *self.extra]
+
+
+def tools() -> tuple[Tool, ...]:
+    """consul-template; dcy-template on the Go template (default budget, and as many
+    connections as consul-template); dcy-template on the jinja twin of the template, the
+    in-Python renderer design (a) would be measured against."""
+    theirs = Tool(
+        "consul-template", require_binary("consul-template"), case1_go, CASE2_GO, signal.SIGINT
+    )
+    go = ("-syntax", "go")
+    return (
+        theirs,
+        DcyTool("dcy", DCY_TEMPLATE, case1_go, CASE2_GO, signal.SIGTERM, extra=go),
+        DcyTool("dcy_narrow", DCY_TEMPLATE, case1_go, CASE2_GO, signal.SIGTERM, extra=go + NARROW),
+        DcyTool("jinja_narrow", DCY_TEMPLATE, case1_go, CASE2_JINJA, signal.SIGTERM, extra=NARROW),
+    )
+
+
+def corpus_flags(out: Path) -> list[str]:
+    out.mkdir()
+    templates = sorted(CORPUS.glob("*.ctmpl"))
+    return [f for t in templates for f in ("-template", f"{t}:{out / t.stem}")]
+
+
+def check_same(ours: Path, theirs: Path) -> None:
+    for template in CORPUS.glob("*.ctmpl"):
+        if (ours / template.stem).read_bytes() != (theirs / template.stem).read_bytes():
+            raise RuntimeError(f"{template.name} renders differently")
+
+
+async def corpus_once(argv: list[str], out: Path) -> float:
+    """Seconds from spawning ``argv`` rendering the corpus with -once to its exit."""
+    flags = corpus_flags(out)
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        "-once",
+        *flags,
+        env={**tool_env(), **ENV},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, errors = await process.communicate()
+    elapsed = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv[0]} -once failed: {errors.decode()[-2000:]}")
+    return elapsed
+
+
+async def corpus(agent: ConsulAgent, workdir: Path, samples: int) -> dict[str, list[float]]:
+    ctmpl_state.load(agent)
+    argvs = {
+        "dcy": [str(DCY_TEMPLATE), "-consul-addr", agent.http_addr],
+        "consul-template": [
+            str(require_binary("consul-template")),
+            "-consul-addr",
+            agent.http_addr,
+        ],
+    }
+    times: dict[str, list[float]] = {name: [] for name in argvs}
+    for number in range(samples + 1):  # the first round compiles bytecode, uncounted
+        order = list(argvs) if number % 2 == 0 else list(reversed(argvs))
+        outs = {}
+        for name in order:
+            outs[name] = workdir / f"corpus-{name}-{number}"
+            elapsed = await corpus_once(argvs[name], outs[name])
+            if number:
+                times[name].append(elapsed)
+        check_same(outs["dcy"], outs["consul-template"])
+    return times
+
+
+async def propagation(
+    agent: ConsulAgent, workdir: Path, changes: int, rounds: int
+) -> dict[str, Case2Figures]:
+    contenders = tools()
+    figures = {tool.name: Case2Figures() for tool in contenders}
+    async with agent_session(agent) as session:
+        await register_many(session)
+        await same_output(agent, workdir, {tool: tool.case2 for tool in contenders})
+        note("propagation: outputs identical; measuring")
+        consul = agent.api("/v1/health/service/consul")[0]["Service"]
+        model = ManyServices(f"consul {consul['ID']} 127.0.0.1:{consul['Port']}\n")
+        rng = random.Random(2)
+        for number in range(rounds):
+            order = contenders if number % 2 == 0 else tuple(reversed(contenders))
+            for tool in order:
+                await case2_session(
+                    agent, session, workdir, tool, model, changes, rng, figures[tool.name]
+                )
+                note(f"propagation: round {number + 1}/{rounds}, {tool.name} done")
+    return figures
+
+
+def ms(values: list[float], pct: float = 50) -> float:
+    return rounded(percentile(values, pct) * 1000)
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return rounded(ours / theirs) if theirs else float("inf")
+
+
+async def main(quick: bool) -> None:
+    samples, changes, rounds = (3, 10, 1) if quick else (15, 100, 2)
+    with tempfile.TemporaryDirectory(prefix="dcy-bench-ctmpl-") as tmp:
+        # One agent each: the corpus's fixed state would show in the 200-service template.
+        with consul_agent(AGENT_HCL) as agent:
+            once = await corpus(agent, Path(tmp), samples)
+        note("corpus: outputs identical in every round")
+        with consul_agent(AGENT_HCL) as agent:
+            many = await propagation(agent, Path(tmp), changes, rounds)
+        floor = await import_floor_ms(5 if quick else 15)
+    ct = many["consul-template"]
+    corpus_dcy = statistics.median(once["dcy"])
+    corpus_ct = statistics.median(once["consul-template"])
+    figures: dict[str, float | int] = {
+        "corpus_render_ratio": ratio(corpus_dcy, corpus_ct),
+        "propagation_p50_ratio": ratio(
+            percentile(many["dcy"].latencies, 50), percentile(ct.latencies, 50)
+        ),
+        "propagation_p99_ratio": ratio(
+            percentile(many["dcy"].latencies, 99), percentile(ct.latencies, 99)
+        ),
+        "corpus_templates": len(list(CORPUS.glob("*.ctmpl"))),
+        "corpus_samples": len(once["dcy"]),
+        "corpus_dcy_ms": rounded(corpus_dcy * 1000),
+        "corpus_ct_ms": rounded(corpus_ct * 1000),
+        "import_aiohttp_jinja2_ms": rounded(floor),
+        "corpus_dcy_minus_import_floor_ms": rounded(corpus_dcy * 1000 - floor),
+        "changes": len(ct.latencies),
+        "cpus": os.cpu_count() or 0,
+    }
+    for name, side in many.items():
+        short = "ct" if name == "consul-template" else name
+        figures |= {
+            f"{short}_p50_ms": ms(side.latencies, 50),
+            f"{short}_p99_ms": ms(side.latencies, 99),
+            f"{short}_first_render_cold_ms": rounded(
+                statistics.median(side.first_render_cold) * 1000
+            ),
+            f"{short}_requests_per_change": rounded(side.change_requests / side.changes),
+            f"{short}_max_connections": max(side.max_connections),
+        }
+        if name != "consul-template":
+            figures[f"{short}_p50_ratio"] = ratio(
+                percentile(side.latencies, 50), percentile(ct.latencies, 50)
+            )
+            figures[f"{short}_p99_ratio"] = ratio(
+                percentile(side.latencies, 99), percentile(ct.latencies, 99)
+            )
+    emit({"bench": "ctmpl", **figures})
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args(__doc__ or "").quick))
