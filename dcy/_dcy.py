@@ -317,8 +317,10 @@ class Dcy:
         """One instance of ``name``: round-robin (default) or random, from the cache.
 
         ``datacenters`` enables failover when the local datacenter (or the one the name
-        gives) has no matching instance: a list tried in order, or ``"all"``, every known
-        datacenter nearest first by network coordinates."""
+        gives) has no matching instance, or cannot be reached (its answer is stale): a list
+        tried in order, or ``"all"``, every known datacenter nearest first by network
+        coordinates. A stale home answer is still used when no other datacenter has a fresh
+        match."""
         if datacenters is None:
             return await self.resolver.pick(name, strategy)
         return await self.resolver.pick(name, strategy, datacenters=datacenters)

@@ -220,18 +220,21 @@ class Resolver:
     ) -> tuple[_Entry, list[_Entry]]:
         """The entry of the first datacenter with a matching instance, else the query's own;
         and every entry that answered. Other datacenters are asked only when the query's own
-        has no match, through the same engine (a HealthServiceSpec with their name)."""
+        has no match or its answer is stale, through the same engine (a HealthServiceSpec with
+        their name)."""
         if isinstance(datacenters, str) and datacenters != "all":
             # A string is a sequence too: "dc2" would otherwise mean "d", "c", "2".
             raise ValueError(
                 f"datacenters must be a list of datacenter names or 'all', got {datacenters!r}"
             )
         home = await self._ready(name, timeout)
-        home.refresh()
+        home_stale = home.refresh().stale
         home.last_used = time.monotonic()
         tried = [home]
-        if home.candidates:
+        if home.candidates and not home_stale:
             return home, tried
+        # A home answer kept while its datacenter cannot be reached is the fallback only: a
+        # fresh match elsewhere is worth more than instances nobody can vouch for any more.
         own = home.query.datacenter or self._datacenter
         for dc in await self._failover_order(own, datacenters, timeout):
             entry = self._entry(replace(home.query, datacenter=dc))
@@ -244,9 +247,9 @@ class Resolver:
                     await watch.first(timeout)
                 except ConsulUnavailable:
                     continue
-            entry.refresh()
+            stale = entry.refresh().stale
             tried.append(entry)
-            if entry.candidates:
+            if entry.candidates and not (stale and home.candidates):
                 return entry, tried
         return home, tried
 

@@ -131,6 +131,7 @@ class FakeConsul:
         self.node_address = node_address
         self.domain = domain
         self.unavailable = False
+        self.unreachable_datacenters: set[str] = set()  # as when all their servers are down
         self.deny = False
         self.deny_methods: set[str] = set()
         self.calls: Counter[str] = Counter()
@@ -243,6 +244,15 @@ class FakeConsul:
         self._sessions.clear()
         self._wake()
 
+    def set_datacenter_reachable(self, datacenter: str, reachable: bool) -> None:
+        """Lose or regain every server of ``datacenter``: its health queries fail (blocking
+        ones in flight at once) while the rest of the fake keeps answering."""
+        if reachable:
+            self.unreachable_datacenters.discard(datacenter)
+        else:
+            self.unreachable_datacenters.add(datacenter)
+        self._wake()
+
     def set_unavailable(self, unavailable: bool = True) -> None:
         """Start or end an outage; blocking queries in flight fail at once, like a dropped
         connection."""
@@ -273,7 +283,15 @@ class FakeConsul:
     ) -> QueryResult:
         dc = datacenter or self.datacenter
         key = (dc, name)
-        await self._block("health_service", lambda: self._modified.get(key, 1), index, wait)
+        # An index no answer has makes a query in flight return when its datacenter is lost.
+        await self._block(
+            "health_service",
+            lambda: -1 if dc in self.unreachable_datacenters else self._modified.get(key, 1),
+            index,
+            wait,
+        )
+        if dc in self.unreachable_datacenters:
+            raise ConsulUnavailable(f"no path to datacenter {dc}", address="fake")
         entries = [
             self._health_entry(s)
             for s in self._services.values()

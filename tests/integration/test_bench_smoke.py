@@ -68,6 +68,12 @@ FIGURES = {
         "lost",
         "duplicated",
     ),
+    "ctmpl": (
+        "corpus_render_ratio",
+        "propagation_p50_ratio",
+        "propagation_p99_ratio",
+        "corpus_templates",
+    ),
     "template": (
         "propagation_p50_ratio",
         "propagation_p99_ratio",

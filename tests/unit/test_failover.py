@@ -117,6 +117,52 @@ async def test_fails_over_when_local_has_no_healthy_instance() -> None:
         assert (await dcy.pick("worker", datacenters=["dc2"])).port == 1
 
 
+async def stale(dcy: Dcy, name: str) -> bool:
+    return (await dcy.lookup(name)).stale
+
+
+async def fresh(dcy: Dcy, name: str) -> bool:
+    return not (await dcy.lookup(name)).stale
+
+
+async def test_stale_home_answer_gives_way_to_a_fresh_datacenter_and_comes_back() -> None:
+    """Home's servers lost: its kept answer is stale, so pick and lookup with ``datacenters=``
+    use dc2's fresh one; without ``datacenters=`` the stale answer still serves; when home is
+    reachable again, answers come from home, fresh, without a new client."""
+    fake = FakeConsul()
+    fake.add_service("worker", port=1)
+    fake.add_service("worker", port=2, datacenter="dc2")
+    async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
+        assert (await dcy.pick("worker", datacenters=["dc2"])).port == 1
+        fake.set_datacenter_reachable("dc1", False)
+        await eventually(lambda: stale(dcy, "worker"))
+        picked = await dcy.pick("worker", datacenters=["dc2"])
+        assert (picked.port, picked.datacenter) == (2, "dc2")
+        lookup = await dcy.lookup("worker", datacenters=["dc2"])
+        assert ([i.port for i in lookup.instances], lookup.stale) == ([2], False)
+        assert (await dcy.pick("worker")).port == 1  # no failover asked: the kept answer
+        fake.set_datacenter_reachable("dc1", True)
+        await eventually(lambda: fresh(dcy, "worker"))
+        lookup = await dcy.lookup("worker", datacenters=["dc2"])
+        assert ([i.port for i in lookup.instances], lookup.stale) == ([1], False)
+
+
+async def test_stale_home_answer_wins_over_a_stale_elsewhere() -> None:
+    """When every datacenter is unreachable, the home answer kept from before is used."""
+    fake = FakeConsul()
+    fake.add_service("worker", port=1)
+    fake.add_service("worker", port=2, datacenter="dc2")
+    async with Dcy(api=fake, watch_options=OPTIONS) as dcy:
+        assert (await dcy.instances("worker", datacenters=["dc2"]))[0].port == 1
+        fake.set_datacenter_reachable("dc1", False)
+        await eventually(lambda: stale(dcy, "worker"))
+        assert (await dcy.pick("worker", datacenters=["dc2"])).port == 2
+        fake.set_datacenter_reachable("dc2", False)
+        await eventually(lambda: stale(dcy, "worker@dc2"))
+        lookup = await dcy.lookup("worker", datacenters=["dc2"])
+        assert ([i.port for i in lookup.instances], lookup.stale) == ([1], True)
+
+
 async def test_fails_over_when_local_has_no_instance_at_all() -> None:
     """A service unknown locally is found in the failover datacenter."""
     fake = FakeConsul()
