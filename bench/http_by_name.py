@@ -20,6 +20,13 @@ The same comparison for the other clients by name, each against itself to the fi
 session) and ``httpx_*`` (``httpx.Client`` with ``dcy.HttpxTransport``, vs a plain client),
 both on a ``dcy.SyncDcy`` from CONCURRENCY threads; ``httpx_async_*`` (``httpx.AsyncClient``
 with ``dcy.AsyncHttpxTransport``) from CONCURRENCY tasks. Each ``*_ratio`` is by name / raw.
+
+requests is run twice: as called without ``timeout=`` (``requests_*``: the plain session's
+sockets then block for ever, while the adapter bounds each try by what is left of its budget,
+so its sockets carry a timeout, which costs CPython a poll() before every read), and with
+``timeout=REQUESTS_TIMEOUT`` on both sides (``requests_timeout_*``: the form production code
+uses, where the comparison is the by-name layer alone). httpx has a default timeout on both
+sides.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import aiohttp
 import httpx
@@ -46,6 +54,8 @@ from tests.harness import ConsulAgent, ManagedProcess
 
 SERVICE = "bench-http"
 CONCURRENCY = 16
+Getter = Callable[..., requests.Response | httpx.Response]
+REQUESTS_TIMEOUT = 10.0  # seconds, both sides of the requests_timeout row
 SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "integration" / "_echo_server.py"
 
 Get = Callable[[], Awaitable[None]]
@@ -157,10 +167,10 @@ def run_sync_clients(agent: ConsulAgent, port: int, quick: bool) -> Figures:
             time.sleep(0.05)
         else:
             raise RuntimeError(f"{SERVICE} never became resolvable")
-        pool = {"pool_maxsize": CONCURRENCY}
         plain, named = requests.Session(), requests.Session()
-        plain.mount("http://", requests.adapters.HTTPAdapter(**pool))
-        named.mount("http://", dcy.RequestsAdapter(client, adapter_options=pool))
+        plain.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=CONCURRENCY))
+        options = {"pool_maxsize": CONCURRENCY}
+        named.mount("http://", dcy.RequestsAdapter(client, adapter_options=options))
         limits = httpx.Limits(max_keepalive_connections=CONCURRENCY)
         transport = dcy.HttpxTransport(client, transport_options={"limits": limits})
         with (
@@ -169,8 +179,12 @@ def run_sync_clients(agent: ConsulAgent, port: int, quick: bool) -> Figures:
             httpx.Client(limits=limits) as httpx_plain,
             httpx.Client(transport=transport) as httpx_named,
         ):
-            clients = {
+            clients: dict[str, tuple[Getter, Getter]] = {
                 "requests": (plain.get, named.get),
+                "requests_timeout": (
+                    partial(plain.get, timeout=REQUESTS_TIMEOUT),
+                    partial(named.get, timeout=REQUESTS_TIMEOUT),
+                ),
                 "httpx": (httpx_plain.get, httpx_named.get),
             }
             for prefix, (raw_get, named_get) in clients.items():

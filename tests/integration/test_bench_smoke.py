@@ -42,6 +42,7 @@ FIGURES = {
         "raw_rps",
         "ratio_vs_raw",
         "requests_ratio",
+        "requests_timeout_ratio",
         "httpx_ratio",
         "httpx_async_ratio",
     ),
