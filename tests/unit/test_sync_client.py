@@ -83,7 +83,7 @@ def report():
 atexit.register(report)  # registered first: runs after the client's own hook
 client = SyncDcy(api=fake)
 client.open()
-client.register("worker", 9000, check=TtlCheck(ttl=30))
+client.register("worker", 7100, check=TtlCheck(ttl=30))
 print("registered", fake.calls["register_service"])
 """
     started = time.monotonic()
@@ -100,11 +100,11 @@ def test_blocking_methods_answer_from_the_shared_cache(
 ) -> None:
     """pick, instances and lookup from many threads share one watch per name."""
     fake, client = fake_client
-    on_engine(client, lambda: fake.add_service("worker", port=9001, address="10.0.0.1"))
-    on_engine(client, lambda: fake.add_service("worker", port=9002, address="10.0.0.2"))
+    on_engine(client, lambda: fake.add_service("worker", port=7101, address="10.0.0.1"))
+    on_engine(client, lambda: fake.add_service("worker", port=7102, address="10.0.0.2"))
     with ThreadPoolExecutor(16) as pool:
         picks = list(pool.map(lambda _: client.pick("worker").port, range(64)))
-    assert sorted(set(picks)) == [9001, 9002]
+    assert sorted(set(picks)) == [7101, 7102]
     assert len(client.instances("worker")) == 2
     assert client.lookup("worker").stale is False
     specs = [str(w.spec) for w in client.aio.engine.watches if "worker" in str(w.spec)]
@@ -124,14 +124,14 @@ def test_subscribe_calls_back_on_the_callback_thread(
         instances = len(client.instances("api"))
         seen.append((threading.current_thread().name, len(snapshot.value), instances))
 
-    on_engine(client, lambda: fake.add_service("api", port=9001))
+    on_engine(client, lambda: fake.add_service("api", port=7101))
     with client.subscribe("api", callback):
         until(lambda: len(seen) >= 1, what="the first snapshot")
-        on_engine(client, lambda: fake.add_service("api", port=9002))
+        on_engine(client, lambda: fake.add_service("api", port=7102))
         until(lambda: any(count == 2 for _, count, _ in seen), what="the second instance")
     assert all(name.startswith("dcy-callback") for name, _, _ in seen)
     delivered = len(seen)
-    on_engine(client, lambda: fake.add_service("api", port=9003))
+    on_engine(client, lambda: fake.add_service("api", port=7103))
     time.sleep(0.3)  # a closed subscription must stay silent: nothing to wait for
     assert len(seen) == delivered
     client.close()
