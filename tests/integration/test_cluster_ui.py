@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from tasks._cluster import Cluster, down, up
 from tasks._infra_render import INVENTORY
 from tasks._inventory import load_inventory
 from tests.cluster import leftovers
-from tests.integration.test_consul_ui import CHROMIUM, CHROMIUM_ARGS, READ_SERVICES, read_when
+from tests.integration.test_consul_ui import CHROMIUM, CHROMIUM_ARGS, assert_services_passing
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -59,22 +58,8 @@ def test_each_datacenters_ui_shows_every_service_passing(
     try:
         page = context.new_page()
         page.goto(url)
-        ready = "rows => " + " && ".join(
-            f"rows.some(r => r.name === '{name}' && r.health === 'passing'"
-            f" && r.instances.startsWith('{count} instance'))"
-            for name, count in expected.items()
-        )
-        rows = read_when(page, READ_SERVICES, ready)
-        shown = {row["name"]: (row["health"], row["instances"]) for row in rows}
-        for name, count in expected.items():
-            plural = "instance" if count == 1 else "instances"
-            assert shown.get(name) == ("passing", f"{count} {plural}"), shown
-        screenshot = tmp_path / f"cluster-ui-{dc}.png"
-        page.screenshot(path=str(screenshot))
-        assert screenshot.read_bytes().startswith(b"\x89PNG")
-        if (keep := os.environ.get("DCY_CLUSTER_SCREENSHOT")) and dc == "dc1":
-            Path(keep).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(screenshot, keep)
+        keep = os.environ.get("DCY_CLUSTER_SCREENSHOT") if dc == "dc1" else None
+        assert_services_passing(page, expected, tmp_path / f"cluster-ui-{dc}.png", keep)
     finally:
         context.close()
 

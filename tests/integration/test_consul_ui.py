@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,25 +117,35 @@ def read_when(page: Page, script: str, ready: str) -> Any:
     return page.evaluate(script)
 
 
-def test_services_list_shows_every_service_passing(system: System, page: Page) -> None:
-    """The services list shows sensor, worker (2 instances), app and NSQ's daemons passing."""
-    page.goto(ui(system, "services"))
+def assert_services_passing(
+    page: Page, expected: Mapping[str, int], screenshot: Path, keep: str | None
+) -> None:
+    """The open services list shows each expected service passing with its instance count
+    (waiting for the UI to get there); the page is saved to ``screenshot``, and copied to
+    ``keep`` when given (how the README's images are made)."""
     ready = "rows => " + " && ".join(
         f"rows.some(r => r.name === '{name}' && r.health === 'passing'"
         f" && r.instances.startsWith('{count} instance'))"
-        for name, count in EXPECTED.items()
+        for name, count in expected.items()
     )
     rows = read_when(page, READ_SERVICES, ready)
     shown = {row["name"]: (row["health"], row["instances"]) for row in rows}
-    for name, count in EXPECTED.items():
+    for name, count in expected.items():
         plural = "instance" if count == 1 else "instances"
         assert shown.get(name) == ("passing", f"{count} {plural}"), shown
-    screenshot = system.workdir / "consul-ui.png"
     page.screenshot(path=str(screenshot))
     assert screenshot.read_bytes().startswith(b"\x89PNG")
-    if keep := os.environ.get("DCY_UI_SCREENSHOT"):
+    if keep:
         Path(keep).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, keep)
+
+
+def test_services_list_shows_every_service_passing(system: System, page: Page) -> None:
+    """The services list shows sensor, worker (2 instances), app and NSQ's daemons passing."""
+    page.goto(ui(system, "services"))
+    assert_services_passing(
+        page, EXPECTED, system.workdir / "consul-ui.png", os.environ.get("DCY_UI_SCREENSHOT")
+    )
 
 
 def test_worker_page_lists_both_instances_with_all_checks_passing(

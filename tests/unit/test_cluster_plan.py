@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks._cluster import ClusterError, make_plan, require_root, up
+from tasks._cluster import CONSUL_HTTP, ClusterError, make_plan, require_root, up
 from tasks._infra_render import DATACENTERS, INVENTORY
 from tasks._inventory import InventoryError, load_inventory, parse_inventory
 from tests.cluster import ONE_DC, inventory_text
@@ -41,7 +41,7 @@ def test_agents_run_the_configuration_the_compose_files_pass(tmp_path: Path) -> 
 
 
 def test_services_register_with_their_own_hosts_agent(tmp_path: Path) -> None:
-    """sensor, worker and app: the local agent at 127.0.0.1:8500 inside the namespace, the
+    """sensor, worker and app: the local agent on its usual port inside the namespace, the
     host's inventory address advertised, the inventory's port and the chosen mode."""
     plan = make_plan(load_inventory(INVENTORY), tmp_path, mode="http")
     services = [p for p in plan.processes if p.name.split("-")[0] in ("sensor", "worker", "app")]
@@ -49,7 +49,7 @@ def test_services_register_with_their_own_hosts_agent(tmp_path: Path) -> None:
     for proc in services:
         env = dict(proc.env)
         host = plan.inventory.host(proc.dc, proc.host)
-        assert env["CONSUL_HTTP_ADDR"] == "127.0.0.1:8500"
+        assert env["CONSUL_HTTP_ADDR"] == f"127.0.0.1:{CONSUL_HTTP}"  # inside its namespace
         assert env["SVC_ADVERTISE"] == host.address
         assert env["SVC_MODE"] == "http"
     assert dict(plan.process("dc1", "h1", "worker-2").env)["SVC_PORT"] == "9012"
