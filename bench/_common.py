@@ -23,19 +23,23 @@ import aiohttp
 from tests.harness import ConsulAgent
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, flags: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """``--quick``, and the benchmark's own on/off ``flags`` (name → help)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="a short run with fewer samples (smoke tests)"
     )
+    for name, text in (flags or {}).items():
+        parser.add_argument(name, action="store_true", help=text)
     return parser.parse_args()
 
 
 @contextlib.contextmanager
-def consul_agent(hcl: Sequence[str] = ()) -> Iterator[ConsulAgent]:
-    """A dev agent on free ports in a temporary folder, stopped (only it) on exit."""
+def consul_agent(hcl: Sequence[str] = (), *, https: bool = False) -> Iterator[ConsulAgent]:
+    """A dev agent on free ports in a temporary folder, stopped (only it) on exit; with
+    ``https``, an HTTPS listener beside the HTTP one (its ``tls`` block is the caller's)."""
     with tempfile.TemporaryDirectory(prefix="dcy-bench-") as workdir:
-        agent = ConsulAgent(Path(workdir), hcl=list(hcl))
+        agent = ConsulAgent(Path(workdir), hcl=list(hcl), https=https)
         agent.start()
         try:
             yield agent

@@ -86,9 +86,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
+import jinja2
 
 from bench._common import consul_agent, emit, note, parse_args, percentile, put, rounded
 from bench.template import (
@@ -102,7 +103,7 @@ from bench.template import (
     same_output,
     tools,
 )
-from tests.harness import ConsulAgent
+from tests.harness import ConsulAgent, TlsFiles
 
 TELEMETRY = 'telemetry { prometheus_retention_time = "1h" disable_hostname = true }'
 RAISED_LIMIT = 4096
@@ -381,12 +382,31 @@ class Probe:
 
 # -- the watchers at one size ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class Transport:
+    """How a watcher reaches its agent: plain HTTP, or HTTPS with the run's CA (where each
+    tool negotiates HTTP/2 or not by itself). The bench and the probe always use HTTP: the
+    agent's per-address connection limit counts both listeners together."""
+
+    ca: Path | None = None
+
+    def port(self, agent: ConsulAgent) -> int:
+        return agent.ports["https"] if self.ca is not None else agent.http_port
+
+    def address(self, agent: ConsulAgent) -> str:
+        return f"127.0.0.1:{self.port(agent)}"
+
+    def args(self) -> tuple[str, ...]:
+        return () if self.ca is None else ("-consul-ssl", "-consul-ssl-ca-cert", str(self.ca))
+
+
+@dataclass(frozen=True, slots=True)
 class Contender:
     short: str  # "dcy", "ct" or "floor": the prefix of its figures
     tool: Tool
     template: str
     agent: ConsulAgent
     catalog: Catalog
+    transport: Transport = Transport()
 
     @property
     def floor(self) -> bool:
@@ -463,9 +483,10 @@ class Bench:
             running(
                 contender.tool,
                 contender.template,
-                contender.agent.http_addr,
+                contender.transport.address(contender.agent),
                 self.workdir,
                 contender.expected(),
+                contender.transport.args(),
             )
         )
         await stack.enter_async_context(self.observed(contender, figures, run))
@@ -495,7 +516,7 @@ class Bench:
         stop = asyncio.Event()
         probing = None if contender.floor else asyncio.create_task(probe.run(stop))
         try:
-            with ConnectionSampler(run.pid, contender.agent.http_port) as sampler:
+            with ConnectionSampler(run.pid, contender.transport.port(contender.agent)) as sampler:
                 try:
                     yield
                 finally:
@@ -641,10 +662,48 @@ def size_figures(size: int, tool: str, figures: Figures) -> dict[str, Any]:
     return out
 
 
+class _Entry(NamedTuple):
+    Name: str
+    ID: str
+    Address: str
+    Port: int
+
+
+def cpu_bound(
+    small_per_100: float | None, render_small: float, render_large: float
+) -> float | None:
+    """(cost per change at the small size + the render's growth) ÷ cost at the small size."""
+    if not small_per_100:
+        return None
+    per_change_ms = small_per_100 * 10  # seconds per 100 changes → ms per change
+    return rounded((per_change_ms + render_large - render_small) / per_change_ms)
+
+
+def render_floor_ms(size: int, renders: int = 30) -> float:
+    """CPU ms per render of the bench's template by jinja2 from data already in memory
+    (``size`` services × 5, as tuples), without dcy-template's sandbox: the least a change
+    costs any watcher that renders this file again with jinja2, before it has asked anything
+    or written a byte."""
+    catalog = {service_name(i): [Instance(i, j) for j in range(INSTANCES)] for i in range(size)}
+    answers = {
+        name: [_Entry(name, x.id, "127.0.0.1", x.port) for x in found]
+        for name, found in catalog.items()
+    }
+    names = [_Entry(name, "", "", 0) for name in sorted(answers)]
+    template = jinja2.Environment().from_string(CASE2_JINJA)
+    functions = {"services": lambda: names, "service": answers.__getitem__}
+    template.render(functions)
+    started = time.process_time()
+    for _ in range(renders):
+        template.render(functions)
+    return 1000 * (time.process_time() - started) / renders
+
+
 def all_figures(
     sizes: Sequence[int], measured: dict[tuple[str, int], Figures], notes: list[str]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    render = {size: render_floor_ms(size) for size in (min(sizes), max(sizes))}
     for size in sizes:
         for tool in ("dcy", "ct", "floor"):
             out |= size_figures(size, tool, measured[tool, size])
@@ -679,6 +738,14 @@ def all_figures(
         "cpu_large_vs_small": cpu_growth("dcy"),
         "ct_cpu_large_vs_small": cpu_growth("ct"),
         "ct_max_connections": out[f"ct_{large}_max_connections"],
+        # The render alone, and the least cpu_large_vs_small a watcher that renders the file
+        # again per change can reach: dcy's own cost per change at the small size, plus
+        # what the larger render adds (everything else held flat).
+        f"render_floor_{small}_ms": rounded(render[small]),
+        f"render_floor_{large}_ms": rounded(render[large]),
+        "cpu_large_vs_small_bound": cpu_bound(
+            out[f"dcy_{small}_cpu_s_per_100_changes"], render[small], render[large]
+        ),
     }
 
     def at_most(limit: float, *values: float | None) -> bool:
@@ -697,19 +764,22 @@ def all_figures(
     return {**headline, **out, "goals": goals, "goals_met": sum(goals.values()), "notes": notes}
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, https: bool) -> None:
     sizes, changes, timeout = ((10, 250), 10, 15.0) if quick else ((10, 200, 1000), 200, 60.0)
     ours, theirs = tools()
     notes: list[str] = []
     measured: dict[tuple[str, int], Figures] = {}
     load_start = os.getloadavg()[0]
-    with (
-        consul_agent(DEFAULT_HCL) as default_agent,
-        consul_agent(RAISED_HCL) as raised_agent,
-        consul_agent(DEFAULT_HCL) as floor_agent,
-        tempfile.TemporaryDirectory(prefix="dcy-bench-scale-") as tmp,
-    ):
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dcy-bench-scale-")))
+        transport, tls_hcl = Transport(), []
+        if https:
+            # Server certificate only: clients need the CA, as with most HTTPS agents.
+            tls = TlsFiles.create(workdir / "tls")
+            transport, tls_hcl = Transport(tls.ca), [tls.agent_hcl(verify_incoming=False)]
+        default_agent = stack.enter_context(consul_agent([*DEFAULT_HCL, *tls_hcl], https=https))
+        raised_agent = stack.enter_context(consul_agent([*RAISED_HCL, *tls_hcl], https=https))
+        floor_agent = stack.enter_context(consul_agent(DEFAULT_HCL))
         async with (
             bench_session(default_agent) as default_session,
             bench_session(raised_agent) as raised_session,
@@ -722,9 +792,16 @@ async def main(quick: bool) -> None:
             if limits != (DEFAULT_LIMIT, RAISED_LIMIT):
                 raise RuntimeError(f"the agents' http_max_conns_per_client are {limits}")
             dcy = Contender(
-                "dcy", ours, CASE2_JINJA, default_agent, await open_catalog(default_session)
+                "dcy",
+                ours,
+                CASE2_JINJA,
+                default_agent,
+                await open_catalog(default_session),
+                transport,
             )
-            ct = Contender("ct", theirs, CASE2_GO, raised_agent, await open_catalog(raised_session))
+            ct = Contender(
+                "ct", theirs, CASE2_GO, raised_agent, await open_catalog(raised_session), transport
+            )
             floor = Contender(
                 "floor",
                 floor_tool(),
@@ -752,6 +829,9 @@ async def main(quick: bool) -> None:
     emit(
         {
             "bench": "scale",
+            # The watchers' protocol: "http" (HTTP/1.1), or "https" (`--https`: TLS, where
+            # dcy-template speaks HTTP/2 and consul-template whatever Go's client chooses).
+            "transport": "https" if https else "http",
             "dcy_agent_max_conns_per_client": DEFAULT_LIMIT,
             "ct_agent_max_conns_per_client": RAISED_LIMIT,
             "load_1m_start": rounded(load_start),
@@ -762,4 +842,5 @@ async def main(quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args(__doc__ or "").quick))
+    args = parse_args(__doc__ or "", {"--https": "the watchers reach their agents over HTTPS"})
+    asyncio.run(main(args.quick, args.https))

@@ -244,9 +244,15 @@ class Run:
 
 @contextlib.asynccontextmanager
 async def running(
-    tool: Tool, template: str, consul_addr: str, workdir: Path, first_content: str
+    tool: Tool,
+    template: str,
+    consul_addr: str,
+    workdir: Path,
+    first_content: str,
+    extra_args: Sequence[str] = (),
 ) -> AsyncIterator[tuple[Run, asyncio.Future[float]]]:
-    """Start ``tool`` on ``template``; yield it with the future of its first render holding
+    """Start ``tool`` on ``template`` (with ``extra_args`` after its own: TLS flags, which
+    both template tools spell alike); yield it with the future of its first render holding
     ``first_content``. Stops the process (only it) on exit."""
     folder = Path(tempfile.mkdtemp(prefix=f"{tool.name}-", dir=workdir))
     source = folder / "source.tpl"
@@ -261,6 +267,7 @@ async def running(
         started = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             *tool.argv(consul_addr, source, destination),
+            *extra_args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=asyncio.subprocess.STDOUT,

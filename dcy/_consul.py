@@ -34,7 +34,7 @@ import ssl
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -42,8 +42,17 @@ from yarl import URL
 
 from dcy._answers import FILTERED_BY_ACLS, classify, hidden_by_acls
 from dcy._config import ConsulConfig
-from dcy._errors import ConsulUnavailable, TlsError, UnknownService
+from dcy._errors import (
+    ConsulUnavailable,
+    H2Unavailable,
+    TlsError,
+    TlsHandshakeFailed,
+    UnknownService,
+)
 from dcy._sockets import count_connections
+
+if TYPE_CHECKING:
+    from dcy._h2 import H2Pool
 
 log = logging.getLogger("dcy.consul")
 
@@ -52,6 +61,8 @@ Index = int | str
 # Consul adds up to wait/16 of jitter to a blocking query; this much more covers a slow answer.
 _HTTP_SLACK = 10.0
 _CALL_TIMEOUT = 10.0
+# HTTP/2 connections when no budget is set: each carries hundreds of streams.
+_UNBOUNDED_H2_CONNECTIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +229,12 @@ class ConsulAPI(Protocol):
         servers."""
         ...
 
+    @property
+    def streams_per_connection(self) -> int:
+        """How many blocking queries one connection to the agent carries at once (1 over
+        HTTP/1.1): the watch engine's connection budget is counted in these."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -287,6 +304,25 @@ class HttpConsul:
             headers=headers,
         )
         self._base_url = config.base_url
+        # Over HTTPS, HTTP/2 first (dcy._h2): every request a stream, so blocking queries
+        # share a few connections; HTTP/1.1 through the session above if the agent declines.
+        self._h2: H2Pool | None = None
+        if config.scheme == "https":
+            from dcy._h2 import H2Pool
+
+            h2_context = config.ssl_context()
+            assert h2_context is not None
+            self._h2 = H2Pool(
+                config.host,
+                config.port,
+                context=h2_context,
+                server_hostname=config.tls_server_name,
+                max_connections=max_connections or _UNBOUNDED_H2_CONNECTIONS,
+                blocking_connections=blocking_connections,
+                headers=list(headers.items()),
+                connect_timeout=_CALL_TIMEOUT,
+            )
+        self._streams = 1
 
     # -- the pipeline: every request, read or write --------------------------------------------
     async def _request(
@@ -318,15 +354,15 @@ class HttpConsul:
             timeout = wait * 1.0625 + _HTTP_SLACK
         # Built by hand, once: yarl parsing and re-quoting the URL was a measurable part of
         # each blocking read (bench/template.py).
-        url = self._base_url + urllib.parse.quote(path, safe="/:")
+        target = urllib.parse.quote(path, safe="/:")
         if params:
-            url = f"{url}?{urllib.parse.urlencode(params)}"
+            target = f"{target}?{urllib.parse.urlencode(params)}"
         self.requests += 1
-        if blocking and self._blocking_slots is not None:
+        if blocking and self._blocking_slots is not None and self._streams == 1:
             async with self._blocking_slots:
-                answer = await self._send(method, path, url, body, timeout, hash_index)
+                answer = await self._send(method, path, target, body, timeout, blocking, hash_index)
         else:
-            answer = await self._send(method, path, url, body, timeout, hash_index)
+            answer = await self._send(method, path, target, body, timeout, blocking, hash_index)
         if answer.filtered and not everything_visible and not answer.json():
             # A list read whose every entry the token may not see answers 200 and empty:
             # without this, a missing service:read or node:read looks like "no instances".
@@ -334,24 +370,63 @@ class HttpConsul:
         return answer
 
     async def _send(
-        self, method: str, path: str, url: str, body: bytes | None, timeout: float, hash_index: bool
+        self,
+        method: str,
+        path: str,
+        target: str,
+        body: bytes | None,
+        timeout: float,
+        blocking: bool,
+        hash_index: bool,
     ) -> _Answer:
+        index_header = "X-Consul-ContentHash" if hash_index else "X-Consul-Index"
+        pool = self._h2
+        if pool is not None:
+            try:
+                with self._transport_errors(method, path, timeout):
+                    async with asyncio.timeout(timeout):
+                        reply = await pool.request(method, target, body, blocking=blocking)
+            except H2Unavailable as declined:
+                if self._h2 is pool:
+                    log.info(
+                        "Consul at %s does not speak HTTP/2 (%s): HTTP/1.1",
+                        self._base_url,
+                        declined,
+                    )
+                    self._h2 = None
+                    await pool.aclose()
+            else:
+                self._streams = pool.streams_per_connection
+                status, raw = reply.status, reply.body
+                header = reply.headers.get(index_header.lower(), "")
+                filtered = reply.headers.get(FILTERED_BY_ACLS.lower()) == "true"
+                return self._answer(method, path, status, header, raw, filtered, hash_index)
         with self._transport_errors(method, path, timeout):
             async with (
                 asyncio.timeout(timeout),
                 self._session.request(
                     method,
-                    URL(url, encoded=True),
+                    URL(self._base_url + target, encoded=True),
                     data=body,
                     server_hostname=self._server_hostname,
                 ) as response,
             ):
                 raw = await response.read()
                 status = response.status
-                header = response.headers.get(
-                    "X-Consul-ContentHash" if hash_index else "X-Consul-Index", ""
-                )
+                header = response.headers.get(index_header, "")
                 filtered = response.headers.get(FILTERED_BY_ACLS) == "true"
+        return self._answer(method, path, status, header, raw, filtered, hash_index)
+
+    def _answer(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        header: str,
+        raw: bytes,
+        filtered: bool,
+        hash_index: bool,
+    ) -> _Answer:
         if status >= 400 and not (status == 404 and method == "GET"):
             raise classify(
                 status,
@@ -372,7 +447,11 @@ class HttpConsul:
                 f"{timeout:.0f}s",
                 address=self.config.address,
             ) from exc
-        except (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch) as exc:
+        except (
+            aiohttp.ClientSSLError,
+            aiohttp.ServerFingerprintMismatch,
+            TlsHandshakeFailed,
+        ) as exc:
             raise TlsError(
                 f"TLS with Consul at {self.config.address} failed: {exc}. Check CONSUL_CACERT "
                 "(the CA that signed the agent's certificate), CONSUL_TLS_SERVER_NAME and the "
@@ -605,7 +684,15 @@ class HttpConsul:
             return None
         return count_connections(self._base_url)
 
+    @property
+    def streams_per_connection(self) -> int:
+        """Blocking queries one connection carries: 1 over HTTP/1.1, the agent's stream
+        limit over HTTP/2."""
+        return self._streams
+
     async def aclose(self) -> None:
+        if self._h2 is not None:
+            await self._h2.aclose()
         await self._session.close()
 
 

@@ -156,3 +156,13 @@ class AllInstancesFailed(DcyError):
 
 class InvalidName(ValueError):
     """A service name or query that cannot be parsed; the message quotes the input."""
+
+
+# -- signals between the HTTP/2 transport (dcy._h2) and the pipeline that classifies them ----
+class H2Unavailable(Exception):
+    """The agent did not agree to HTTP/2 (ALPN chose HTTP/1.1): use HTTP/1.1 for good."""
+
+
+class TlsHandshakeFailed(Exception):
+    """The TLS handshake of a new HTTP/2 connection failed (its cause says why): a TlsError,
+    as a failed handshake of an HTTP/1.1 connection is."""

@@ -614,7 +614,9 @@ class WatchEngine:
     def _rebalance(self) -> None:
         """Go wide when the blocking queries would not fit in the budget; back to one
         blocking query per query when they fit in half of it (no flapping at the edge)."""
-        room = self.options.blocking_connections - self.detectors.MAX_DETECTORS
+        # Over HTTP/2 a connection carries many blocking queries (dcy._h2).
+        capacity = self.options.blocking_connections * self.api.streams_per_connection
+        room = capacity - self.detectors.MAX_DETECTORS
         # A query only detectors use (their shared catalog query) leaves with them: it must
         # not keep the engine past the budget on its own.
         count = sum(1 for w in self._watches.values() if w.users > w.detector_users)

@@ -118,6 +118,9 @@ class _Session:
 class FakeConsul:
     """An in-memory stand-in for a Consul agent, implementing ``dcy``'s ConsulAPI."""
 
+    # As an HTTP/1.1 agent: each blocking query holds a connection of the budget.
+    streams_per_connection = 1
+
     def __init__(
         self,
         *,
