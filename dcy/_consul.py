@@ -5,9 +5,9 @@ for every request of a process, read or write, through one pipeline
 (:meth:`HttpConsul._request`): the URL built once, the answer read, its index taken from the
 headers, its JSON decoded with orjson, and every error status classified where it arrives
 (``dcy._answers``) into dcy's typed errors. The bytes travel over one aiohttp session (one
-connection pool), or, to an HTTPS agent that offers it, as HTTP/2 streams (``dcy._h2``). ``dcy.testing.FakeConsul``
-implements the same interface in memory for unit tests; the contract tests in ``tests/`` run
-the same assertions against both.
+connection pool), or, to an HTTPS agent that offers it, as HTTP/2 streams (``dcy._h2``).
+``dcy.testing.FakeConsul`` implements the same interface in memory for unit tests; the
+contract tests in ``tests/`` run the same assertions against both.
 
 Why no Consul client library (py-consul, measured here with Consul 1.14): importing
 ``consul.aio`` adds ~40 ms to ``import aiohttp`` (~150 ms), because it imports ``requests``

@@ -41,6 +41,10 @@ _CONNECTION_WINDOW = 2**30
 # Streams per connection when the agent names no limit (Go's server says 250).
 _DEFAULT_STREAMS = 100
 _MAX_STREAMS = 250
+# A request given up on (a timeout) sends a PING; a connection that does not answer it in
+# this long is dropped. Otherwise a half-open connection (a hung agent, a lost peer) would
+# take every later request too, where HTTP/1.1 would have dialled a new one.
+PING_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class _Link(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False  # no new streams: GOAWAY received, or the connection is gone
         self._window_open = asyncio.Event()
+        self._ping_timer: asyncio.TimerHandle | None = None
 
     # -- what the pool reads -------------------------------------------------------------------
     @property
@@ -125,6 +130,8 @@ class _Link(asyncio.Protocol):
             error.__cause__ = exc
         self._fail(error)
         self._window_open.set()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
         self.pool._forget(self)
 
     # -- events ----------------------------------------------------------------------------------
@@ -175,6 +182,9 @@ class _Link(asyncio.Protocol):
             self.pool._wake()
         elif isinstance(event, h2.events.WindowUpdated):
             self._window_open.set()
+        elif isinstance(event, h2.events.PingAckReceived) and self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
 
     def _fail(self, error: Exception) -> None:
         if not self.ready.done():
@@ -209,14 +219,31 @@ class _Link(asyncio.Protocol):
         finally:
             del self.streams[stream_id]
             if not stream.answer.done() or stream.answer.cancelled():
-                # Given up on (a timeout, a cancelled watch): tell the agent to stop.
+                # Given up on (a timeout, a cancelled watch): tell the agent to stop, and
+                # make sure the connection itself still answers.
                 stream.answer.cancel()
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
                     self._flush()
+                self._probe()
             if self.closing and not self.streams and self.transport is not None:
                 self.transport.close()
             self.pool._wake()
+
+    def _probe(self) -> None:
+        if self._ping_timer is not None or self.closing or self.transport is None:
+            return
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.ping(b"dcy-ping")
+            self._flush()
+        self._ping_timer = asyncio.get_running_loop().call_later(PING_TIMEOUT, self._silent)
+
+    def _silent(self) -> None:
+        """No answer to our PING: the connection is dead, whatever TCP believes."""
+        self._ping_timer = None
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _send_body(self, stream_id: int, body: bytes) -> None:
         """Send ``body`` as the agent's flow-control windows allow."""

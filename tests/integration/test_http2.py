@@ -20,6 +20,7 @@ from dcy._config import ConsulConfig
 from dcy._consul import HttpConsul
 from dcy._errors import ConsulUnavailable
 from tests.harness import ConsulAgent, TlsFiles, eventually
+from tests.outage_proxy import OutageProxy
 
 
 @pytest.fixture
@@ -274,3 +275,30 @@ async def test_streams_an_agent_going_away_never_saw_are_retried_elsewhere(
     finally:
         await consul.aclose()
         listener.close()
+
+
+async def test_a_connection_that_stopped_answering_is_dropped(
+    agent: ConsulAgent, tls: TlsFiles
+) -> None:
+    proxy = await OutageProxy(f"127.0.0.1:{agent.ports['https']}").start()
+    consul = HttpConsul(config_for(f"https://{proxy.address}", tls), max_connections=4)
+    try:
+        await consul.kv_put("h2/hung", b"x")
+        proxy.stall()  # the open connection is never answered again
+        with pytest.raises(ConsulUnavailable):
+            await consul.kv_get("h2/hung")  # given up on after the call timeout
+        proxy.resume()
+
+        async def answers() -> bool:
+            try:
+                await asyncio.wait_for(consul.kv_get("h2/hung"), timeout=2)
+            except (ConsulUnavailable, TimeoutError):
+                return False
+            return True
+
+        # The PING the timeout sent went unanswered: the hung connection is dropped, and a
+        # new one (through the resumed proxy) answers.
+        await eventually(answers, what="a new connection", timeout=15)
+    finally:
+        await consul.aclose()
+        await proxy.aclose()
