@@ -14,7 +14,8 @@ services × 5 instances); this costs what changed:
   boundary is a ``,`` followed by it. It cannot occur inside a JSON string (a raw ``"``
   there is always escaped), and the entries dcy reads here nest no list of objects that
   starts with the same key; a boundary found wrongly would still cut a region that does
-  not decode, or that the caller's check of each entry refuses;
+  not decode, or entries without that first key (refused here), or without the fields
+  the caller checks each entry for;
 * only those regions of the old and the new answer are decoded.
 
 ``None`` means "decode it all": no array of objects, the markers differ, a region that
@@ -103,6 +104,9 @@ def changed_entries(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | Non
         after = orjson.loads(b"[" + new[start : len(new) - back] + b"]")
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(before, list) or not isinstance(after, list):
-        return None
+    # Every entry an object with the marker's key: else a boundary was not one.
+    first_key = marker[marker.index(b'"') + 1 : -1].decode()
+    for entries in (before, after):
+        if not all(isinstance(e, dict) and first_key in e for e in entries):
+            return None
     return before, after
