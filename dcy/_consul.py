@@ -216,6 +216,18 @@ class ConsulAPI(Protocol):
         Consul sent them (a change detector decodes only what changed, dcy._array_delta)."""
         ...
 
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        """``GET /v1/kv/<prefix>?recurse`` undecoded: ``body`` holds the answer's bytes
+        (values in base64, as Consul sent them), None when nothing is there (404)."""
+        ...
+
     async def health_state_index(self, *, datacenter: str | None = None) -> Index:
         """The index of ``/v1/health/state/any`` (the checks table's newest write), without
         its body: a ``filter`` no check matches."""
@@ -620,6 +632,20 @@ class HttpConsul:
             "GET", "/v1/health/state/any", params, index=index, wait=wait, everything_visible=True
         )
         return QueryResult(answer.index, answer.body)
+
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        params: list[tuple[str, Any]] = [("recurse", "true")]
+        if datacenter:
+            params.append(("dc", datacenter))
+        answer = await self._request("GET", f"/v1/kv/{prefix}", params, index=index, wait=wait)
+        return QueryResult(answer.index, None if answer.status == 404 else answer.body)
 
     async def health_state_index(self, *, datacenter: str | None = None) -> Index:
         # Consul takes the index before it filters: an empty answer with the table's index.

@@ -595,10 +595,12 @@ class KeyDetector(Detector):
     def __init__(self, engine: WatchEngine, group: Group, root: str) -> None:
         super().__init__(engine, group)
         self.root = root
-        self._keys: dict[str, int] | None = None
+        self._keys: dict[str, int] | None = None  # key → ModifyIndex
+        self._raw: bytes | None = None  # the last answer, as Consul sent it
 
     def rebase(self) -> None:
         self._keys = None
+        self._raw = None
 
     def loops(
         self,
@@ -607,20 +609,49 @@ class KeyDetector(Detector):
         return [
             (
                 f"keys {root}*",
-                lambda index: api.kv_get(root, recurse=True, index=index, wait=wait, datacenter=dc),
+                lambda index: api.kv_bytes(root, index=index, wait=wait, datacenter=dc),
                 self._on_keys,
             )
         ]
 
     def _on_keys(self, result: QueryResult) -> None:
-        keys = {e["Key"]: int(e.get("ModifyIndex") or 0) for e in result.body or ()}
-        old, self._keys = self._keys, keys
-        if old is None:
-            return
-        changed = {k for k in keys.keys() | old.keys() if keys.get(k) != old.get(k)}
+        """An answer of ``/v1/kv/<root>?recurse``, undecoded: as for the checks, only the
+        entries around the bytes that differ from the last answer are decoded."""
+        raw = result.body if isinstance(result.body, bytes) else b"[]"
+        old, previous_raw = self._keys, self._raw
+        self._raw = raw
+        delta = None
+        if old is not None and previous_raw is not None:
+            delta = changed_entries(previous_raw, raw)
+        if delta is not None and _all_keys(delta[0]) and _all_keys(delta[1]):
+            before = {e["Key"]: e for e in delta[0]}
+            after = {e["Key"]: e for e in delta[1]}
+            changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+            assert old is not None
+            for key in before.keys() - after.keys():
+                old.pop(key, None)
+            for key, entry in after.items():
+                old[key] = int(entry.get("ModifyIndex") or 0)
+        else:
+            body = orjson.loads(raw) if raw.strip() else []
+            if not _all_keys(body):
+                raise DcyError(f"unexpected answer of /v1/kv/{self.root}: {raw[:200]!r}")
+            keys = {e["Key"]: int(e.get("ModifyIndex") or 0) for e in body}
+            self._keys = keys
+            if old is None:
+                return
+            changed = {k for k in keys.keys() | old.keys() if keys.get(k) != old.get(k)}
         if not changed:
             return
         self.trigger(w for w in tuple(self.watches) if _covers(w.spec, changed))
+
+
+def _all_keys(entries: object) -> bool:
+    """Whether a decoded answer is what ``/v1/kv/<root>?recurse`` answers: entries with a
+    ``Key``."""
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("Key"), str) for e in entries
+    )
 
 
 def _covers(spec: object, keys: set[str]) -> bool:

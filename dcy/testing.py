@@ -19,6 +19,7 @@ sessions invalidated 2 x TTL after their last renewal); :meth:`FakeConsul.expire
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
@@ -423,6 +424,34 @@ class FakeConsul:
         changed = store.changed(key, recurse)
         answer_index = changed if changed and (found or recurse) else store.index
         return QueryResult(max(answer_index, 1), [dict(e) for e in found] or None)
+
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        # The same request as kv_get with recurse, undecoded: counted (and refused) as it is.
+        result = await self.kv_get(
+            prefix, recurse=True, index=index, wait=wait, datacenter=datacenter
+        )
+        if result.body is None:
+            return result
+        entries = [
+            {
+                "LockIndex": e["LockIndex"],
+                "Key": e["Key"],
+                "Flags": e["Flags"],
+                "Value": base64.b64encode(e["Value"]).decode() if e["Value"] else None,
+                "Session": e["Session"] or None,
+                "CreateIndex": e["CreateIndex"],
+                "ModifyIndex": e["ModifyIndex"],
+            }
+            for e in result.body
+        ]
+        return QueryResult(result.index, self._encode(entries))
 
     async def kv_put(
         self,

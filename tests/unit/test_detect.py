@@ -395,3 +395,47 @@ async def test_health_wake_ups_decode_only_the_checks_that_changed(
         assert engine.detectors.sweeps == 0
     finally:
         await engine.aclose()
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+async def test_kv_wake_ups_decode_only_the_keys_that_changed(
+    pretty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deltas: list[tuple[list[Any], list[Any]] | None] = []
+
+    def recorded(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | None:
+        deltas.append(changed_entries(old, new))
+        return deltas[-1]
+
+    monkeypatch.setattr("dcy._detect.changed_entries", recorded)
+    fake = FakeConsul()
+    fake.pretty_json = pretty
+    engine = WatchEngine(fake, SMALL)
+    seen = Seen()
+    try:
+        for number in range(10):
+            await fake.kv_put(f"app/k{number}", b'{"x": "}\\","}')
+            engine.subscribe(KeySpec(f"app/k{number}"), seen.callback(f"k{number}"))
+        await eventually(lambda: len(seen.snapshots) == 10)
+        await quiet()
+        assert engine.wide
+        before = {w.spec: w.queries for w in engine.watches}
+        await fake.kv_put("app/k0", b"first")
+        await eventually(lambda: seen.last("k0").value == "first")
+        await fake.kv_put("app/k9", b"last")
+        await eventually(lambda: seen.last("k9").value == "last")
+        await fake.kv_delete("app/k5")
+        await eventually(lambda: seen.last("k5") is None)
+        await fake.kv_put("app/k5", b"again")
+        await eventually(lambda: seen.last("k5") is not None)
+        await quiet()
+        assert {w.spec for w in engine.watches if w.queries > before[w.spec]} == {
+            KeySpec("app/k0"),
+            KeySpec("app/k5"),
+            KeySpec("app/k9"),
+        }
+        assert len(deltas) >= 4
+        assert all(delta is not None for delta in deltas)
+        assert max(len(d[0]) + len(d[1]) for d in deltas if d is not None) <= 4
+    finally:
+        await engine.aclose()
