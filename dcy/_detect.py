@@ -453,13 +453,12 @@ class HealthDetector(Detector):
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
 
-    # How long a catalog move waits, at most, for the health loop's own answer before
-    # asking for the checks itself: both wake on the same write, the health loop a little
-    # later (its answer is the bigger), and its answer costs no request of its own.
-    CHECKS_GRACE = 0.1
-    # Before it asks whether the checks table moved at all: twice the longest lag of the
-    # health loop's answer seen lately, within these bounds (the first guess: the lower).
-    HEAD_START = (0.01, CHECKS_GRACE / 2)
+    # How long a catalog move waits for the health loop's own answer (it wakes on the same
+    # write, a little later: its answer is the bigger one, and costs no request of its
+    # own) before it asks, then again once the checks table's index says a check may
+    # have been written: twice the longest lag of that answer seen lately, within these
+    # bounds (the lower one as the first guess).
+    LAG_BOUNDS = (0.01, 0.05)
 
     def _checks_at_least(self, index: Index) -> bool:
         seen = self._checks_index
@@ -475,44 +474,50 @@ class HealthDetector(Detector):
                     await self._checks_answered.wait()
         return self._checks_at_least(index)
 
-    def _head_start(self) -> float:
-        low, high = self.HEAD_START
+    def _expected_lag(self) -> float:
+        low, high = self.LAG_BOUNDS
         return min(high, max(low, 2 * max(self._lags, default=0.0)))
 
-    async def _await_checks(self, index: Index) -> None:
-        """Bring the checks seen up to a catalog move to ``index``, when a check was written
-        then. The health loop wakes on that write too: its answer is waited for (a head
-        start, then, once the checks table's own index says a check was written at or
-        after ``index``, up to ``CHECKS_GRACE``), then read. A checks table whose index is
-        below ``index`` had no write then (a check-less registration): nothing can come,
-        and nothing is waited for."""
+    async def _await_checks(self, index: Index) -> bool | None:
+        """Whether the health loop's answer for a catalog move to ``index`` came (its diff
+        is in: True), cannot come (False) or may still come (None). It is waited for only
+        while it may come: first the health loop's usual lag; then, if the checks table's
+        own index is below ``index``, nothing was written to it then (a check-less
+        registration) and nothing will come; else once more that lag. A deregistration
+        moves the checks table's index without waking the health loop (no check changed):
+        it is not waited for longer."""
         started = time.monotonic()
-        if await self._checks_reach(index, self._head_start()):
+        if await self._checks_reach(index, self._expected_lag()):
             self._lags.append(time.monotonic() - started)
-            return
+            return True
         async with self.engine.refetch_slots:
             written = await self.engine.api.health_state_index(datacenter=self.datacenter)
         if isinstance(written, int) and isinstance(index, int) and written < index:
-            return
-        if await self._checks_reach(index, self.CHECKS_GRACE - (time.monotonic() - started)):
+            return False
+        if await self._checks_reach(index, self._expected_lag()):
             self._lags.append(time.monotonic() - started)
-            return
+            return True
+        return None
+
+    async def _read_checks(self) -> None:
         async with self.engine.refetch_slots:
             result = await self.engine.api.health_state_bytes(datacenter=self.datacenter)
         self._on_checks(result)
 
     async def _explain(self, index: Index, names: set[str]) -> None:
         """A catalog move to ``index`` that the checks seen so far do not account for: the
-        checks written with it, then the indexes of the services the catalog's diff names,
-        then of those whose instances changed (``/v1/internal/ui/services``); sweep if it is
-        still not accounted for."""
+        checks written with it (the health loop's answer), then the indexes of the services
+        the catalog's diff names, then of those whose instances changed
+        (``/v1/internal/ui/services``), then every check read now (a health loop slower
+        than usual); sweep if it is still not accounted for."""
         try:
-            if not self._explained(index):
-                await self._await_checks(index)
+            came = True if self._explained(index) else await self._await_checks(index)
             if not self._explained(index) and names and len(names) <= self.MAX_NAMED:
                 await self._prove(index, sorted(names), triggered=True)
             if not self._explained(index):
                 await self._prove(index, await self._ui_named(), triggered=False)
+            if not self._explained(index) and came is None and not self._checks_at_least(index):
+                await self._read_checks()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
