@@ -25,7 +25,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,9 @@ class FakeConsul:
         # dc → the checks table's newest write: a check added, changed or removed, and any
         # deregistration (Consul moves it then even for an instance without checks)
         self._checks_modified: dict[str, int] = {}
+        # dc → the newest write that changed a check itself: only that wakes a blocking
+        # /v1/health/state/any (a deregistration without checks moves the index silently)
+        self._check_rows_modified: dict[str, int] = {}
         self._wan: dict[str, list[dict[str, Any]]] = {}  # datacenter → its servers' coordinates
         self._changed: asyncio.Event | None = None
         self.closed = False
@@ -201,7 +204,7 @@ class FakeConsul:
         for check_id in service.check_ids:
             self._checks[check_id].update(Status=status, Output=output, ModifyIndex=self._index + 1)
         self._touch(service.datacenter, service.definition["Name"])
-        self._checks_modified[service.datacenter] = self._index
+        self._checks_written(service.datacenter)
         self._invalidate_sessions_of_failed_checks()
 
     def set_node_check(
@@ -238,7 +241,7 @@ class FakeConsul:
         for name in names:
             self._modified[(dc, name)] = index
         self._modified[(dc, "")] = index  # the checks table moved even with no service there
-        self._checks_modified[dc] = index
+        self._checks_written(dc)
         self._wake()
 
     def remove_service(self, service_id: str) -> None:
@@ -246,7 +249,7 @@ class FakeConsul:
         for check_id in service.check_ids:
             self._checks.pop(check_id, None)
         self._touch(service.datacenter, service.definition["Name"], catalog=True)
-        self._checks_modified[service.datacenter] = self._index
+        self._checks_written(service.datacenter, rows=bool(service.check_ids))
         self._invalidate_sessions_of_failed_checks()
 
     def forget_everything(self) -> None:
@@ -400,7 +403,7 @@ class FakeConsul:
             )
         check.update(Status=status, Output=output, ModifyIndex=self._index + 1)
         self._touch(self.datacenter, check["ServiceName"])
-        self._checks_modified[self.datacenter] = self._index
+        self._checks_written(self.datacenter)
         self._invalidate_sessions_of_failed_checks()
 
     # -- KV and sessions ---------------------------------------------------------------------
@@ -672,10 +675,7 @@ class FakeConsul:
         check_health_state(state)
         dc = datacenter or self.datacenter
 
-        def current() -> int:
-            return self._checks_index(dc)
-
-        await self._block("health_state", current, index, wait)
+        await self._block("health_state", self._checks_block(dc, index), index, wait)
         return QueryResult(self._checks_index(dc), self._checks_in(dc, state))
 
     async def health_state_bytes(
@@ -683,7 +683,7 @@ class FakeConsul:
     ) -> QueryResult:
         dc = datacenter or self.datacenter
         # The same request as health_state, undecoded: counted (and refused) as it is.
-        await self._block("health_state", lambda: self._checks_index(dc), index, wait)
+        await self._block("health_state", self._checks_block(dc, index), index, wait)
         return QueryResult(self._checks_index(dc), self._encode(self._checks_in(dc, "any")))
 
     async def health_state_index(self, *, datacenter: str | None = None) -> Index:
@@ -727,6 +727,21 @@ class FakeConsul:
 
     def _checks_index(self, dc: str) -> int:
         return self._checks_modified.get(dc, 1)
+
+    def _checks_written(self, dc: str, *, rows: bool = True) -> None:
+        self._checks_modified[dc] = self._index
+        if rows:
+            self._check_rows_modified[dc] = self._index
+
+    def _checks_block(self, dc: str, index: Index) -> Callable[[], int]:
+        """What a blocking read of the checks waits on: a check written after ``index``."""
+
+        def current() -> int:
+            if isinstance(index, int) and self._check_rows_modified.get(dc, 1) <= index:
+                return index  # nothing to wake for, even if the index moved
+            return self._checks_index(dc)
+
+        return current
 
     def _checks_in(self, dc: str, state: str) -> list[dict[str, Any]]:
         checks = [
@@ -870,7 +885,7 @@ class FakeConsul:
         self._services[service_id] = service
         self._touch(dc, definition["Name"], catalog=True)
         if checks_written or previous.keys() - set(service.check_ids):
-            self._checks_modified[dc] = self._index
+            self._checks_written(dc)
         self._invalidate_sessions_of_failed_checks()
 
     def _health_entry(self, service: _Service) -> dict[str, Any]:
