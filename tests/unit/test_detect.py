@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -437,5 +438,31 @@ async def test_kv_wake_ups_decode_only_the_keys_that_changed(
         assert len(deltas) >= 4
         assert all(delta is not None for delta in deltas)
         assert max(len(d[0]) + len(d[1]) for d in deltas if d is not None) <= 4
+    finally:
+        await engine.aclose()
+
+
+async def test_a_check_less_change_right_after_another_is_not_held_back_by_pacing() -> None:
+    # A catalog answer that changed nothing waits `quiet_interval` before the next query
+    # (a rolling deploy wakes it for every instance): not when the detector acts on it.
+    options = replace(SMALL, quiet_interval=2.0)
+    fake = FakeConsul()
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number)
+    engine = WatchEngine(fake, options)
+    seen = Seen()
+    try:
+        for number in range(SERVICES):
+            engine.subscribe(HealthServiceSpec(f"s{number}"), seen.callback(f"s{number}"))
+        await eventually(lambda: len(seen.snapshots) == SERVICES)
+        # Past the start-up's pacing: the catalog query blocks.
+        await eventually(lambda: fake.blocking_calls["catalog_services"] == 1, timeout=10.0)
+        for extra in range(3):
+            await fake.register_service({"ID": f"s5-{extra}", "Name": "s5", "Port": 2000 + extra})
+            await eventually(lambda: len(seen.last("s5")) == 2 + extra)  # noqa: B023
+            await quiet()
+            # Asked again at once, not `quiet_interval` after the last one.
+            assert fake.blocking_calls["catalog_services"] == 2 + extra
+        assert engine.detectors.sweeps == 0
     finally:
         await engine.aclose()
