@@ -476,7 +476,7 @@ class HealthDetector(Detector):
     # own) before it asks, then again once the checks table's index says a check may
     # have been written: twice the longest lag of that answer seen lately, within these
     # bounds (the lower one as the first guess).
-    LAG_BOUNDS = (0.01, 0.05)
+    LAG_BOUNDS = (0.002, 0.05)
 
     def _checks_at_least(self, index: Index) -> bool:
         seen = self._checks_index
