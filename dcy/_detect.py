@@ -254,8 +254,10 @@ class HealthDetector(Detector):
         self._floor = 0
         self._checks_answered = asyncio.Event()  # set at each answer of the health loop
         self._catalog_ready = asyncio.Event()  # the catalog's baseline is in
-        # How late the health loop's answer came after a catalog answer of the same write.
+        # How late the health loop's answer came after a catalog answer of the same write,
+        # and the catalog moves still waiting for it: (index, since when).
         self._lags: deque[float] = deque(maxlen=16)
+        self._awaited: deque[tuple[int, float]] = deque(maxlen=16)
         # The last /v1/internal/ui/services: name → (instances, nodes, tags); None before
         # the first, or when the agent has no such endpoint (then: `_ui_missing`).
         self._ui: dict[str, tuple[object, ...]] | None = None
@@ -372,6 +374,8 @@ class HealthDetector(Detector):
             self._remember(result.index)
         self._checks_raw = raw
         self._checks_index = result.index
+        if isinstance(result.index, int) and self._awaited:
+            self._record_lags(result.index)
         self._checks_answered.set()
         if first:
             self._baseline(result.index)
@@ -472,11 +476,11 @@ class HealthDetector(Detector):
             self._tasks.remove(task)
 
     # How long a catalog move waits for the health loop's own answer (it wakes on the same
-    # write, a little later: its answer is the bigger one, and costs no request of its
-    # own) before it asks, then again once the checks table's index says a check may
-    # have been written: twice the longest lag of that answer seen lately, within these
-    # bounds (the lower one as the first guess).
-    LAG_BOUNDS = (0.002, 0.05)
+    # write, a little later: its answer is the bigger one, ~35 ms at 1,000 services × 5,
+    # and costs no request of its own) before it asks, then again once the checks table's
+    # index says a check may have been written: twice the longest lag of that answer seen
+    # lately (late ones included), within these bounds (the lower one as the first guess).
+    LAG_BOUNDS = (0.002, 0.1)
 
     def _checks_at_least(self, index: Index) -> bool:
         seen = self._checks_index
@@ -504,18 +508,32 @@ class HealthDetector(Detector):
         registration) and nothing will come; else once more that lag. A deregistration
         moves the checks table's index without waking the health loop (no check changed):
         it is not waited for longer."""
-        started = time.monotonic()
+        if isinstance(index, int):
+            self._awaited.append((index, time.monotonic()))
         if await self._checks_reach(index, self._expected_lag()):
-            self._lags.append(time.monotonic() - started)
             return True
         async with self.engine.refetch_slots:
             written = await self.engine.api.health_state_index(datacenter=self.datacenter)
         if isinstance(written, int) and isinstance(index, int) and written < index:
+            self._awaited = deque((i, t) for i, t in self._awaited if i != index)
             return False
         if await self._checks_reach(index, self._expected_lag()):
-            self._lags.append(time.monotonic() - started)
             return True
         return None
+
+    def _record_lags(self, index: int) -> None:
+        """The health loop answered at ``index``: how long after the catalog moves it
+        covers (waited for or not, so that a late answer raises the next wait)."""
+        now, left = time.monotonic(), []
+        high = self.LAG_BOUNDS[1]
+        for awaited, started in self._awaited:
+            if awaited > index:
+                left.append((awaited, started))
+            elif now - started <= 2 * high:
+                # Longer: no answer came for that move (a deregistration without checks
+                # wakes nobody), this one is for a later write.
+                self._lags.append(min(now - started, high))
+        self._awaited = deque(left, maxlen=16)
 
     async def _read_checks(self) -> None:
         async with self.engine.refetch_slots:
