@@ -507,7 +507,7 @@ class HealthDetector(Detector):
         own index is below ``index``, nothing was written to it then (a check-less
         registration) and nothing will come; else once more that lag. A deregistration
         moves the checks table's index without waking the health loop (no check changed):
-        it is not waited for longer."""
+        it is not waited for longer than that."""
         if isinstance(index, int):
             self._awaited.append((index, time.monotonic()))
         if await self._checks_reach(index, self._expected_lag()):
@@ -515,7 +515,7 @@ class HealthDetector(Detector):
         async with self.engine.refetch_slots:
             written = await self.engine.api.health_state_index(datacenter=self.datacenter)
         if isinstance(written, int) and isinstance(index, int) and written < index:
-            self._awaited = deque((i, t) for i, t in self._awaited if i != index)
+            self._awaited = deque(((i, t) for i, t in self._awaited if i != index), maxlen=16)
             return False
         if await self._checks_reach(index, self._expected_lag()):
             return True
