@@ -221,6 +221,36 @@ class ConsulAPI(Protocol):
         checks) in ``state``: passing, warning, critical or any. Other states: ValueError."""
         ...
 
+    async def health_state_bytes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        """``GET /v1/health/state/any`` undecoded: ``body`` holds the answer's bytes as
+        Consul sent them (a change detector decodes only what changed, dcy._array_delta)."""
+        ...
+
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        """``GET /v1/kv/<prefix>?recurse`` undecoded: ``body`` holds the answer's bytes
+        (values in base64, as Consul sent them), None when nothing is there (404)."""
+        ...
+
+    async def health_state_index(self, *, datacenter: str | None = None) -> Index:
+        """The index of ``/v1/health/state/any`` (the checks table's newest write), without
+        its body: a ``filter`` no check matches."""
+        ...
+
+    async def ui_services(self, *, datacenter: str | None = None) -> QueryResult:
+        """``GET /v1/internal/ui/services`` (non-blocking): per service ``Name``,
+        ``InstanceCount``, ``Nodes``, ``Tags``, check counts; body None when the agent has
+        no such endpoint (404)."""
+        ...
+
     async def catalog_datacenters(self) -> list[str]:
         """``GET /v1/catalog/datacenters``: every known datacenter, nearest first."""
         ...
@@ -237,6 +267,10 @@ class ConsulAPI(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+# A filter no check matches (a check ID is never empty).
+NO_CHECK = 'CheckID == ""'
 
 
 class _Answer:
@@ -668,6 +702,41 @@ class HttpConsul:
         params = [("dc", datacenter)] if datacenter else []
         return await self._read(
             f"/v1/health/state/{state}", params, index=index, wait=wait, everything_visible=True
+        )
+
+    async def health_state_bytes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        params = [("dc", datacenter)] if datacenter else []
+        answer = await self._request(
+            "GET", "/v1/health/state/any", params, index=index, wait=wait, everything_visible=True
+        )
+        return QueryResult(answer.index, answer.body)
+
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        params: list[tuple[str, Any]] = [("recurse", "true")]
+        if datacenter:
+            params.append(("dc", datacenter))
+        answer = await self._request("GET", f"/v1/kv/{prefix}", params, index=index, wait=wait)
+        return QueryResult(answer.index, None if answer.status == 404 else answer.body)
+
+    async def health_state_index(self, *, datacenter: str | None = None) -> Index:
+        # Consul takes the index before it filters: an empty answer with the table's index.
+        params = [("filter", NO_CHECK), *([("dc", datacenter)] if datacenter else [])]
+        answer = await self._request("GET", "/v1/health/state/any", params, everything_visible=True)
+        return answer.index
+
+    async def ui_services(self, *, datacenter: str | None = None) -> QueryResult:
+        params = [("dc", datacenter)] if datacenter else []
+        return await self._read(
+            "/v1/internal/ui/services", params, index=0, wait=None, everything_visible=True
         )
 
     async def catalog_datacenters(self) -> list[str]:

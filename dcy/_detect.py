@@ -9,21 +9,36 @@ changed, and only the queries their diff points at are re-fetched, without block
 answer compared with the last one (an unchanged answer wakes nobody). Measured against Consul
 v1.14.11 (see NOTES-issue16.md):
 
-* ``/v1/health/state/any`` moves on every check added, changed or removed, and on every
-  deregistration (even of a service without checks). Its entries carry ``ModifyIndex``,
-  ``ServiceName`` and, for node checks, an empty ``ServiceID``: a diff per (Node, CheckID)
-  names the services whose health changed; a node check names every watched service with an
-  instance on that node.
+* ``/v1/health/state/any`` moves on every check added, changed or removed. Its entries carry
+  ``ModifyIndex``, ``ServiceName`` and, for node checks, an empty ``ServiceID``: a diff per
+  (Node, CheckID) names the services whose health changed; a node check names every
+  watched service with an instance on that node. A deregistration moves its index even for
+  an instance without checks, but wakes no blocking query on it (no check changed).
+* Its answer is read undecoded and compared with the last one byte for byte: only the
+  entries around the bytes that differ are decoded (dcy._array_delta), so a wake-up costs
+  what changed, not the datacenter's size (2.3 MB at 1,000 services × 5 instances).
+  Anything unexpected (no entry marker, an entry that does not decode, the first key of
+  the entries changed) reads the whole answer instead.
 * ``/v1/catalog/services`` moves on every registration, re-registration that changes
   anything (port, meta, tags) and deregistration; its diff (names, tags) names a few. A
-  move whose index (the newest catalog write's) no diff accounts for (a check-less instance
-  added, or one whose port changed) is found by a sweep: every watched service query of
-  that datacenter is re-fetched, half the blocking connections at a time (see
+  move whose index (the newest catalog write's) no diff accounts for is explained, in
+  this order, by: the health loop's answer for that write (waited for about its usual
+  lag, not longer, and not at all when the checks table's own index, asked with a
+  ``filter`` no check matches, is below the catalog's: a check-less registration);
+  the own index of the services the catalog's diff names; the own index of the services
+  whose instance count, nodes or tags ``/v1/internal/ui/services`` shows changed since
+  its last answer (a check-less instance added or removed; 565 kB and ~25 ms of the
+  agent at 1,000 services × 5 instances, against ~1,000 requests for a sweep); every
+  check read now. What none of these explain (an instance whose port or meta changed
+  and nothing else, or an agent without ``/v1/internal/ui/services``: 404, or 403 for a
+  token without read on it) is found by a sweep: every watched service query of that
+  datacenter is re-fetched, half the blocking connections at a time (see
   :class:`HealthDetector` for the one case left to the per-``wait`` re-fetch). Consul's
   ``filter`` cannot narrow these answers by index (``ModifyIndex`` is no valid selector
   there) nor is there a per-service index in a wide answer.
 * ``/v1/kv/<root>?recurse`` on the common root of the watched keys moves on any write or
-  delete under it; a diff of ``ModifyIndex`` per key names the keys.
+  delete under it; a diff of the keys' entries names the keys, decoded around the bytes
+  that differ as for the checks.
 * ``/v1/catalog/nodes`` moves on every registration and deregistration of the catalog (not
   on check changes): watched nodes' queries (``catalog/node/<name>``) are re-fetched then.
 """
@@ -39,6 +54,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from dcy._array_delta import changed_entries
 from dcy._consul import Index, QueryResult
 from dcy._errors import DcyError
 from dcy._kv_specs import KeyPrefixSpec, KeySpec
@@ -204,7 +222,9 @@ class HealthDetector(Detector):
     * the ``ModifyIndex`` of a check the health diff saw (a registration carries its checks:
       the agent's sync, ``/v1/catalog/register``), whose service or node was re-fetched;
     * the index of a health answer that showed a removal (a deregistration moves both);
-    * the own index (a non-blocking health query) of a service the catalog's diff names.
+    * the own index (a non-blocking health query) of a service the catalog's diff names,
+      or of one whose instances ``/v1/internal/ui/services`` shows added or removed (a
+      check-less instance: the checks table never moves for its registration).
 
     Otherwise the newest write is a catalog change no diff shows: sweep. What this does not
     prove is that I1 was the only catalog write since the last answer: a check-less change
@@ -223,6 +243,7 @@ class HealthDetector(Detector):
         # (Node, CheckID) → the service a check belongs to ("" for a node check)
         self._owners: dict[tuple[str, str], str] = {}
         self._checks_index: Index = 0
+        self._checks_raw: bytes | None = None  # the last health answer, as Consul sent it
         self._catalog: dict[str, tuple[str, ...]] = {}
         self._catalog_index: Index = 0
         self._catalog_seen = False
@@ -233,6 +254,15 @@ class HealthDetector(Detector):
         self._floor = 0
         self._checks_answered = asyncio.Event()  # set at each answer of the health loop
         self._catalog_ready = asyncio.Event()  # the catalog's baseline is in
+        # How late the health loop's answer came after a catalog answer of the same write,
+        # and the catalog moves still waiting for it: (index, since when).
+        self._lags: deque[float] = deque(maxlen=16)
+        self._awaited: deque[tuple[int, float]] = deque(maxlen=16)
+        # The last /v1/internal/ui/services: name → (instances, nodes, tags); None before
+        # the first, or when the agent has no such endpoint (then: `_ui_missing`).
+        self._ui: dict[str, tuple[object, ...]] | None = None
+        self._ui_missing = False
+        self._health_named: set[str] = set()  # named by the health diff since that answer
 
     def _baseline(self, index: Index) -> None:
         if isinstance(index, int):
@@ -241,7 +271,9 @@ class HealthDetector(Detector):
     def rebase(self) -> None:
         self._owners = {}
         self._checks_index = 0
+        self._checks_raw = None
         self._catalog_seen = False
+        self._ui = None
 
     def loops(
         self,
@@ -250,18 +282,18 @@ class HealthDetector(Detector):
         return [
             (
                 "health state",
-                lambda index: api.health_state("any", datacenter=dc, index=index, wait=wait),
+                lambda index: api.health_state_bytes(datacenter=dc, index=index, wait=wait),
                 self._on_checks,
             ),
         ]
 
     def start(self) -> None:
         super().start()
+        loop = asyncio.get_running_loop()
         self._tasks.append(
-            asyncio.get_running_loop().create_task(
-                self._share_catalog(), name="dcy-detect:catalog services"
-            )
+            loop.create_task(self._share_catalog(), name="dcy-detect:catalog services")
         )
+        self._tasks.append(loop.create_task(self._ui_baseline(), name="dcy-detect:ui services"))
 
     async def ready(self) -> None:
         await super().ready()
@@ -287,11 +319,13 @@ class HealthDetector(Detector):
             watch.detector_users -= 1
             self.engine.release(watch)
 
-    def _on_catalog_answer(self, result: QueryResult) -> None:
+    def _on_catalog_answer(self, result: QueryResult) -> bool:
+        """Whether the answer made the detector act (re-fetch, or explain a move)."""
         if self._catalog_seen:
             self.engine.detectors.wakeups += 1
-        self._on_catalog(result)
+        acted = self._on_catalog(result)
         self._catalog_ready.set()
+        return acted
 
     def _remember(self, index: int) -> None:
         if index in self._written_set:
@@ -309,6 +343,9 @@ class HealthDetector(Detector):
         return index <= self._floor or index in self._written_set
 
     def _on_checks(self, result: QueryResult) -> None:
+        """An answer of ``/v1/health/state/any``, undecoded: only the entries around the
+        bytes that differ from the last answer are decoded (dcy._array_delta), so a wake-up
+        costs what changed, not what the datacenter holds."""
         previous = self._checks_index
         if (
             isinstance(result.index, int)
@@ -317,46 +354,99 @@ class HealthDetector(Detector):
         ):
             return  # seen already (a catalog change asked for it first)
         first = not (isinstance(previous, int) and previous > 0)
-        since = previous if isinstance(previous, int) else 0
-        body = result.body or ()
-        keys = {(e.get("Node") or "", e.get("CheckID") or "") for e in body}
-        # Only checks written since the last answer need a look: their ModifyIndex is above
-        # that answer's index (the checks table's newest write then). Skipping the others
-        # keeps a wake-up at 1,000 services to one pass over the answer.
-        fresh = body if first else [e for e in body if int(e.get("ModifyIndex") or 0) > since]
+        raw = result.body if isinstance(result.body, bytes) else b""
+        delta = None
+        if not first and self._checks_raw is not None:
+            delta = changed_entries(self._checks_raw, raw)
         names: set[str] = set()
         nodes: set[str] = set()
-        owners = {} if first else self._owners
-        for entry in fresh:
-            key = (entry.get("Node") or "", entry.get("CheckID") or "")
-            owner = entry.get("ServiceName") or "" if entry.get("ServiceID") else ""
-            before = owners.get(key)
-            if before and before != owner:
-                names.add(before)  # the check ID now belongs to another service
-            owners[key] = owner
-            if not first:
-                self._remember(int(entry.get("ModifyIndex") or 0))
-            (names.add(owner) if owner else nodes.add(key[0]))
         removed = False
-        for key in owners.keys() - keys:
-            removed = True
-            owner = owners.pop(key)
-            (names.add(owner) if owner else nodes.add(key[0]))
+        if delta is not None and _all_checks(delta[0]) and _all_checks(delta[1]):
+            removed = self._apply_checks(delta[0], delta[1], names, nodes)
+        else:
+            body = orjson.loads(raw) if raw.strip() else []
+            if not _all_checks(body):
+                raise DcyError(f"unexpected answer of /v1/health/state/any: {raw[:200]!r}")
+            removed = self._replace_checks(body, first, names, nodes)
         if removed and isinstance(result.index, int):
             # The answer's index is the checks table's newest write: a deregistration moves
             # the catalog at the same index.
             self._remember(result.index)
-        self._owners = owners
+        self._checks_raw = raw
         self._checks_index = result.index
+        if isinstance(result.index, int) and self._awaited:
+            self._record_lags(result.index)
         self._checks_answered.set()
         if first:
             self._baseline(result.index)
         else:
             self._trigger_changed(names, nodes)
 
+    def _name(self, entry: dict[str, Any], names: set[str], nodes: set[str]) -> str:
+        """The service a check belongs to ("" for a node check), named in ``names`` (or its
+        node in ``nodes``)."""
+        owner = str(entry.get("ServiceName") or "") if entry.get("ServiceID") else ""
+        (names.add(owner) if owner else nodes.add(str(entry["Node"])))
+        return owner
+
+    def _apply_checks(
+        self,
+        before: list[dict[str, Any]],
+        after: list[dict[str, Any]],
+        names: set[str],
+        nodes: set[str],
+    ) -> bool:
+        """The checks around the bytes that changed: the old ones that are gone, the new or
+        changed ones. Whether a check was removed."""
+        old = {(e["Node"], e["CheckID"]): e for e in before}
+        new = {(e["Node"], e["CheckID"]): e for e in after}
+        owners = self._owners
+        for key, entry in new.items():
+            if old.get(key) == entry:
+                continue
+            previous_owner = owners.get(key)
+            owner = self._name(entry, names, nodes)
+            if previous_owner and previous_owner != owner:
+                names.add(previous_owner)  # the check ID now belongs to another service
+            owners[key] = owner
+            self._remember(int(entry.get("ModifyIndex") or 0))
+        gone = old.keys() - new.keys()
+        for key in gone:
+            owner = owners.pop(key, "")
+            (names.add(owner) if owner else nodes.add(key[0]))
+        return bool(gone)
+
+    def _replace_checks(
+        self, body: list[dict[str, Any]], first: bool, names: set[str], nodes: set[str]
+    ) -> bool:
+        """Every check, decoded (a first answer, or one the delta could not read)."""
+        since = self._checks_index if isinstance(self._checks_index, int) else 0
+        keys = {(e["Node"], e["CheckID"]) for e in body}
+        # Only checks written since the last answer need a look: their ModifyIndex is above
+        # that answer's index (the checks table's newest write then).
+        fresh = body if first else [e for e in body if int(e.get("ModifyIndex") or 0) > since]
+        owners = {} if first else self._owners
+        for entry in fresh:
+            key = (entry["Node"], entry["CheckID"])
+            before = owners.get(key)
+            owner = self._name(entry, set() if first else names, set() if first else nodes)
+            if before and before != owner:
+                names.add(before)
+            owners[key] = owner
+            if not first:
+                self._remember(int(entry.get("ModifyIndex") or 0))
+        removed = False
+        for key in owners.keys() - keys:
+            removed = True
+            owner = owners.pop(key)
+            (names.add(owner) if owner else nodes.add(key[0]))
+        self._owners = owners
+        return removed
+
     def _trigger_changed(self, names: set[str], nodes: set[str]) -> None:
         if not names and not nodes:
             return
+        self._health_named |= names
         self.trigger(
             w
             for w in tuple(self.watches)
@@ -364,70 +454,180 @@ class HealthDetector(Detector):
             or (nodes and w.snapshot is not None and any(i.node in nodes for i in w.snapshot.value))
         )
 
-    def _on_catalog(self, result: QueryResult) -> None:
+    def _on_catalog(self, result: QueryResult) -> bool:
         catalog = {name: tuple(tags or ()) for name, tags in (result.body or {}).items()}
         old, self._catalog = self._catalog, catalog
         previous, self._catalog_index = self._catalog_index, result.index
         if not self._catalog_seen:
             self._catalog_seen = True
             self._baseline(result.index)
-            return
+            return False
         names = {n for n in catalog.keys() | old.keys() if catalog.get(n) != old.get(n)}
         self._trigger_changed(names, set())
         if previous == result.index or self._explained(result.index):
-            return
+            return bool(names)
         task = asyncio.get_running_loop().create_task(self._explain(result.index, names))
         self._tasks.append(task)
         task.add_done_callback(self._done)
+        return True
 
     def _done(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
 
-    # How long a catalog move waits for the health loop's own answer before asking for the
-    # checks itself: both wake on the same write, the health loop a few milliseconds later
-    # at most, and its answer costs no request of its own.
-    CHECKS_GRACE = 0.1
+    # How long a catalog move waits for the health loop's own answer (it wakes on the same
+    # write, a little later: its answer is the bigger one, ~35 ms at 1,000 services × 5,
+    # and costs no request of its own) before it asks, then again once the checks table's
+    # index says a check may have been written: twice the longest lag of that answer seen
+    # lately (late ones included), within these bounds (the lower one as the first guess).
+    LAG_BOUNDS = (0.002, 0.1)
 
     def _checks_at_least(self, index: Index) -> bool:
         seen = self._checks_index
         return isinstance(seen, int) and isinstance(index, int) and seen >= index
 
-    async def _checks_reach(self, index: Index) -> None:
-        """Wait (at most ``CHECKS_GRACE``) until the health loop answered at ``index`` or
+    async def _checks_reach(self, index: Index, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until the health loop answered at ``index`` or
         later."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.CHECKS_GRACE):
+            async with asyncio.timeout(max(timeout, 0.0)):
                 while not self._checks_at_least(index):
                     self._checks_answered.clear()
                     await self._checks_answered.wait()
+        return self._checks_at_least(index)
+
+    def _expected_lag(self) -> float:
+        low, high = self.LAG_BOUNDS
+        return min(high, max(low, 2 * max(self._lags, default=0.0)))
+
+    async def _await_checks(self, index: Index) -> bool | None:
+        """Whether the health loop's answer for a catalog move to ``index`` came (its diff
+        is in: True), cannot come (False) or may still come (None). It is waited for only
+        while it may come: first the health loop's usual lag; then, if the checks table's
+        own index is below ``index``, nothing was written to it then (a check-less
+        registration) and nothing will come; else once more that lag. A deregistration
+        moves the checks table's index without waking the health loop (no check changed):
+        it is not waited for longer than that."""
+        if isinstance(index, int):
+            self._awaited.append((index, time.monotonic()))
+        if await self._checks_reach(index, self._expected_lag()):
+            return True
+        async with self.engine.refetch_slots:
+            written = await self.engine.api.health_state_index(datacenter=self.datacenter)
+        if isinstance(written, int) and isinstance(index, int) and written < index:
+            self._awaited = deque(((i, t) for i, t in self._awaited if i != index), maxlen=16)
+            return False
+        if await self._checks_reach(index, self._expected_lag()):
+            return True
+        return None
+
+    def _record_lags(self, index: int) -> None:
+        """The health loop answered at ``index``: how long after the catalog moves it
+        covers (waited for or not, so that a late answer raises the next wait)."""
+        now, left = time.monotonic(), []
+        high = self.LAG_BOUNDS[1]
+        for awaited, started in self._awaited:
+            if awaited > index:
+                left.append((awaited, started))
+            elif now - started <= 2 * high:
+                # Longer: no answer came for that move (a deregistration without checks
+                # wakes nobody), this one is for a later write.
+                self._lags.append(min(now - started, high))
+        self._awaited = deque(left, maxlen=16)
+
+    async def _read_checks(self) -> None:
+        async with self.engine.refetch_slots:
+            result = await self.engine.api.health_state_bytes(datacenter=self.datacenter)
+        self._on_checks(result)
 
     async def _explain(self, index: Index, names: set[str]) -> None:
-        """A catalog move to ``index`` that the checks seen so far do not account for: read
-        the checks now (the health loop may not have woken yet), then the indexes of the
-        services the catalog's diff names; sweep if it is still not accounted for."""
+        """A catalog move to ``index`` that the checks seen so far do not account for: the
+        checks written with it (the health loop's answer), then the indexes of the services
+        the catalog's diff names, then of those whose instances changed
+        (``/v1/internal/ui/services``), then every check read now (a health loop slower
+        than usual); sweep if it is still not accounted for."""
         try:
-            if not self._explained(index):
-                await self._checks_reach(index)
-            if not self._explained(index) and not self._checks_at_least(index):
-                async with self.engine.refetch_slots:
-                    result = await self.engine.api.health_state("any", datacenter=self.datacenter)
-                self._on_checks(result)
+            came = True if self._explained(index) else await self._await_checks(index)
             if not self._explained(index) and names and len(names) <= self.MAX_NAMED:
-                for name in sorted(names):
-                    async with self.engine.refetch_slots:
-                        answer = await self.engine.api.health_service(
-                            name, datacenter=self.datacenter
-                        )
-                    if isinstance(answer.index, int):
-                        self._remember(answer.index)
+                await self._prove(index, sorted(names), triggered=True)
+            if not self._explained(index):
+                await self._prove(index, await self._ui_named(), triggered=False)
+            if not self._explained(index) and came is None and not self._checks_at_least(index):
+                await self._read_checks()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            log.debug("explaining catalog index %s failed: %s", index, exc)
             self.sweep()
             return
         if not self._explained(index):
             self.sweep()
+
+    async def _prove(self, index: Index, names: list[str], *, triggered: bool) -> None:
+        """Ask the own index of each of ``names`` (at most ``MAX_NAMED``) until one is
+        ``index``; re-fetch the watched ones that changed (unless ``triggered`` already)."""
+        for name in names[: self.MAX_NAMED]:
+            async with self.engine.refetch_slots:
+                answer = await self.engine.api.health_service(name, datacenter=self.datacenter)
+            if isinstance(answer.index, int):
+                self._remember(answer.index)
+            if not triggered:
+                self.trigger(
+                    w
+                    for w in tuple(self.watches)
+                    if isinstance(w.spec, HealthServiceSpec)
+                    and w.spec.name == name
+                    and (w.snapshot is None or w.snapshot.index != answer.index)
+                )
+            if self._explained(index):
+                return
+
+    async def _ui_baseline(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._ui_named()
+
+    async def _ui_named(self) -> list[str]:
+        """The services whose instances (count, nodes) or tags changed since the last look
+        at ``/v1/internal/ui/services``: those the health diff did not name meanwhile first.
+        Nothing when the agent has no such endpoint or refuses it (an ACL): then a check-less
+        change is swept, as before."""
+        if self._ui_missing:
+            return []
+        try:
+            async with self.engine.refetch_slots:
+                result = await self.engine.api.ui_services(datacenter=self.datacenter)
+        except DcyError as exc:
+            if exc.transient:
+                raise
+            result = QueryResult(0, None)
+        if not isinstance(result.body, list):
+            log.info("no /v1/internal/ui/services: check-less changes are found by sweeps")
+            self._ui_missing = True
+            return []
+        summary: dict[str, tuple[object, ...]] = {
+            str(e.get("Name")): (
+                e.get("InstanceCount"),
+                tuple(e.get("Nodes") or ()),
+                tuple(e.get("Tags") or ()),
+            )
+            for e in result.body
+            if isinstance(e, dict) and not e.get("PeerName")
+        }
+        old, self._ui = self._ui, summary
+        named, self._health_named = self._health_named, set()
+        if old is None:
+            return []
+        changed = {n for n in summary.keys() | old.keys() if summary.get(n) != old.get(n)}
+        return sorted(changed, key=lambda n: (n in named, n))
+
+
+def _all_checks(entries: object) -> bool:
+    """Whether a decoded answer is what ``/v1/health/state/any`` answers: checks, each with
+    its node and ID."""
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("Node"), str) and isinstance(e.get("CheckID"), str)
+        for e in entries
+    )
 
 
 class KeyDetector(Detector):
@@ -436,10 +636,12 @@ class KeyDetector(Detector):
     def __init__(self, engine: WatchEngine, group: Group, root: str) -> None:
         super().__init__(engine, group)
         self.root = root
-        self._keys: dict[str, int] | None = None
+        self._keys: dict[str, int] | None = None  # key → ModifyIndex
+        self._raw: bytes | None = None  # the last answer, as Consul sent it
 
     def rebase(self) -> None:
         self._keys = None
+        self._raw = None
 
     def loops(
         self,
@@ -448,20 +650,49 @@ class KeyDetector(Detector):
         return [
             (
                 f"keys {root}*",
-                lambda index: api.kv_get(root, recurse=True, index=index, wait=wait, datacenter=dc),
+                lambda index: api.kv_bytes(root, index=index, wait=wait, datacenter=dc),
                 self._on_keys,
             )
         ]
 
     def _on_keys(self, result: QueryResult) -> None:
-        keys = {e["Key"]: int(e.get("ModifyIndex") or 0) for e in result.body or ()}
-        old, self._keys = self._keys, keys
-        if old is None:
-            return
-        changed = {k for k in keys.keys() | old.keys() if keys.get(k) != old.get(k)}
+        """An answer of ``/v1/kv/<root>?recurse``, undecoded: as for the checks, only the
+        entries around the bytes that differ from the last answer are decoded."""
+        raw = result.body if isinstance(result.body, bytes) else b"[]"
+        old, previous_raw = self._keys, self._raw
+        self._raw = raw
+        delta = None
+        if old is not None and previous_raw is not None:
+            delta = changed_entries(previous_raw, raw)
+        if delta is not None and _all_keys(delta[0]) and _all_keys(delta[1]):
+            before = {e["Key"]: e for e in delta[0]}
+            after = {e["Key"]: e for e in delta[1]}
+            changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+            assert old is not None
+            for key in before.keys() - after.keys():
+                old.pop(key, None)
+            for key, entry in after.items():
+                old[key] = int(entry.get("ModifyIndex") or 0)
+        else:
+            body = orjson.loads(raw) if raw.strip() else []
+            if not _all_keys(body):
+                raise DcyError(f"unexpected answer of /v1/kv/{self.root}: {raw[:200]!r}")
+            keys = {e["Key"]: int(e.get("ModifyIndex") or 0) for e in body}
+            self._keys = keys
+            if old is None:
+                return
+            changed = {k for k in keys.keys() | old.keys() if keys.get(k) != old.get(k)}
         if not changed:
             return
         self.trigger(w for w in tuple(self.watches) if _covers(w.spec, changed))
+
+
+def _all_keys(entries: object) -> bool:
+    """Whether a decoded answer is what ``/v1/kv/<root>?recurse`` answers: entries with a
+    ``Key``."""
+    return isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("Key"), str) for e in entries
+    )
 
 
 def _covers(spec: object, keys: set[str]) -> bool:

@@ -268,8 +268,10 @@ class Watch(Generic[T]):
         self.detector: Detector | None = None
         self._wanted = asyncio.Event()
         # Told every answer that moved the index, news or not (a change detector sharing
-        # this query; see dcy._detect).
-        self.answer_observers: list[Callable[[QueryResult], None]] = []
+        # this query; see dcy._detect). One returning True acts on it: news for the pacing
+        # too (a check-less registration changes no catalog answer, and is all a detector
+        # has to go by), so that the next query goes out at once.
+        self.answer_observers: list[Callable[[QueryResult], bool]] = []
         self.detector_users = 0  # of `users`, change detectors sharing this query
 
     def start(self) -> None:
@@ -441,7 +443,7 @@ class Watch(Generic[T]):
 
     def _accept(self, result: QueryResult, index: Index) -> tuple[Index, bool]:
         """Publish an answer if it changed anything; return the index of the next query and
-        whether anything was published."""
+        whether anything was published or acted on."""
         now = time.time()
         previous = self.snapshot
         new_index = result.index
@@ -456,8 +458,9 @@ class Watch(Generic[T]):
                 self._publish(self.snapshot)
             self._answered.set()
             return index, previous.stale
+        acted = False
         for observe in tuple(self.answer_observers):
-            observe(result)
+            acted = observe(result) or acted
         value = self.spec.decode(result.body)
         snapshot = Snapshot(value, new_index, now)
         news = previous is None or previous.stale or previous.value != value
@@ -468,8 +471,8 @@ class Watch(Generic[T]):
         self._answered.set()
         if isinstance(new_index, int) and isinstance(index, int) and new_index < index:
             log.info("index of %s went backwards (%s → %s): resetting", self.spec, index, new_index)
-            return 0, news
-        return new_index, news
+            return 0, news or acted
+        return new_index, news or acted
 
     def mark_stale(self, error: DcyError) -> None:
         """Consul cannot be asked (a detector of this query failed): keep the value, say so."""

@@ -19,14 +19,17 @@ sessions invalidated 2 x TTL after their last renewal); :meth:`FakeConsul.expire
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from dcy._answers import (
     CHECK_CRITICAL,
@@ -148,12 +151,22 @@ class FakeConsul:
         self._node_checks: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._modified: dict[tuple[str, str], int] = {}  # (dc, service name) → index
         self._catalog_modified: dict[str, int] = {}
+        # dc → the checks table's newest write: a check added, changed or removed, and any
+        # deregistration (Consul moves it then even for an instance without checks)
+        self._checks_modified: dict[str, int] = {}
+        # dc → the newest write that changed a check itself: only that wakes a blocking
+        # /v1/health/state/any (a deregistration without checks moves the index silently)
+        self._check_rows_modified: dict[str, int] = {}
         self._wan: dict[str, list[dict[str, Any]]] = {}  # datacenter → its servers' coordinates
         self._changed: asyncio.Event | None = None
         self.closed = False
         self._kv: dict[str, _KvStore] = {}  # datacenter → its KV
         self._sessions: dict[str, _Session] = {}
         self.node_health = "passing"  # serfHealth of the local node, for sessions
+        # Answers of the undecoded reads (health_state_bytes, kv_bytes) indented as a dev
+        # agent writes them, or compact as any other agent does.
+        self.pretty_json = False
+        self.ui_services_endpoint = True  # False: /v1/internal/ui/services answers 404
 
     # -- driving the fake from a test ------------------------------------------------------
     def add_service(
@@ -194,6 +207,7 @@ class FakeConsul:
         for check_id in service.check_ids:
             self._checks[check_id].update(Status=status, Output=output, ModifyIndex=self._index + 1)
         self._touch(service.datacenter, service.definition["Name"])
+        self._checks_written(service.datacenter)
         self._invalidate_sessions_of_failed_checks()
 
     def set_node_check(
@@ -230,6 +244,7 @@ class FakeConsul:
         for name in names:
             self._modified[(dc, name)] = index
         self._modified[(dc, "")] = index  # the checks table moved even with no service there
+        self._checks_written(dc)
         self._wake()
 
     def remove_service(self, service_id: str) -> None:
@@ -237,6 +252,7 @@ class FakeConsul:
         for check_id in service.check_ids:
             self._checks.pop(check_id, None)
         self._touch(service.datacenter, service.definition["Name"], catalog=True)
+        self._checks_written(service.datacenter, rows=bool(service.check_ids))
         self._invalidate_sessions_of_failed_checks()
 
     def forget_everything(self) -> None:
@@ -388,8 +404,9 @@ class FakeConsul:
             raise _refusal(
                 UNKNOWN_CHECK_ID, f"PUT /v1/agent/check/update/{check_id}", check_id=check_id
             )
-        check.update(Status=status, Output=output)
+        check.update(Status=status, Output=output, ModifyIndex=self._index + 1)
         self._touch(self.datacenter, check["ServiceName"])
+        self._checks_written(self.datacenter)
         self._invalidate_sessions_of_failed_checks()
 
     # -- KV and sessions ---------------------------------------------------------------------
@@ -413,6 +430,34 @@ class FakeConsul:
         changed = store.changed(key, recurse)
         answer_index = changed if changed and (found or recurse) else store.index
         return QueryResult(max(answer_index, 1), [dict(e) for e in found] or None)
+
+    async def kv_bytes(
+        self,
+        prefix: str,
+        *,
+        index: Index = 0,
+        wait: float | None = None,
+        datacenter: str | None = None,
+    ) -> QueryResult:
+        # The same request as kv_get with recurse, undecoded: counted (and refused) as it is.
+        result = await self.kv_get(
+            prefix, recurse=True, index=index, wait=wait, datacenter=datacenter
+        )
+        if result.body is None:
+            return result
+        entries = [
+            {
+                "LockIndex": e["LockIndex"],
+                "Key": e["Key"],
+                "Flags": e["Flags"],
+                "Value": base64.b64encode(e["Value"]).decode() if e["Value"] else None,
+                "Session": e["Session"] or None,
+                "CreateIndex": e["CreateIndex"],
+                "ModifyIndex": e["ModifyIndex"],
+            }
+            for e in result.body
+        ]
+        return QueryResult(result.index, self._encode(entries))
 
     async def kv_put(
         self,
@@ -633,10 +678,75 @@ class FakeConsul:
         check_health_state(state)
         dc = datacenter or self.datacenter
 
-        def current() -> int:
-            return max((i for (d, _), i in self._modified.items() if d == dc), default=1)
+        await self._block("health_state", self._checks_block(dc, index), index, wait)
+        return QueryResult(self._checks_index(dc), self._checks_in(dc, state))
 
-        await self._block("health_state", current, index, wait)
+    async def health_state_bytes(
+        self, *, datacenter: str | None = None, index: Index = 0, wait: float | None = None
+    ) -> QueryResult:
+        dc = datacenter or self.datacenter
+        # The same request as health_state, undecoded: counted (and refused) as it is.
+        await self._block("health_state", self._checks_block(dc, index), index, wait)
+        return QueryResult(self._checks_index(dc), self._encode(self._checks_in(dc, "any")))
+
+    async def health_state_index(self, *, datacenter: str | None = None) -> Index:
+        self._enter("health_state_index")
+        return self._checks_index(datacenter or self.datacenter)
+
+    async def ui_services(self, *, datacenter: str | None = None) -> QueryResult:
+        self._enter("ui_services")
+        dc = datacenter or self.datacenter
+        index = max(self._checks_index(dc), self._catalog_modified.get(dc, 1))
+        if not self.ui_services_endpoint:
+            return QueryResult(index, None)
+        summaries: dict[str, dict[str, Any]] = {}
+        for service in self._services.values():
+            if service.datacenter != dc:
+                continue
+            name = service.definition["Name"]
+            summary = summaries.setdefault(
+                name,
+                {
+                    "Name": name,
+                    "Datacenter": dc,
+                    "Tags": set(),
+                    "Nodes": set(),
+                    "InstanceCount": 0,
+                    "ChecksPassing": 0,
+                    "ChecksWarning": 0,
+                    "ChecksCritical": 0,
+                },
+            )
+            summary["Tags"].update(service.definition.get("Tags") or ())
+            summary["Nodes"].add(service.node)
+            summary["InstanceCount"] += 1
+            for check in self._health_entry(service)["Checks"]:
+                summary[f"Checks{str(check['Status']).capitalize()}"] += 1
+        body = [
+            {**summary, "Tags": sorted(summary["Tags"]) or None, "Nodes": sorted(summary["Nodes"])}
+            for _, summary in sorted(summaries.items())
+        ]
+        return QueryResult(index, body)
+
+    def _checks_index(self, dc: str) -> int:
+        return self._checks_modified.get(dc, 1)
+
+    def _checks_written(self, dc: str, *, rows: bool = True) -> None:
+        self._checks_modified[dc] = self._index
+        if rows:
+            self._check_rows_modified[dc] = self._index
+
+    def _checks_block(self, dc: str, index: Index) -> Callable[[], int]:
+        """What a blocking read of the checks waits on: a check written after ``index``."""
+
+        def current() -> int:
+            if isinstance(index, int) and self._check_rows_modified.get(dc, 1) <= index:
+                return index  # nothing to wake for, even if the index moved
+            return self._checks_index(dc)
+
+        return current
+
+    def _checks_in(self, dc: str, state: str) -> list[dict[str, Any]]:
         checks = [
             dict(self._checks[c])
             for s in self._services.values()
@@ -650,7 +760,14 @@ class FakeConsul:
             if d == dc and (state == "any" or c["Status"] == state)
         ]
         checks.sort(key=lambda c: (c["Node"], c["CheckID"]))
-        return QueryResult(current(), checks)
+        return checks
+
+    def _encode(self, body: Any) -> bytes:
+        """An answer's bytes as the agent writes them: compact, or indented by four spaces
+        as a dev agent (or ``?pretty``) does."""
+        if self.pretty_json:
+            return (json.dumps(body, indent=4) + "\n").encode()
+        return orjson.dumps(body)
 
     async def catalog_datacenters(self) -> list[str]:
         self._enter("catalog_datacenters")
@@ -741,6 +858,7 @@ class FakeConsul:
         kept = {c: check["Status"] for c, check in previous.items()}
         service = _Service(definition, node, dc)
         raw_checks = _raw_checks(definition)
+        checks_written = False
         for number, raw in enumerate(raw_checks, start=1):
             suffix = f":{number}" if len(raw_checks) > 1 else ""
             check_id = raw.get("CheckID") or raw.get("ID") or f"service:{service_id}{suffix}"
@@ -764,9 +882,13 @@ class FakeConsul:
                 # Consul writes a check again only when it changed.
                 for field_name in ("CreateIndex", "ModifyIndex"):
                     self._checks[check_id][field_name] = before[field_name]
+            else:
+                checks_written = True
             service.check_ids.append(check_id)
         self._services[service_id] = service
         self._touch(dc, definition["Name"], catalog=True)
+        if checks_written or previous.keys() - set(service.check_ids):
+            self._checks_written(dc)
         self._invalidate_sessions_of_failed_checks()
 
     def _health_entry(self, service: _Service) -> dict[str, Any]:

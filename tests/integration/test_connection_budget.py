@@ -6,6 +6,7 @@ over HTTPS (HTTP/2: every query a blocking stream of its own, two connections in
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,36 @@ async def test_the_same_over_https_with_http2(tls_agent: Agent) -> None:
         client_cert=str(tls.client_cert),
         client_key=str(tls.client_key),
     )
+
+
+async def test_a_check_less_instance_past_the_budget_is_attributed_not_swept(agent: Agent) -> None:
+    # Registered and deregistered without a check: only the catalog's index moves (not its
+    # names nor tags, and no check), so only /v1/internal/ui/services says which service.
+    latest: dict[str, Snapshot[Any]] = {}
+
+    def count(name: str) -> int:
+        return len(latest[name].value) if name in latest else 0
+
+    writer = Writer(agent)
+    try:
+        async with Dcy(agent.url) as client:
+            engine = client.engine
+            for number in range(SERVICES):
+                name = f"svc{number}"
+                engine.subscribe(HealthServiceSpec(name), partial(latest.__setitem__, name))
+            await eventually(lambda: len(latest) == SERVICES, what="first answers", timeout=60)
+            assert engine.wide
+            api: Any = engine.api
+            requests, sweeps = api.requests, engine.detectors.sweeps
+            extra = {"Node": "host1", "Address": "10.0.0.2"}
+            service = {"ID": "svc7-extra", "Service": "svc7", "Port": 9007}
+            writer.put("/v1/catalog/register", {**extra, "Service": service})
+            await eventually(lambda: count("svc7") == 2, what="check-less instance added")
+            writer.put("/v1/catalog/deregister", {**extra, "ServiceID": "svc7-extra"})
+            await eventually(lambda: count("svc7") == 1, what="check-less instance removed")
+            assert engine.detectors.sweeps == sweeps
+            # A sweep asks every one of the 300 services again; attributing a change asks
+            # a few things (whether a check was written, the services list, svc7 twice).
+            assert api.requests - requests < 30
+    finally:
+        writer.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from dcy import AclDenied, Backoff, DcyError, Snapshot, WatchOptions
+from dcy._array_delta import changed_entries
 from dcy._detect import common_root
 from dcy._kv_specs import KeySpec
 from dcy._specs import HealthServiceSpec
@@ -290,5 +292,177 @@ async def test_a_detector_refused_for_good_ends_the_queries_it_covers() -> None:
             async with asyncio.timeout(2.0):
                 async for _ in iterated:
                     pass
+    finally:
+        await engine.aclose()
+
+
+def full_health_reads(fake: FakeConsul) -> int:
+    """Reads of every check outside the health loop's blocking ones."""
+    return fake.calls["health_state"] - fake.blocking_calls["health_state"]
+
+
+async def test_a_check_less_instance_added_and_removed_is_attributed_without_a_sweep(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    before, full_reads = queries(engine), full_health_reads(fake)
+    # No check: the checks table does not move, the catalog's index does, and its body
+    # (names and tags) stays the same. /v1/internal/ui/services shows s5's new instance.
+    await fake.register_service({"ID": "s5-extra", "Name": "s5", "Port": 2000})
+    await eventually(lambda: len(seen.last("s5")) == 2)
+    await quiet()
+    assert refetched(engine, before) == {"s5"}
+    # The checks table's index said no check was written: they were not read again.
+    assert fake.calls["health_state_index"] == 1
+    assert full_health_reads(fake) == full_reads
+    before = queries(engine)
+    await fake.deregister_service("s5-extra")  # moves the checks table, changes no check
+    await eventually(lambda: len(seen.last("s5")) == 1)
+    await quiet()
+    assert refetched(engine, before) == {"s5"}
+    assert engine.detectors.sweeps == 0
+
+
+async def test_a_check_less_instance_of_a_service_nobody_watches_wakes_nobody(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, _ = watched
+    asked, refetches = fake.calls["health_service"], engine.refetches
+    # A new name: the catalog's diff names it, its own index proves it.
+    await fake.register_service({"ID": "other-1", "Name": "other", "Port": 2000})
+    await eventually(lambda: fake.calls["health_service"] == asked + 1)
+    # Its second instance: named by /v1/internal/ui/services.
+    await fake.register_service({"ID": "other-2", "Name": "other", "Port": 2001})
+    await eventually(lambda: fake.calls["ui_services"] == 2)
+    await quiet()
+    assert engine.detectors.sweeps == 0
+    assert engine.refetches == refetches
+
+
+async def test_without_the_ui_services_endpoint_a_check_less_change_is_swept(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    fake.ui_services_endpoint = False  # another Consul: 404
+    await fake.register_service({"ID": "s5-extra", "Name": "s5", "Port": 2000})
+    await eventually(lambda: len(seen.last("s5")) == 2)
+    assert engine.detectors.sweeps == 1
+    await fake.register_service({"ID": "s7-extra", "Name": "s7", "Port": 2000})
+    await eventually(lambda: len(seen.last("s7")) == 2)
+    assert engine.detectors.sweeps == 2
+    assert fake.calls["ui_services"] == 2  # the baseline, then the 404: not asked again
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+async def test_health_wake_ups_decode_only_the_checks_that_changed(
+    pretty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deltas: list[tuple[list[Any], list[Any]] | None] = []
+
+    def recorded(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | None:
+        deltas.append(changed_entries(old, new))
+        return deltas[-1]
+
+    monkeypatch.setattr("dcy._detect.changed_entries", recorded)
+    fake = FakeConsul()
+    fake.pretty_json = pretty  # as a dev agent answers; any other agent answers compact
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number, node="n1" if number % 2 else "n0")
+    engine = WatchEngine(fake, SMALL)
+    seen = Seen()
+    try:
+        for number in range(SERVICES):
+            engine.subscribe(HealthServiceSpec(f"s{number}"), seen.callback(f"s{number}"))
+        await eventually(lambda: len(seen.snapshots) == SERVICES)
+        await quiet()
+        before = queries(engine)
+        fake.set_status("s3-1003-3", "critical")
+        await eventually(lambda: seen.last("s3")[0].status == "critical")
+        added = fake.add_service("s0", port=2000, node="n0")  # the first entries
+        await eventually(lambda: len(seen.last("s0")) == 2)
+        fake.remove_service(added)
+        await eventually(lambda: len(seen.last("s0")) == 1)
+        fake.set_status("s18-1018-18", "warning")  # the last ones
+        await eventually(lambda: seen.last("s18")[0].status == "warning")
+        await quiet()
+        assert refetched(engine, before) == {"s0", "s3", "s18"}
+        fake.set_node_check("n1", "critical")
+        odd = {f"s{n}" for n in range(1, SERVICES, 2)}
+        await eventually(lambda: all(seen.last(name)[0].status == "critical" for name in odd))
+        assert len(deltas) >= 5
+        assert all(delta is not None for delta in deltas)
+        # Around each change a few checks were decoded, never the whole answer.
+        assert max(len(d[0]) + len(d[1]) for d in deltas if d is not None) <= 4
+        assert engine.detectors.sweeps == 0
+    finally:
+        await engine.aclose()
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+async def test_kv_wake_ups_decode_only_the_keys_that_changed(
+    pretty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deltas: list[tuple[list[Any], list[Any]] | None] = []
+
+    def recorded(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | None:
+        deltas.append(changed_entries(old, new))
+        return deltas[-1]
+
+    monkeypatch.setattr("dcy._detect.changed_entries", recorded)
+    fake = FakeConsul()
+    fake.pretty_json = pretty
+    engine = WatchEngine(fake, SMALL)
+    seen = Seen()
+    try:
+        for number in range(10):
+            await fake.kv_put(f"app/k{number}", b'{"x": "}\\","}')
+            engine.subscribe(KeySpec(f"app/k{number}"), seen.callback(f"k{number}"))
+        await eventually(lambda: len(seen.snapshots) == 10)
+        await quiet()
+        assert engine.wide
+        before = {w.spec: w.queries for w in engine.watches}
+        await fake.kv_put("app/k0", b"first")
+        await eventually(lambda: seen.last("k0").value == "first")
+        await fake.kv_put("app/k9", b"last")
+        await eventually(lambda: seen.last("k9").value == "last")
+        await fake.kv_delete("app/k5")
+        await eventually(lambda: seen.last("k5") is None)
+        await fake.kv_put("app/k5", b"again")
+        await eventually(lambda: seen.last("k5") is not None)
+        await quiet()
+        assert {w.spec for w in engine.watches if w.queries > before[w.spec]} == {
+            KeySpec("app/k0"),
+            KeySpec("app/k5"),
+            KeySpec("app/k9"),
+        }
+        assert len(deltas) >= 4
+        assert all(delta is not None for delta in deltas)
+        assert max(len(d[0]) + len(d[1]) for d in deltas if d is not None) <= 4
+    finally:
+        await engine.aclose()
+
+
+async def test_a_check_less_change_right_after_another_is_not_held_back_by_pacing() -> None:
+    # A catalog answer that changed nothing waits `quiet_interval` before the next query
+    # (a rolling deploy wakes it for every instance): not when the detector acts on it.
+    options = replace(SMALL, quiet_interval=2.0)
+    fake = FakeConsul()
+    for number in range(SERVICES):
+        fake.add_service(f"s{number}", port=1000 + number)
+    engine = WatchEngine(fake, options)
+    seen = Seen()
+    try:
+        for number in range(SERVICES):
+            engine.subscribe(HealthServiceSpec(f"s{number}"), seen.callback(f"s{number}"))
+        await eventually(lambda: len(seen.snapshots) == SERVICES)
+        # Past the start-up's pacing: the catalog query blocks.
+        await eventually(lambda: fake.blocking_calls["catalog_services"] == 1, timeout=10.0)
+        for extra in range(3):
+            await fake.register_service({"ID": f"s5-{extra}", "Name": "s5", "Port": 2000 + extra})
+            await eventually(lambda: len(seen.last("s5")) == 2 + extra)  # noqa: B023
+            await quiet()
+            # Asked again at once, not `quiet_interval` after the last one.
+            assert fake.blocking_calls["catalog_services"] == 2 + extra
+        assert engine.detectors.sweeps == 0
     finally:
         await engine.aclose()
