@@ -282,7 +282,9 @@ class H2Pool:
     ) -> None:
         """``blocking_connections`` (0: no limit): how many connections' worth of streams
         blocking queries may hold at once, so that a write always finds a stream."""
-        context.set_alpn_protocols(["h2"])
+        # HTTP/1.1 offered too: a TLS server that knows only it may refuse a handshake that
+        # offers nothing it speaks (Go's does) instead of picking no protocol.
+        context.set_alpn_protocols(["h2", "http/1.1"])
         self._host, self._port = host, port
         self._context = context
         self._server_hostname = server_hostname
