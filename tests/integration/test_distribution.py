@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBRARY = {"aiohttp", "orjson", "dnspython"}
+LIBRARY = {"aiohttp", "orjson", "dnspython", "h2"}
 # Distributions no library user should get without asking: programs, demo, development.
 NOT_FOR_LIBRARY_USERS = {
     "jinja2",
@@ -85,7 +85,7 @@ def _requirements(wheel: Path) -> list[str]:
 
 
 def test_the_library_requires_only_what_it_imports(wheel: Path) -> None:
-    """Without extras, the wheel requires aiohttp, orjson and dnspython; the programs'
+    """Without extras, the wheel requires aiohttp, orjson, dnspython and h2; the programs'
     dependencies sit behind extras (template, register, cli), dev tools behind dev."""
     base = {
         r.split(">")[0].split("=")[0].split(";")[0].strip().lower()
@@ -108,7 +108,7 @@ def test_the_wheel_is_typed_and_holds_only_dcy(wheel: Path) -> None:
 
 
 def test_a_clean_install_pulls_no_program_demo_or_dev_dependency(venv: Path) -> None:
-    """`pip install dcy` in a new virtualenv: the library and its three dependencies (with
+    """`pip install dcy` in a new virtualenv: the library and its four dependencies (with
     theirs), nothing for the programs, the demo system or development."""
     listed = subprocess.run(
         [str(venv / "bin" / "pip"), "list", "--format", "json", "--disable-pip-version-check"],
