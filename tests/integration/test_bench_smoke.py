@@ -109,7 +109,7 @@ MUST_BE_ZERO = {
 # of strings) and report their goals as booleans in "goals": scale's watcher may be refused by
 # the agent and never render (what the benchmark is there to show).
 MAY_BE_NULL = {"scale"}
-STRUCTURED = {
+STRUCTURED: dict[str, dict[str, type]] = {
     "scale": {"goals": dict, "notes": list, "transport": str, "dcy_syntax": str},
     "scale_cpu": {"transport": str},
 }
