@@ -1,7 +1,8 @@
 """Issue 16 with dcy-template: a template ranging over every service of an agent with
 Consul's default limits, 300 of them. Every change of the series reaches the output file,
 the renderer holds at most 32 connections (counted from /proc, outside it), a probe client
-on the same address is never refused, and /metrics shows the budget at work."""
+on the same address is never refused, and /metrics shows the budget at work: change
+detectors over HTTP, a blocking HTTP/2 stream per query over HTTPS."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ConsulAgent, ManagedProcess, bound_status_port, eventually, until
+from tests.harness import (
+    ConsulAgent,
+    ManagedProcess,
+    TlsFiles,
+    bound_status_port,
+    eventually,
+    until,
+)
 from tests.scale_series import (
     BUDGET,
     SERVICES,
@@ -47,6 +55,16 @@ def agent(consul_factory: Callable[..., ConsulAgent]) -> Iterator[Agent]:
     yield reached
 
 
+@pytest.fixture
+def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Iterator[Agent]:
+    tls = TlsFiles.create(tmp_path / "tls")
+    started = consul_factory(hcl=[tls.agent_hcl()], tls_client=tls)
+    assert "limits" not in " ".join(started.hcl)
+    reached = Agent(started, tls)
+    register_all(reached)
+    yield reached
+
+
 def rendered(path: Path) -> Mapping[str, Sequence[Row]]:
     """The output file as rows per service (written atomically: never half a file)."""
     try:
@@ -71,9 +89,24 @@ def metrics(port: int) -> dict[str, float]:
 async def test_a_template_over_three_hundred_services_within_the_budget(
     agent: Agent, tmp_path: Path
 ) -> None:
+    await render_three_hundred(agent, tmp_path)
+
+
+async def test_the_same_over_https_with_http2(tls_agent: Agent, tmp_path: Path) -> None:
+    await render_three_hundred(tls_agent, tmp_path)
+
+
+async def render_three_hundred(agent: Agent, tmp_path: Path) -> None:
     source, output = tmp_path / "all.tpl", tmp_path / "all.txt"
     source.write_text(TEMPLATE)
-    env = dict(os.environ, CONSUL_HTTP_ADDR=agent.consul.http_addr)
+    env = dict(os.environ, CONSUL_HTTP_ADDR=agent.url)
+    multiplexed = agent.tls is not None
+    if agent.tls is not None:
+        env |= {
+            "CONSUL_CACERT": str(agent.tls.ca),
+            "CONSUL_CLIENT_CERT": str(agent.tls.client_cert),
+            "CONSUL_CLIENT_KEY": str(agent.tls.client_key),
+        }
     renderer = ManagedProcess(
         [DCY_TEMPLATE, "-template", f"{source}:{output}", "-status-addr", "127.0.0.1:0"],
         tmp_path / "dcy-template.log",
@@ -96,20 +129,31 @@ async def test_a_template_over_three_hundred_services_within_the_budget(
                     what="the status port",
                 )
                 before = metrics(port)
-                assert before["dcy_template_wide"] == 1
                 assert before["dcy_template_watched_queries"] > SERVICES
-                assert 0 < before["dcy_template_agent_connections"] <= BUDGET
-                # services() blocks itself; every service query is covered by a detector.
-                assert before["dcy_template_blocking_queries"] < 8
+                if multiplexed:
+                    # 301 blocking queries, as HTTP/2 streams over two connections.
+                    assert before["dcy_template_wide"] == 0
+                    assert before["dcy_template_blocking_queries"] > SERVICES
+                    assert 0 < before["dcy_template_agent_connections"] <= 2
+                else:
+                    assert before["dcy_template_wide"] == 1
+                    assert 0 < before["dcy_template_agent_connections"] <= BUDGET
+                    # services() blocks itself; every service query is covered by a detector.
+                    assert before["dcy_template_blocking_queries"] < 8
                 await run_series(writer, lambda: rendered(output))
                 after = metrics(port)
     finally:
         writer.close()
         renderer.stop()
     assert connections.samples > 0
-    assert 0 < connections.most <= BUDGET
+    assert 0 < connections.most <= (2 if multiplexed else BUDGET)
     assert probe.answers > 0
     assert probe.failures == []
+    if multiplexed:
+        # No detector: each change answered the blocking queries of the services it touched.
+        assert after["dcy_template_detector_wakeups_total"] == 0
+        assert after["dcy_template_refetches_total"] == 0
+        return
     assert (
         after["dcy_template_detector_wakeups_total"]
         >= before["dcy_template_detector_wakeups_total"] + 5
