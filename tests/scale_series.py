@@ -11,6 +11,7 @@ import subprocess
 import threading
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from dcy._sockets import count_connections
@@ -51,6 +52,19 @@ class Agent:
                 f"-client-key={self.tls.client_key}",
             ]
         return flags
+
+
+def default_limits_agent(
+    consul_factory: Callable[..., ConsulAgent], tls_folder: Path | None = None
+) -> Agent:
+    """An agent with Consul's default limits (the harness adds no ``limits`` stanza), HTTPS
+    only with client certificates when ``tls_folder`` is given, every service registered."""
+    tls = TlsFiles.create(tls_folder) if tls_folder is not None else None
+    started = consul_factory(hcl=[tls.agent_hcl()], tls_client=tls) if tls else consul_factory()
+    assert "limits" not in " ".join(started.hcl)
+    reached = Agent(started, tls)
+    register_all(reached)
+    return reached
 
 
 class Writer:

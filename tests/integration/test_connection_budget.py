@@ -5,7 +5,7 @@ over HTTPS (HTTP/2: every query a blocking stream of its own, two connections in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pytest
 
 from dcy import Dcy, Snapshot
 from dcy._specs import HealthServiceSpec
-from tests.harness import ConsulAgent, TlsFiles, eventually
+from tests.harness import ConsulAgent, eventually
 from tests.scale_series import (
     BUDGET,
     SERVICES,
@@ -23,29 +23,19 @@ from tests.scale_series import (
     Probe,
     Row,
     Writer,
-    register_all,
+    default_limits_agent,
     run_series,
 )
 
 
 @pytest.fixture
-def agent(consul_factory: Callable[..., ConsulAgent]) -> Iterator[Agent]:
-    # Consul's defaults: the harness adds no `limits` stanza.
-    started = consul_factory()
-    assert "limits" not in " ".join(started.hcl)
-    reached = Agent(started)
-    register_all(reached)
-    yield reached
+def agent(consul_factory: Callable[..., ConsulAgent]) -> Agent:
+    return default_limits_agent(consul_factory)
 
 
 @pytest.fixture
-def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Iterator[Agent]:
-    tls = TlsFiles.create(tmp_path / "tls")
-    started = consul_factory(hcl=[tls.agent_hcl()], tls_client=tls)
-    assert "limits" not in " ".join(started.hcl)
-    reached = Agent(started, tls)
-    register_all(reached)
-    yield reached
+def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Agent:
+    return default_limits_agent(consul_factory, tmp_path / "tls")
 
 
 async def watch_three_hundred(agent: Agent, *, multiplexed: bool = False, **tls: str) -> None:

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ import pytest
 from tests.harness import (
     ConsulAgent,
     ManagedProcess,
-    TlsFiles,
     bound_status_port,
     eventually,
     until,
@@ -31,7 +30,7 @@ from tests.scale_series import (
     Probe,
     Row,
     Writer,
-    register_all,
+    default_limits_agent,
     run_series,
 )
 
@@ -47,22 +46,13 @@ TEMPLATE = (
 
 
 @pytest.fixture
-def agent(consul_factory: Callable[..., ConsulAgent]) -> Iterator[Agent]:
-    started = consul_factory()
-    assert "limits" not in " ".join(started.hcl)
-    reached = Agent(started)
-    register_all(reached)
-    yield reached
+def agent(consul_factory: Callable[..., ConsulAgent]) -> Agent:
+    return default_limits_agent(consul_factory)
 
 
 @pytest.fixture
-def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Iterator[Agent]:
-    tls = TlsFiles.create(tmp_path / "tls")
-    started = consul_factory(hcl=[tls.agent_hcl()], tls_client=tls)
-    assert "limits" not in " ".join(started.hcl)
-    reached = Agent(started, tls)
-    register_all(reached)
-    yield reached
+def tls_agent(consul_factory: Callable[..., ConsulAgent], tmp_path: Path) -> Agent:
+    return default_limits_agent(consul_factory, tmp_path / "tls")
 
 
 def rendered(path: Path) -> Mapping[str, Sequence[Row]]:

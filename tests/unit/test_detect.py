@@ -353,17 +353,26 @@ async def test_without_the_ui_services_endpoint_a_check_less_change_is_swept(
     assert fake.calls["ui_services"] == 2  # the baseline, then the 404: not asked again
 
 
-@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
-async def test_health_wake_ups_decode_only_the_checks_that_changed(
-    pretty: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    deltas: list[tuple[list[Any], list[Any]] | None] = []
+Deltas = list[tuple[list[Any], list[Any]] | None]
+
+
+@pytest.fixture
+def deltas(monkeypatch: pytest.MonkeyPatch) -> Deltas:
+    """Every delta the detectors computed (None: they decoded the whole answer)."""
+    found: Deltas = []
 
     def recorded(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | None:
-        deltas.append(changed_entries(old, new))
-        return deltas[-1]
+        found.append(changed_entries(old, new))
+        return found[-1]
 
     monkeypatch.setattr("dcy._detect.changed_entries", recorded)
+    return found
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+async def test_health_wake_ups_decode_only_the_checks_that_changed(
+    pretty: bool, deltas: Deltas
+) -> None:
     fake = FakeConsul()
     fake.pretty_json = pretty  # as a dev agent answers; any other agent answers compact
     for number in range(SERVICES):
@@ -399,16 +408,7 @@ async def test_health_wake_ups_decode_only_the_checks_that_changed(
 
 
 @pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
-async def test_kv_wake_ups_decode_only_the_keys_that_changed(
-    pretty: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    deltas: list[tuple[list[Any], list[Any]] | None] = []
-
-    def recorded(old: bytes, new: bytes) -> tuple[list[Any], list[Any]] | None:
-        deltas.append(changed_entries(old, new))
-        return deltas[-1]
-
-    monkeypatch.setattr("dcy._detect.changed_entries", recorded)
+async def test_kv_wake_ups_decode_only_the_keys_that_changed(pretty: bool, deltas: Deltas) -> None:
     fake = FakeConsul()
     fake.pretty_json = pretty
     engine = WatchEngine(fake, SMALL)
