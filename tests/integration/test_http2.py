@@ -302,3 +302,14 @@ async def test_a_connection_that_stopped_answering_is_dropped(
     finally:
         await consul.aclose()
         await proxy.aclose()
+
+
+async def test_bodies_beyond_the_connections_window_wait_for_it(api: HttpConsul) -> None:
+    # The agent lets a connection send 1 MB before it acknowledges; four 500 kB values at
+    # once on one connection must wait for its window updates, and all arrive whole.
+    values = {f"h2/large{n}": bytes([n]) * 500_000 for n in range(4)}
+    await asyncio.gather(*(api.kv_put(key, value) for key, value in values.items()))
+    assert api.open_connections == 1
+    for key, value in values.items():
+        result = await api.kv_get(key)
+        assert result.body is not None and result.body[0]["Value"] == value
