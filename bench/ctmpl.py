@@ -24,27 +24,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncio
 import os
-import random
 import signal
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 
-from bench._common import agent_session, consul_agent, emit, note, parse_args, percentile, rounded
+from bench._common import consul_agent, emit, note, parse_args, percentile, rounded
 from bench.template import (
     AGENT_HCL,
     CASE2_GO,
     CASE2_JINJA,
     DCY_TEMPLATE,
-    Case2Figures,
-    ManyServices,
     Tool,
     case1_go,
-    case2_session,
+    case2,
     import_floor_ms,
-    register_many,
-    same_output,
+    ms,
+    ratio,
     tool_env,
 )
 from tests import ctmpl_state
@@ -140,36 +137,6 @@ async def corpus(agent: ConsulAgent, workdir: Path, samples: int) -> dict[str, l
     return times
 
 
-async def propagation(
-    agent: ConsulAgent, workdir: Path, changes: int, rounds: int
-) -> dict[str, Case2Figures]:
-    contenders = tools()
-    figures = {tool.name: Case2Figures() for tool in contenders}
-    async with agent_session(agent) as session:
-        await register_many(session)
-        await same_output(agent, workdir, {tool: tool.case2 for tool in contenders})
-        note("propagation: outputs identical; measuring")
-        consul = agent.api("/v1/health/service/consul")[0]["Service"]
-        model = ManyServices(f"consul {consul['ID']} 127.0.0.1:{consul['Port']}\n")
-        rng = random.Random(2)
-        for number in range(rounds):
-            order = contenders if number % 2 == 0 else tuple(reversed(contenders))
-            for tool in order:
-                await case2_session(
-                    agent, session, workdir, tool, model, changes, rng, figures[tool.name]
-                )
-                note(f"propagation: round {number + 1}/{rounds}, {tool.name} done")
-    return figures
-
-
-def ms(values: list[float], pct: float = 50) -> float:
-    return rounded(percentile(values, pct) * 1000)
-
-
-def ratio(ours: float, theirs: float) -> float:
-    return rounded(ours / theirs) if theirs else float("inf")
-
-
 async def main(quick: bool) -> None:
     samples, changes, rounds = (3, 10, 1) if quick else (15, 100, 2)
     with tempfile.TemporaryDirectory(prefix="dcy-bench-ctmpl-") as tmp:
@@ -178,7 +145,7 @@ async def main(quick: bool) -> None:
             once = await corpus(agent, Path(tmp), samples)
         note("corpus: outputs identical in every round")
         with consul_agent(AGENT_HCL) as agent:
-            many = await propagation(agent, Path(tmp), changes, rounds)
+            many = await case2(agent, Path(tmp), tools(), changes, rounds, label="propagation")
         floor = await import_floor_ms(5 if quick else 15)
     ct = many["consul-template"]
     corpus_dcy = statistics.median(once["dcy"])

@@ -577,13 +577,19 @@ async def quiet(proxy: CountingProxy, gap: float = 0.3, limit: float = 5.0) -> N
 
 
 async def case2(
-    agent: ConsulAgent, workdir: Path, tools_: Sequence[Tool], changes: int, rounds: int
+    agent: ConsulAgent,
+    workdir: Path,
+    tools_: Sequence[Tool],
+    changes: int,
+    rounds: int,
+    label: str = "case 2",
 ) -> dict[str, Case2Figures]:
+    """Case 2 for ``tools_``, taking turns (``label`` names it in the progress lines)."""
     figures = {tool.name: Case2Figures() for tool in tools_}
     async with agent_session(agent) as session:
         await register_many(session)
         await same_output(agent, workdir, {tool: tool.case2 for tool in tools_})
-        note("case 2: outputs identical; measuring")
+        note(f"{label}: outputs identical; measuring")
         consul = agent.api("/v1/health/service/consul")[0]["Service"]
         model = ManyServices(f"consul {consul['ID']} 127.0.0.1:{consul['Port']}\n")
         rng = random.Random(2)
@@ -593,7 +599,7 @@ async def case2(
                 await case2_session(
                     agent, session, workdir, tool, model, changes, rng, figures[tool.name]
                 )
-                note(f"case 2: round {number + 1}/{rounds}, {tool.name} done")
+                note(f"{label}: round {number + 1}/{rounds}, {tool.name} done")
     return figures
 
 

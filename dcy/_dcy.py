@@ -16,14 +16,14 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from dcy._backoff import Backoff, Retry, retrying
 from dcy._config import ConsulConfig
 from dcy._consul import AgentInfo, ConsulAPI, HttpConsul
-from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL, MIN_DEREGISTER_AFTER
+from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL
 from dcy._errors import ConsulUnavailable, DcyError
 from dcy._query import Instance
 from dcy._reads import read_agent
@@ -38,14 +38,7 @@ if TYPE_CHECKING:
     from dcy._http import HttpClient
     from dcy._kv import KeyValueStore
     from dcy._leader import Leadership, OnLost
-    from dcy._register import (
-        CheckKind,
-        CheckSpec,
-        HttpCheck,
-        OnRegistrationLost,
-        Registration,
-        TcpCheck,
-    )
+    from dcy._register import OnRegistrationLost, Registration, ServiceOptions
 
 log = logging.getLogger("dcy")
 
@@ -378,38 +371,23 @@ class Dcy:
         name: str,
         port: int,
         *,
-        address: str | None = None,
-        service_id: str | None = None,
-        tags: Iterable[str] = (),
-        meta: Mapping[str, str] | None = None,
-        check: CheckSpec | CheckKind | None = "http",
-        liveness: HttpCheck | TcpCheck | None = None,
-        deregister_after: float = MIN_DEREGISTER_AFTER,
         on_lost: OnRegistrationLost | None = None,
+        **options: Unpack[ServiceOptions],
     ) -> Registration:
         """Register an instance and keep it registered; deregistered on ``aclose``.
-        ``liveness`` adds a second check that fails only when the process is gone (a
-        ``TcpCheck``), for a leadership to bind to; ``check`` says whether it is ready.
-        ``on_lost`` is called (as ``registration.wait_lost()`` returns) once Consul refuses
-        for good to keep it registered (a deleted token, say).
+        ``options``: ``address``, ``service_id``, ``tags``, ``meta``, ``check`` (``"http"``,
+        ``"tcp"``, ``"ttl"``, a check object or None), ``liveness`` and ``deregister_after``
+        (see ``define_service``). ``liveness`` adds a second check that fails only when the
+        process is gone (a ``TcpCheck``), for a leadership to bind to; ``check`` says whether
+        it is ready. ``on_lost`` is called (as ``registration.wait_lost()`` returns) once
+        Consul refuses for good to keep it registered (a deleted token, say).
 
         Invalid arguments raise ValueError before anything reaches Consul."""
         if self.agent is None:
             raise RuntimeError("Dcy is not open: use `async with Dcy() as dcy`")
         from dcy._register import Registration, define_service
 
-        definition = define_service(
-            name,
-            port,
-            agent=self.agent,
-            address=address,
-            service_id=service_id,
-            tags=tags,
-            meta=meta,
-            check=check,
-            liveness=liveness,
-            deregister_after=deregister_after,
-        )
+        definition = define_service(name, port, agent=self.agent, **options)
         registration = Registration(definition, self.api, self.engine, on_lost=on_lost)
         await registration.start()
         self._registrations.append(registration)

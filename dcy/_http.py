@@ -35,7 +35,7 @@ the instance with the fewest requests of this client waiting for response header
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Coroutine, Generator
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -44,11 +44,10 @@ import aiohttp
 from aiohttp import ClientResponse
 from yarl import URL
 
-from dcy._http_balancing import Strategy
-from dcy._http_policy import CallPolicy
-from dcy._http_retry import RETRY_STATUSES, replayable
+from dcy._http_policy import CallPolicy, split_policy_options
+from dcy._http_retry import replayable
 from dcy._http_routing import Route
-from dcy._resolve import Datacenters, Resolver
+from dcy._resolve import Resolver
 
 # Raised before a single byte of the request left: safe to send anywhere else.
 NOT_CONNECTED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
@@ -106,42 +105,22 @@ class RequestContext:
 class HttpClient:
     """An HTTP client that resolves service names; build it with ``Dcy.http_client()``.
 
-    ``session_options`` go to the ``aiohttp.ClientSession`` this client opens on first use
-    (``headers``, ``timeout``, ``connector``, ``trace_configs``, ...). A session option
-    ``raise_for_status`` makes error statuses raise at once, without retries.
+    ``options`` are the call policy's (:class:`dcy._http_policy.PolicyOptions`: strategy,
+    attempts, budget, eject_after, eject_for, retry_statuses, external_hosts, datacenters;
+    defaults in ``CallPolicy``); the others go to the ``aiohttp.ClientSession`` this client
+    opens on first use (``headers``, ``timeout``, ``connector``, ``trace_configs``, ...).
+    A session option ``raise_for_status`` makes error statuses raise at once, without
+    retries.
     ``external_hosts`` are single-label hosts that are not services (``localhost`` never is);
     ``datacenters`` fails over to other datacenters as ``Dcy.lookup`` does. A service's
     instances are rebuilt whenever the resolver's snapshot changes (with datacenter
     failover, at most every ``REFRESH_EVERY`` seconds). Balancing, retries and ejection are
     ``self.policy``'s, shared with the requests and httpx clients."""
 
-    def __init__(
-        self,
-        resolver: Resolver,
-        *,
-        strategy: Strategy = "round_robin",
-        attempts: int = 3,
-        budget: float = 10.0,
-        eject_after: int = 3,
-        eject_for: float = 10.0,
-        retry_statuses: Iterable[int] = RETRY_STATUSES,
-        external_hosts: Iterable[str] = (),
-        datacenters: Datacenters | None = None,
-        **session_options: Any,
-    ) -> None:
-        self.policy = CallPolicy(
-            resolver,
-            strategy=strategy,
-            attempts=attempts,
-            budget=budget,
-            eject_after=eject_after,
-            eject_for=eject_for,
-            retry_statuses=retry_statuses,
-            external_hosts=external_hosts,
-            datacenters=datacenters,
-        )
+    def __init__(self, resolver: Resolver, **options: Any) -> None:
+        policy, self._session_options = split_policy_options(options)
+        self.policy = CallPolicy(resolver, **policy)
         self._budget = self.policy.budget
-        self._session_options = session_options
         self._session: aiohttp.ClientSession | None = None
         self._first_timeout = aiohttp.ClientTimeout(total=self._budget)
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypedDict, cast
 
 from dcy._errors import AllInstancesFailed
 from dcy._http_balancing import STRATEGIES, Endpoint, Outliers, Pool, Strategy
@@ -47,6 +47,14 @@ class PolicyOptions(TypedDict, total=False):
     retry_statuses: Iterable[int]
     external_hosts: Iterable[str]
     datacenters: Datacenters | None
+
+
+def split_policy_options(options: Mapping[str, Any]) -> tuple[PolicyOptions, dict[str, Any]]:
+    """``options`` as the policy's (:class:`PolicyOptions`) and the rest (an HTTP library's
+    own, such as ``aiohttp.ClientSession``'s)."""
+    names = PolicyOptions.__optional_keys__
+    policy = cast(PolicyOptions, {k: v for k, v in options.items() if k in names})
+    return policy, {k: v for k, v in options.items() if k not in names}
 
 
 class CallPolicy:

@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from dcy._consul import AgentInfo, ConsulAPI, Index, QueryResult
 from dcy._defaults import MIN_DEREGISTER_AFTER
@@ -98,6 +98,19 @@ class ServiceDefinition:
     @property
     def liveness_check_id(self) -> str:
         return f"service:{self.service_id}:alive"
+
+
+class ServiceOptions(TypedDict, total=False):
+    """What a registration takes besides its name and port, in ``Dcy.register`` and
+    ``SyncDcy.register`` alike; the defaults are :func:`define_service`'s."""
+
+    address: str | None
+    service_id: str | None
+    tags: Iterable[str]
+    meta: Mapping[str, str] | None
+    check: CheckSpec | CheckKind | None
+    liveness: HttpCheck | TcpCheck | None
+    deregister_after: float
 
 
 def define_service(

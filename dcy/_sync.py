@@ -29,14 +29,14 @@ import os
 import selectors
 import threading
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, Unpack
 
 from dcy._dcy import CLOSE_BUDGET, Dcy
-from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL, MIN_DEREGISTER_AFTER
+from dcy._defaults import DEFAULT_LOCK_DELAY, DEFAULT_TTL
 from dcy._query import Instance
 from dcy._resolve import Datacenters, Lookup, Resolver, Strategy
 from dcy._watch import Snapshot, Subscription
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from dcy._kv import Value
     from dcy._kv_specs import KeyValue
     from dcy._leader import Leadership
-    from dcy._register import CheckKind, CheckSpec, HttpCheck, Registration, TcpCheck
+    from dcy._register import Registration, ServiceOptions
 
 log = logging.getLogger("dcy")
 
@@ -327,32 +327,14 @@ class SyncDcy:
         name: str,
         port: int,
         *,
-        address: str | None = None,
-        service_id: str | None = None,
-        tags: Iterable[str] = (),
-        meta: Mapping[str, str] | None = None,
-        check: CheckSpec | CheckKind | None = "http",
-        liveness: HttpCheck | TcpCheck | None = None,
-        deregister_after: float = MIN_DEREGISTER_AFTER,
         on_lost: Callable[[Registration], object] | None = None,
+        **options: Unpack[ServiceOptions],
     ) -> Registration:
         """Register an instance and keep it registered until :meth:`deregister` or close;
-        see ``Dcy.register``. ``on_lost`` runs on the callback thread."""
+        ``options`` as ``Dcy.register``'s. ``on_lost`` runs on the callback thread."""
         dcy = self.aio
-        return self.run(
-            dcy.register(
-                name,
-                port,
-                address=address,
-                service_id=service_id,
-                tags=tags,
-                meta=meta,
-                check=check,
-                liveness=liveness,
-                deregister_after=deregister_after,
-                on_lost=None if on_lost is None else self._deliver(on_lost),
-            )
-        )
+        lost = None if on_lost is None else self._deliver(on_lost)
+        return self.run(dcy.register(name, port, on_lost=lost, **options))
 
     def deregister(self, registration: Registration) -> None:
         """Deregister an instance this client registered."""

@@ -1,6 +1,6 @@
-"""Servers for the tests of the blocking clients by name: echo server processes (the same
-``_echo_server.py`` as the aiohttp client's tests), a WSGI app served by a real server in a
-thread, and a proxy in front of the agent that counts the requests it forwards."""
+"""Servers for the tests of the clients by name: echo server processes (for the aiohttp,
+requests and httpx clients alike), a WSGI app served by a real server in a thread, and a
+proxy in front of the agent that counts the requests it forwards."""
 
 from __future__ import annotations
 
@@ -38,6 +38,27 @@ class EchoServer:
         self.process.kill()
 
 
+def launch_echo_server(
+    folder: Path, server_id: str, extra: Iterable[str] = ()
+) -> tuple[ManagedProcess, Callable[[], EchoServer | None]]:
+    """Spawn one echo server; the second value is the server once it listens (None before;
+    it raises if the process died)."""
+    port_file = folder / f"{server_id}.port"
+    argv = [sys.executable, str(SERVER_SCRIPT), "--id", server_id]
+    process = ManagedProcess(
+        [*argv, "--port-file", str(port_file), *extra], folder / f"{server_id}.log"
+    )
+    process.spawn()
+
+    def listening() -> EchoServer | None:
+        assert process.running, f"echo server {server_id} died:\n{process.log_tail()}"
+        if not port_file.exists():
+            return None
+        return EchoServer(server_id, int(port_file.read_text()), process)
+
+    return process, listening
+
+
 @contextmanager
 def echo_servers(folder: Path, *ids: str, extra: Iterable[str] = ()) -> Iterator[list[EchoServer]]:
     """Start one echo server process per id (``extra``: its options, e.g. ``--fail-status
@@ -46,20 +67,9 @@ def echo_servers(folder: Path, *ids: str, extra: Iterable[str] = ()) -> Iterator
     servers: list[EchoServer] = []
     try:
         for server_id in ids:
-            port_file = folder / f"{server_id}.port"
-            argv = [sys.executable, str(SERVER_SCRIPT), "--id", server_id]
-            process = ManagedProcess(
-                [*argv, "--port-file", str(port_file), *extra], folder / f"{server_id}.log"
-            )
-            process.spawn()
+            process, listening = launch_echo_server(folder, server_id, extra)
             started.append(process)
-
-            def port_written(process: ManagedProcess = process, file: Path = port_file) -> bool:
-                assert process.running, f"echo server died:\n{process.log_tail()}"
-                return file.exists()
-
-            until(port_written, what=f"echo server {server_id} listening")
-            servers.append(EchoServer(server_id, int(port_file.read_text()), process))
+            servers.append(until(listening, what=f"echo server {server_id} listening"))
         yield servers
     finally:
         for process in started:

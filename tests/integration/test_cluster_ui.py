@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from tasks._cluster import Cluster, down, up
 from tasks._infra_render import INVENTORY
 from tasks._inventory import load_inventory
 from tests.cluster import leftovers
-from tests.integration.test_consul_ui import CHROMIUM, CHROMIUM_ARGS, assert_services_passing
+from tests.integration.test_consul_ui import assert_services_passing, launched_chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -37,12 +37,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @pytest.mark.parametrize("dc", ["dc1", "dc2"])

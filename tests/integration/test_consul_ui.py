@@ -84,14 +84,21 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         running.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@contextlib.contextmanager
+def launched_chromium() -> Iterator[Browser]:
+    """Debian's chromium driven by playwright (which never downloads a browser)."""
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with launched_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture

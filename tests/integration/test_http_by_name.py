@@ -8,10 +8,8 @@ before Consul notices) use TTL checks, whose heartbeat comes from the test proce
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +27,13 @@ from dcy import (
     WatchOptions,
 )
 from tests.harness import ConsulAgent, ManagedProcess, eventually
+from tests.integration._sync_servers import EchoServer, launch_echo_server
 
 pytestmark = pytest.mark.integration
 
 FAST = WatchOptions(wait=2.0, backoff=Backoff(0.05, 0.5), first_answer_timeout=3.0)
-SERVER_SCRIPT = Path(__file__).with_name("_echo_server.py")
 # The test process heartbeats these, so a killed server stays "passing" until a test says not.
 KEEP_PASSING = TtlCheck(ttl=30)
-
-
-@dataclass
-class EchoServer:
-    """One ``_echo_server.py`` process."""
-
-    id: str
-    port: int
-    process: ManagedProcess
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def kill(self) -> None:
-        self.process.kill()
 
 
 StartServer = Callable[..., Awaitable[EchoServer]]
@@ -68,25 +51,10 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
     started: list[ManagedProcess] = []
 
     async def start(server_id: str, *extra: str) -> EchoServer:
-        port_file = tmp_path / f"{server_id}.port"
-        argv = [
-            sys.executable,
-            str(SERVER_SCRIPT),
-            "--id",
-            server_id,
-            "--port-file",
-            str(port_file),
-        ]
-        process = ManagedProcess([*argv, *extra], tmp_path / f"{server_id}.log")
-        process.spawn()
+        process, listening = launch_echo_server(tmp_path, server_id, extra)
         started.append(process)
-
-        def port_written() -> bool:
-            assert process.running, f"echo server {server_id} died:\n{process.log_tail()}"
-            return port_file.exists()
-
-        await eventually(port_written, what=f"echo server {server_id} listening")
-        return EchoServer(server_id, int(port_file.read_text()), process)
+        server: EchoServer = await eventually(listening, what=f"echo server {server_id} listening")
+        return server
 
     yield start
     for process in started:
