@@ -12,6 +12,12 @@ over 200 services × 5 instances: ``services``, then ``service`` for each), dcy-
 rendering it through its Go helper: an extra instance of one service registered or
 deregistered, back to back, from the PUT's answer to the file holding the new content.
 
+Within dcy's default connection budget over HTTP, no query blocks per service: a check-less
+instance added or removed is attributed through ``/v1/internal/ui/services``, then the
+service's own query is asked. The agent's own time to answer those two (medians, asked
+directly on the same agent after the propagation rounds) is printed beside, as
+``budget_attribution_floor_ms``: the least such a change costs before any render.
+
 Ratios are ours ÷ consul-template's; below 1 is better.
 """
 
@@ -30,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from bench._common import consul_agent, emit, note, parse_args, percentile, rounded
+from bench._common import agent_session, consul_agent, emit, note, parse_args, percentile, rounded
 from bench.template import (
     AGENT_HCL,
     CASE2_GO,
@@ -40,6 +46,7 @@ from bench.template import (
     case1_go,
     case2,
     import_floor_ms,
+    many_name,
     ms,
     ratio,
     tool_env,
@@ -137,6 +144,26 @@ async def corpus(agent: ConsulAgent, workdir: Path, samples: int) -> dict[str, l
     return times
 
 
+async def agent_answer_ms(agent: ConsulAgent, samples: int) -> dict[str, float]:
+    """The agent's median time to answer what attributes a check-less change within the
+    budget: the summary of every service, then one service's instances."""
+    paths = {
+        "agent_ui_services_ms": "/v1/internal/ui/services",
+        "agent_health_service_ms": f"/v1/health/service/{many_name(0)}",
+    }
+    times: dict[str, float] = {}
+    async with agent_session(agent) as session:
+        for name, path in paths.items():
+            taken = []
+            for _ in range(samples):
+                started = time.perf_counter()
+                async with session.get(path) as response:
+                    await response.read()
+                taken.append(time.perf_counter() - started)
+            times[name] = ms(taken)
+    return times
+
+
 async def main(quick: bool) -> None:
     samples, changes, rounds = (3, 10, 1) if quick else (15, 100, 2)
     with tempfile.TemporaryDirectory(prefix="dcy-bench-ctmpl-") as tmp:
@@ -146,6 +173,7 @@ async def main(quick: bool) -> None:
         note("corpus: outputs identical in every round")
         with consul_agent(AGENT_HCL) as agent:
             many = await case2(agent, Path(tmp), tools(), changes, rounds, label="propagation")
+            answers = await agent_answer_ms(agent, samples)
         floor = await import_floor_ms(5 if quick else 15)
     ct = many["consul-template"]
     corpus_dcy = statistics.median(once["dcy"])
@@ -166,6 +194,8 @@ async def main(quick: bool) -> None:
         "corpus_dcy_minus_import_floor_ms": rounded(corpus_dcy * 1000 - floor),
         "changes": len(ct.latencies),
         "cpus": os.cpu_count() or 0,
+        **answers,
+        "budget_attribution_floor_ms": rounded(sum(answers.values())),
     }
     for name, side in many.items():
         short = "ct" if name == "consul-template" else name

@@ -191,10 +191,13 @@ class Detector:
     def rebase(self) -> None:
         """Forget what the diffs compare with: the next answers are a new baseline."""
 
-    def trigger(self, watches: Iterable[Watch[Any]]) -> None:
+    def trigger(self, watches: Iterable[Watch[Any]]) -> dict[Watch[Any], int]:
+        """Re-fetch ``watches``; the ticket of each re-fetch (:meth:`Watch.refetched`)."""
+        tickets = {}
         for watch in watches:
             self._triggered += 1
-            watch.trigger()
+            tickets[watch] = watch.trigger()
+        return tickets
 
     def sweep(self) -> None:
         """A change nobody can attribute: re-fetch every query of the group."""
@@ -222,9 +225,10 @@ class HealthDetector(Detector):
     * the ``ModifyIndex`` of a check the health diff saw (a registration carries its checks:
       the agent's sync, ``/v1/catalog/register``), whose service or node was re-fetched;
     * the index of a health answer that showed a removal (a deregistration moves both);
-    * the own index (a non-blocking health query) of a service the catalog's diff names,
-      or of one whose instances ``/v1/internal/ui/services`` shows added or removed (a
-      check-less instance: the checks table never moves for its registration).
+    * the own index of a service the catalog's diff names, or of one whose instances
+      ``/v1/internal/ui/services`` shows added or removed (a check-less instance: the
+      checks table never moves for its registration). A watched service's re-fetch, which
+      the change needs anyway, answers with it; a service nobody watches is asked once.
 
     Otherwise the newest write is a catalog change no diff shows: sweep. What this does not
     prove is that I1 was the only catalog write since the last answer: a check-less change
@@ -257,6 +261,7 @@ class HealthDetector(Detector):
         # How late the health loop's answer came after a catalog answer of the same write,
         # and the catalog moves still waiting for it: (index, since when).
         self._lags: deque[float] = deque(maxlen=16)
+        self._health_came = True  # for the last catalog move waited for (_await_checks)
         self._awaited: deque[tuple[int, float]] = deque(maxlen=16)
         # The last /v1/internal/ui/services: name → (instances, nodes, tags); None before
         # the first, or when the agent has no such endpoint (then: `_ui_missing`).
@@ -443,11 +448,11 @@ class HealthDetector(Detector):
         self._owners = owners
         return removed
 
-    def _trigger_changed(self, names: set[str], nodes: set[str]) -> None:
+    def _trigger_changed(self, names: set[str], nodes: set[str]) -> dict[Watch[Any], int]:
         if not names and not nodes:
-            return
+            return {}
         self._health_named |= names
-        self.trigger(
+        return self.trigger(
             w
             for w in tuple(self.watches)
             if (isinstance(w.spec, HealthServiceSpec) and w.spec.name in names)
@@ -463,10 +468,10 @@ class HealthDetector(Detector):
             self._baseline(result.index)
             return False
         names = {n for n in catalog.keys() | old.keys() if catalog.get(n) != old.get(n)}
-        self._trigger_changed(names, set())
+        tickets = self._trigger_changed(names, set())
         if previous == result.index or self._explained(result.index):
             return bool(names)
-        task = asyncio.get_running_loop().create_task(self._explain(result.index, names))
+        task = asyncio.get_running_loop().create_task(self._explain(result.index, names, tickets))
         self._tasks.append(task)
         task.add_done_callback(self._done)
         return True
@@ -507,10 +512,19 @@ class HealthDetector(Detector):
         own index is below ``index``, nothing was written to it then (a check-less
         registration) and nothing will come; else once more that lag. A deregistration
         moves the checks table's index without waking the health loop (no check changed):
-        it is not waited for longer than that."""
+        it is not waited for longer than that.
+
+        After a move the health loop did not answer for (check-less services changing),
+        the checks table is asked at once, without the first wait: the next move is most
+        likely of the same kind. One that the health loop answers puts the wait back."""
+        came = await self._checks_came(index)
+        self._health_came = came is True
+        return came
+
+    async def _checks_came(self, index: Index) -> bool | None:
         if isinstance(index, int):
             self._awaited.append((index, time.monotonic()))
-        if await self._checks_reach(index, self._expected_lag()):
+        if self._health_came and await self._checks_reach(index, self._expected_lag()):
             return True
         async with self.engine.refetch_slots:
             written = await self.engine.api.health_state_index(datacenter=self.datacenter)
@@ -540,7 +554,7 @@ class HealthDetector(Detector):
             result = await self.engine.api.health_state_bytes(datacenter=self.datacenter)
         self._on_checks(result)
 
-    async def _explain(self, index: Index, names: set[str]) -> None:
+    async def _explain(self, index: Index, names: set[str], tickets: dict[Watch[Any], int]) -> None:
         """A catalog move to ``index`` that the checks seen so far do not account for: the
         checks written with it (the health loop's answer), then the indexes of the services
         the catalog's diff names, then of those whose instances changed
@@ -549,9 +563,9 @@ class HealthDetector(Detector):
         try:
             came = True if self._explained(index) else await self._await_checks(index)
             if not self._explained(index) and names and len(names) <= self.MAX_NAMED:
-                await self._prove(index, sorted(names), triggered=True)
+                await self._prove(index, sorted(names), tickets)
             if not self._explained(index):
-                await self._prove(index, await self._ui_named(), triggered=False)
+                await self._prove(index, await self._ui_named(), {})
             if not self._explained(index) and came is None and not self._checks_at_least(index):
                 await self._read_checks()
         except asyncio.CancelledError:
@@ -563,22 +577,32 @@ class HealthDetector(Detector):
         if not self._explained(index):
             self.sweep()
 
-    async def _prove(self, index: Index, names: list[str], *, triggered: bool) -> None:
-        """Ask the own index of each of ``names`` (at most ``MAX_NAMED``) until one is
-        ``index``; re-fetch the watched ones that changed (unless ``triggered`` already)."""
+    async def _prove(self, index: Index, names: list[str], tickets: dict[Watch[Any], int]) -> None:
+        """Learn the own index of each of ``names`` (at most ``MAX_NAMED``) until one is
+        ``index``. A watched service's re-fetch answers it (the one ``tickets`` holds, or
+        one triggered here), which also brings its watches the change; a service nobody
+        watches is asked once."""
         for name in names[: self.MAX_NAMED]:
-            async with self.engine.refetch_slots:
-                answer = await self.engine.api.health_service(name, datacenter=self.datacenter)
-            if isinstance(answer.index, int):
-                self._remember(answer.index)
-            if not triggered:
-                self.trigger(
-                    w
-                    for w in tuple(self.watches)
-                    if isinstance(w.spec, HealthServiceSpec)
-                    and w.spec.name == name
-                    and (w.snapshot is None or w.snapshot.index != answer.index)
-                )
+            watches = [
+                w
+                for w in tuple(self.watches)
+                if isinstance(w.spec, HealthServiceSpec) and w.spec.name == name
+            ]
+            if watches:
+                pending = {w: tickets.get(w) for w in watches}
+                pending |= self.trigger(w for w, ticket in pending.items() if ticket is None)
+                # Bounded: a watch stopped meanwhile never answers (then: a sweep).
+                async with asyncio.timeout(self.engine.options.wait):
+                    answers = await asyncio.gather(
+                        *(w.refetched(ticket) for w, ticket in pending.items() if ticket)
+                    )
+            else:
+                async with self.engine.refetch_slots:
+                    answer = await self.engine.api.health_service(name, datacenter=self.datacenter)
+                answers = [answer.index]
+            for own in answers:
+                if isinstance(own, int):
+                    self._remember(own)
             if self._explained(index):
                 return
 

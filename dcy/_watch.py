@@ -267,6 +267,13 @@ class Watch(Generic[T]):
         # Past the connection budget: the detector whose answers say when to re-fetch.
         self.detector: Detector | None = None
         self._wanted = asyncio.Event()
+        # Detected mode: re-fetches numbered as they are sent, the last one answered (or
+        # failed), and the index it brought: a detector proving a change by a service's own
+        # index awaits the re-fetch it triggered instead of asking the same query again.
+        self._refetch_sent = 0
+        self._refetch_done = 0
+        self._refetch_index: Index | None = None
+        self._refetched = asyncio.Event()
         # Told every answer that moved the index, news or not (a change detector sharing
         # this query; see dcy._detect). One returning True acts on it: news for the pacing
         # too (a check-less registration changes no catalog answer, and is all a detector
@@ -290,9 +297,19 @@ class Watch(Generic[T]):
         self._wanted.clear()
         self.start()
 
-    def trigger(self) -> None:
-        """A detector saw a change this query may show: re-fetch it."""
+    def trigger(self) -> int:
+        """A detector saw a change this query may show: re-fetch it. Returns the number of
+        the re-fetch that will show it (see :meth:`refetched`)."""
         self._wanted.set()
+        return self._refetch_sent + 1
+
+    async def refetched(self, ticket: int) -> Index | None:
+        """The index of re-fetch number ``ticket`` or a later one, once answered; None if
+        it failed. A stopped watch never answers: callers bound the wait."""
+        while self._refetch_done < ticket:
+            self._refetched.clear()
+            await self._refetched.wait()
+        return self._refetch_index
 
     async def first(self, timeout: float | None = None) -> Snapshot[T]:
         """The current snapshot, waiting for Consul's first answer if there is none yet.
@@ -349,6 +366,11 @@ class Watch(Generic[T]):
         finally:
             self.engine._starting.discard(self)
 
+    def _refetch_answered(self, index: Index | None) -> None:
+        self._refetch_done = self._refetch_sent
+        self._refetch_index = index
+        self._refetched.set()
+
     async def _detected_loop(self, detector: Detector) -> None:
         """Non-blocking re-fetches when the detector says so (and once per ``wait`` in any
         case, as a blocking query would renew itself), each compared with the last answer:
@@ -359,6 +381,7 @@ class Watch(Generic[T]):
         while True:
             index: Index = self.snapshot.index if self.snapshot is not None else 0
             self._wanted.clear()
+            self._refetch_sent += 1
             self.queries += 1
             try:
                 async with self.engine.refetch_slots:
@@ -368,10 +391,12 @@ class Watch(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._refetch_answered(None)
                 if self._ends_on(exc):
                     return
                 await asyncio.sleep(retry.next_delay() or 0.0)
                 continue
+            self._refetch_answered(result.index)
             retry.reset()
             self.engine._starting.discard(self)
             with contextlib.suppress(TimeoutError):

@@ -74,6 +74,7 @@ FIGURES = {
         "propagation_p50_ratio",
         "propagation_p99_ratio",
         "corpus_templates",
+        "budget_attribution_floor_ms",
     ),
     "template": (
         "propagation_p50_ratio",

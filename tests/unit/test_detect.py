@@ -323,6 +323,24 @@ async def test_a_check_less_instance_added_and_removed_is_attributed_without_a_s
     assert engine.detectors.sweeps == 0
 
 
+async def test_a_check_less_change_is_proven_by_the_watched_querys_own_refetch(
+    watched: tuple[FakeConsul, WatchEngine, Seen],
+) -> None:
+    fake, engine, seen = watched
+    for number, instances in ((5, 2), (5, 1), (8, 2)):
+        asked = fake.calls["health_service"]
+        if instances == 2:
+            await fake.register_service({"ID": f"s{number}-x", "Name": f"s{number}", "Port": 9})
+        else:
+            await fake.deregister_service(f"s{number}-x")
+        await eventually(lambda: len(seen.last(f"s{number}")) == instances)  # noqa: B023
+        await quiet()
+        # s5's index, which explains the catalog's move, is that of s5's re-fetch: the
+        # service is not asked a second time for it.
+        assert fake.calls["health_service"] == asked + 1
+    assert engine.detectors.sweeps == 0
+
+
 async def test_a_check_less_instance_of_a_service_nobody_watches_wakes_nobody(
     watched: tuple[FakeConsul, WatchEngine, Seen],
 ) -> None:
