@@ -3,7 +3,9 @@
 One helper serves every Go-syntax template of a renderer, for as long as the renderer runs.
 It gets no environment at all (no Consul address, no token): it never talks to Consul, and
 ``env()``/``file()`` come back here as callbacks, where dcy-template's env policy and sandbox
-rules apply. Messages are JSON lines; the protocol is described in tools/ctmpl-helper/main.go.
+rules apply. Requests are JSON lines; a reply is a JSON header line followed by the output's
+raw bytes, and repeats a template's "used"/"missing" lists only when they changed. The
+protocol is described in tools/ctmpl-helper/main.go.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class GoHelper:
         # and template id → the source text it has.
         self.sent: dict[str, Any] = {}
         self.texts: dict[str, str] = {}
+        # Template id → the "used" and "missing" lists of its last rendered reply: the helper
+        # leaves out a list that has not changed.
+        self._lists: dict[str, tuple[list[str], list[str]]] = {}
+        # Counts the processes started: a new one holds none of the data sent before.
+        self.generation = 0
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._process is not None and self._process.poll() is None:
@@ -91,9 +98,11 @@ class GoHelper:
             )
         except OSError as exc:
             raise HelperError(f"cannot start {path}: {exc.strerror or exc}") from exc
+        self.generation += 1
         self._buffer.clear()
         self.sent.clear()
         self.texts.clear()
+        self._lists.clear()
         return self._process
 
     def render(
@@ -106,7 +115,8 @@ class GoHelper:
         callback: Callback,
     ) -> dict[str, Any]:
         """Render one template; ``data`` holds (dependency, JSON) answers new to the helper.
-        Returns the helper's reply (``output``, ``used``, ``missing`` or ``error``)."""
+        Returns the helper's reply: ``output`` (text), ``used`` and ``missing`` (lists, the
+        same objects as the previous reply's when they did not change), or ``error``."""
         process = self._start()
         head = {"op": "render", "id": template_id, "err_missing_key": err_missing_key}
         if self.texts.get(template_id) != text:
@@ -130,6 +140,14 @@ class GoHelper:
                 except Exception as exc:  # the template's error, reported where it called
                     answer = {"error": str(exc)}
                 self._write(process, (json.dumps(answer) + "\n").encode())
+            size = message.get("output")
+            if size is not None:
+                output = self._read_exactly(process, size, deadline).decode(errors="replace")
+                used, missing = self._lists.get(template_id, ([], []))
+                used = message.get("used", used)
+                missing = message.get("missing", missing)
+                self._lists[template_id] = (used, missing)
+                message = {"output": output, "used": used, "missing": missing}
         except HelperError:
             self.close(kill=True)  # stuck or dead: it must not hold the renderer any longer
             raise
@@ -141,6 +159,7 @@ class GoHelper:
         if template_id not in self.texts or self._process is None:
             return
         del self.texts[template_id]
+        self._lists.pop(template_id, None)
         try:
             self._write(
                 self._process, (json.dumps({"op": "drop", "id": template_id}) + "\n").encode()
@@ -158,30 +177,43 @@ class GoHelper:
             raise HelperError(f"the {HELPER_NAME} helper died: {exc}") from exc
 
     def _read_line(self, process: subprocess.Popen[bytes], deadline: float) -> bytes:
-        assert process.stdout is not None
-        fd = process.stdout.fileno()
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 return line
+            self._fill(process, deadline)
+
+    def _read_exactly(self, process: subprocess.Popen[bytes], size: int, deadline: float) -> bytes:
+        while len(self._buffer) < size:
+            self._fill(process, deadline)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _fill(self, process: subprocess.Popen[bytes], deadline: float) -> None:
+        """Add what the helper wrote to the buffer, waiting for it until ``deadline``."""
+        assert process.stdout is not None
+        fd = process.stdout.fileno()
+        while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise HelperError(f"the render took longer than {self._timeout:.0f}s; stopped")
             ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise HelperError(f"the {HELPER_NAME} helper died (exit {process.wait()})")
-            self._buffer += chunk
+            if ready:
+                break
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            raise HelperError(f"the {HELPER_NAME} helper died (exit {process.wait()})")
+        self._buffer += chunk
 
     def close(self, *, kill: bool = False) -> None:
         """Stop the helper: it ends when its stdin closes (``kill``: at once)."""
         process, self._process = self._process, None
         self.sent.clear()
         self.texts.clear()
+        self._lists.clear()
         if process is None:
             return
         if kill:

@@ -8,16 +8,22 @@ Discovery across passes happens here, within one render: the helper says which d
 the template touched; those whose watches already have an answer the helper lacks are sent,
 and the template runs again, until it touches nothing new that is available. The rest wait for
 their first answer, as for jinja templates.
+
+A render costs what changed, not what the template uses: the runner says which watches have
+new answers since the template's last render (``changed``), and the renderer keeps the rest of
+what it used then (a template over 200 services asks about the one that changed, not all 200).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from dcy._errors import DcyError
+from dcy._watch import Snapshot
 from dcy.template._env import EnvPolicy
 from dcy.template._functions import DataFunctions
 from dcy.template._godeps import Dependency, UnsupportedDependency, dependency
@@ -73,9 +79,23 @@ class GoTemplateRenderer:
         self._signature: tuple[int, int, int] | None = None
         self._dependencies: dict[str, Dependency] = {}
         self._last_used: list[str] = []
+        # What the last render used, when it ended with everything sent to the helper it is
+        # still talking to: the snapshots by watch, the names behind each watch, the watches
+        # without an answer. None: the next render looks at everything again.
+        self._view: dict[Any, Snapshot[Any] | None] | None = None
+        self._names: dict[Any, list[str]] = {}
+        self._names_of: list[str] | None = None  # the "used" list ``_names`` was made from
+        self._waiting: set[Any] = set()
+        self._generation = -1
 
-    def render(self, source: SnapshotSource) -> RenderOutcome:
+    def render(
+        self, source: SnapshotSource, *, changed: Collection[Any] | None = None
+    ) -> RenderOutcome:
+        """Render with the watches' snapshots from ``source``. ``changed``: the watches with
+        a new answer (or a refusal) since this template's last render, when the caller
+        knows them (the runner does); None looks at every watch the template used."""
         outcome = RenderOutcome()
+        view, self._view = self._view, None  # kept again only if this render ends well
         try:
             text = self._source_text()
         except OSError as exc:
@@ -93,8 +113,12 @@ class GoTemplateRenderer:
             raise ValueError(f"unknown call {call!r}")
 
         try:
+            generation = self._helper.generation
             # What changed since the last render among what the template used then.
-            data = self._updates(self._last_used, source, outcome)
+            if changed is None or view is None or generation != self._generation:
+                data = self._updates(self._last_used, source, outcome)
+            else:
+                data = self._changes(view, changed, source, outcome)
             for _ in range(MAX_PASSES):
                 reply = self._helper.render(
                     self._id,
@@ -107,11 +131,12 @@ class GoTemplateRenderer:
                     outcome.error = self._position(str(reply["error"]))
                     return outcome
                 used: list[str] = reply.get("used") or []
-                if used == self._last_used:
+                if used == self._last_used and self._helper.generation == generation:
                     # What the first pass checked already (a change of data the template used
                     # before, the common case): nothing new to look up.
                     data = []
                     break
+                generation = self._helper.generation  # a new helper has none of the data
                 data = self._updates(used, source, outcome)
                 if not data:
                     break
@@ -125,7 +150,6 @@ class GoTemplateRenderer:
             return outcome
         finally:
             outcome.files = local.files
-        self._last_used = used
         if data:
             # Still discovering after MAX_PASSES: incomplete; the next answer renders again.
             for name, _ in data:
@@ -138,30 +162,79 @@ class GoTemplateRenderer:
                 # exist, a ``safeLs`` of an empty folder.
                 outcome.missing_keys.add(name)
         outcome.content = reply.get("output") or ""
+        if not data:
+            # Every pass after a restart of the helper sent it all it lacked (``sent`` was
+            # emptied), so the helper now running holds what this render used.
+            self._generation = self._helper.generation
+            self._keep_view(used, outcome)
+        self._last_used = used
         return outcome
+
+    def _keep_view(self, used: list[str], outcome: RenderOutcome) -> None:
+        """Remember what this render used, for the next render to start from."""
+        if used is self._names_of:
+            # The helper's very list from last time: the same watches, the snapshots just read.
+            self._view = outcome.used
+        else:
+            # Only what the template uses now (``outcome.used`` may still hold watches that
+            # only the previous source used; the runner lets those go after this render).
+            self._names = {}
+            for name in used:
+                self._names.setdefault(self._dependency(name).spec, []).append(name)
+            self._names_of = used
+            self._view = {spec: outcome.used[spec] for spec in self._names}
+        self._waiting = {spec for spec, snapshot in self._view.items() if snapshot is None}
+
+    def _changes(
+        self,
+        view: dict[Any, Snapshot[Any] | None],
+        changed: Collection[Any],
+        source: SnapshotSource,
+        outcome: RenderOutcome,
+    ) -> list[tuple[str, str]]:
+        """``_updates`` of the last render's names, reading only the ``changed`` watches."""
+        outcome.used = dict(view)  # a copy: the runner compares it with the last one
+        outcome.waiting = set(self._waiting)
+        data: list[tuple[str, str]] = []
+        for spec in changed:
+            names = self._names.get(spec)
+            if names is None:
+                continue  # not used by this template any more
+            snapshot = source(spec)
+            outcome.used[spec] = snapshot
+            if snapshot is None:
+                outcome.waiting.add(spec)
+                continue
+            outcome.waiting.discard(spec)
+            for name in names:
+                self._send(name, snapshot.value, data)
+        return data
 
     def _updates(
         self, names: list[str], source: SnapshotSource, outcome: RenderOutcome
     ) -> list[tuple[str, str]]:
         """Record the watches behind ``names``; the answers the helper has not seen yet."""
-        sent = self._helper.sent
         data: list[tuple[str, str]] = []
         for name in names:
-            dep = self._dependency(name)
-            snapshot = source(dep.spec)
-            outcome.used[dep.spec] = snapshot
+            spec = self._dependency(name).spec
+            snapshot = source(spec)
+            outcome.used[spec] = snapshot
             if snapshot is None:
-                outcome.waiting.add(dep.spec)
+                outcome.waiting.add(spec)
                 continue
-            value = snapshot.value
-            if name in sent and sent[name] is value:
-                continue
-            payload = dep.payload(value)
-            if payload is None:
-                continue  # a key that does not exist yet: consul-template waits for it too
-            sent[name] = value
-            data.append((name, payload))
+            self._send(name, snapshot.value, data)
         return data
+
+    def _send(self, name: str, value: Any, data: list[tuple[str, str]]) -> None:
+        """Add ``value`` of ``name`` to ``data`` unless the helper has it already."""
+        sent = self._helper.sent
+        if name in sent and sent[name] is value:
+            return
+        payload = self._dependency(name).payload(value)
+        if payload is None:
+            return  # a key that does not exist yet: consul-template waits for it too
+        sent[name] = value
+        data.append((name, payload))
 
     def _dependency(self, name: str) -> Dependency:
         dep = self._dependencies.get(name)

@@ -5,6 +5,7 @@ positions, env policy and timeouts."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -104,6 +105,74 @@ def test_a_changed_value_is_sent_again_an_unchanged_one_is_not(helper: GoHelper)
     assert helper.sent["health.service(web|any)"] is sent
     watches.set(spec, [entry("n1", "w1", 80, status="critical")])
     assert r.render(watches).content == "w1=critical "
+
+
+def test_a_render_told_what_changed_reads_only_that(helper: GoHelper) -> None:
+    """The runner says which watches have new answers: the others are neither read nor sent
+    again, and the outcome still holds every watch the template used with its snapshot."""
+    watches = Watches()
+    names = ["web", "db", "cache"]
+    watches.set(CatalogServicesSpec(), {name: [] for name in names})
+    for port, name in enumerate(names, 80):
+        watches.set(GoHealthServiceSpec(name), [entry("n1", name, port)])
+    r = renderer(
+        helper, "{{ range services }}{{ range service .Name }}{{ .Port }} {{ end }}{{ end }}"
+    )
+    first = r.render(watches)
+    assert first.complete and first.content == "82 81 80 "
+    watches.asked.clear()
+    web = GoHealthServiceSpec("web")
+    watches.set(web, [entry("n1", "web", 90)])
+    outcome = r.render(watches, changed={web})
+    assert outcome.complete and outcome.content == "82 81 90 "
+    assert watches.asked == [web]
+    assert outcome.used == {**first.used, web: watches.values[web]}
+    assert outcome.used is not first.used
+    # Nothing changed: the same output, nothing read.
+    watches.asked.clear()
+    assert r.render(watches, changed=set()).content == "82 81 90 "
+    assert watches.asked == []
+
+
+def test_a_new_helper_gets_all_the_data_again(helper: GoHelper) -> None:
+    """The helper died between two renders: the new one holds none of the answers, so the
+    render sends them all, whatever the runner says changed."""
+    watches = Watches()
+    db, web = GoHealthServiceSpec("db"), GoHealthServiceSpec("web")
+    watches.set(db, [entry("n1", "d1", 70)])
+    watches.set(web, [entry("n1", "w1", 80)])
+    r = renderer(helper, '{{ range service "db" }}{{ .Port }}{{ end }} {{ range service "web" }}'
+                 "{{ .Port }}{{ end }}")  # fmt: skip
+    assert r.render(watches).content == "70 80"
+    helper.close(kill=True)
+    watches.set(web, [entry("n1", "w1", 81)])
+    outcome = r.render(watches, changed={web})
+    assert outcome.complete and outcome.content == "70 81"
+
+
+def test_the_helper_repeats_no_unchanged_lists(helper: GoHelper) -> None:
+    """A reply leaves out "used" and "missing" when they did not change: the same lists come
+    back, and a changed one replaces them."""
+    render = partial(helper.render, "t1", err_missing_key=False, data=[], callback=no_calls)
+    first = render(text='{{ key "a" }}{{ keyOrDefault "b" "" }}')
+    assert first["used"] == ["kv.block(a)", "kv.get(b)"]
+    assert first["missing"] == ["kv.block(a)", "kv.get(b)"]
+    second = render(text='{{ key "a" }}{{ keyOrDefault "b" "" }}')
+    assert second["used"] is first["used"] and second["missing"] is first["missing"]
+    third = render(text='{{ keyOrDefault "b" "" }}', data=[("kv.get(b)", '"x"')])
+    assert third == {"output": "x", "used": ["kv.get(b)"], "missing": []}
+
+
+def test_output_that_is_not_utf8_reads_as_it_did_through_json(helper: GoHelper) -> None:
+    """The output travels as raw bytes; each byte that is not UTF-8 still becomes U+FFFD,
+    as when the output was a JSON string."""
+    text = '{{ "a\\xff\\xfe\\xe2\\x82b ✓" }}'
+    reply = helper.render("t1", text=text, err_missing_key=False, data=[], callback=no_calls)
+    assert reply["output"] == "a\ufffd\ufffd\ufffd\ufffdb ✓"
+
+
+def no_calls(call: str, argument: str, default: str | None) -> str:
+    raise AssertionError(f"unexpected {call}({argument!r})")
 
 
 def test_a_missing_key_holds_the_render_back_until_it_exists(helper: GoHelper) -> None:
