@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,12 @@ class TemplateRenderer:
         self._compiled_from: str | None = None
         self._source_signature: tuple[int, int, int] | None = None
 
-    def render(self, source: SnapshotSource) -> RenderOutcome:
+    def render(
+        self, source: SnapshotSource, *, changed: Collection[Any] | None = None
+    ) -> RenderOutcome:
+        """Render with the watches' snapshots from ``source``. ``changed`` (the watches with
+        news since the last render) is of no use here: the template runs whole, each function
+        asking the source as it goes."""
         outcome = RenderOutcome()
         try:
             template = self._compile()

@@ -108,7 +108,7 @@ class TemplateState:
     # over 200 services would otherwise render ~200 times before its first write).
     awaiting: set[Any] = field(default_factory=set)
     # Queries of ``used`` with a new answer (or a refusal) since the last render: a Go-syntax
-    # renderer reads only these again (the jinja renderer runs the whole template anyway).
+    # renderer reads only these again (a jinja template runs whole anyway).
     changed: set[Any] = field(default_factory=set)
     last_written: bytes | None = None  # what the file held after our last write or check
     swept: bool = False  # a dead writer's temporary files next to the destination removed
@@ -332,10 +332,7 @@ class Renderer:
         state.dirty = False
         state.first_change = None
         changed, state.changed = state.changed, set()
-        if isinstance(state.renderer, GoTemplateRenderer):
-            outcome = state.renderer.render(self._snapshot, changed=changed)
-        else:
-            outcome = state.renderer.render(self._snapshot)
+        outcome = state.renderer.render(self._snapshot, changed=changed)
         state.renders += 1
         self.metrics.renders.labels(state.spec.name).inc()
         self._track(state, outcome)
