@@ -4,6 +4,7 @@ positions, env policy and timeouts."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -82,6 +83,33 @@ def test_discovery_across_passes_within_one_render(helper: GoHelper) -> None:
         GoHealthServiceSpec("web"),
         GoHealthServiceSpec("db"),
     }
+
+
+def test_service_calls_record_what_consul_templates_own_do(helper: GoHelper) -> None:
+    """The helper keeps each ``service`` argument parsed: the same argument twice is one
+    dependency, another filter another, an empty name none, and a bad argument fails with
+    consul-template's own message, in every render, not only the first."""
+    web_ids = '{{ range service "web" }}{{ .ID }}{{ end }}'
+    text = web_ids * 2 + '{{ service "web|any" }}{{ service "" }}{{ range services }}{{ end }}'
+    render = partial(helper.render, "t1", text=text, err_missing_key=False, callback=no_calls)
+    web, every = "health.service(web|passing)", "health.service(web|any)"
+    reply = render(data=[])
+    assert sorted(reply["used"]) == sorted(reply["missing"]) == ["catalog.services", every, web]
+    assert reply["output"] == "[][]"
+    # web's answer is in: no longer missing in the next render (each render starts afresh).
+    reply = render(data=[(web, json.dumps([entry("n1", "w1", 80)]))])
+    assert sorted(reply["used"]) == ["catalog.services", every, web]
+    assert sorted(reply["missing"]) == ["catalog.services", every]
+    assert reply["output"] == "w1w1[][]"
+    for _ in range(2):
+        bad = helper.render(
+            "t2",
+            text='{{ service "web" }}{{ service "a b" }}',
+            err_missing_key=False,
+            data=[],
+            callback=no_calls,
+        )
+        assert 'health.service: invalid format: "a b"' in bad["error"]
 
 
 def test_an_unanswered_query_makes_the_render_wait(helper: GoHelper) -> None:

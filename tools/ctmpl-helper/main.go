@@ -123,6 +123,7 @@ type helper struct {
 	texts     map[string]string
 	last      map[string]lists
 	funcs     map[string]any
+	services  *serviceCalls
 }
 
 // A render of a big template allocates about as much as the whole data it ranges over (200
@@ -141,6 +142,7 @@ func main() {
 		templates: map[string]*ctemplate.Template{},
 		texts:     map[string]string{},
 		last:      map[string]lists{},
+		services:  newServiceCalls(),
 	}
 	h.funcs = h.extensions()
 	for {
@@ -227,11 +229,14 @@ func (h *helper) handle(req *request) reply {
 		}
 		h.templates[req.ID] = tmpl
 	}
+	h.services.start()
 	result, err := tmpl.Execute(&ctemplate.ExecuteInput{Brain: h.brain})
 	if err != nil {
 		return reply{Error: err.Error()}
 	}
-	return h.rendered(req.ID, validUTF8(result.Output), names(result.Used), names(result.Missing))
+	used := names(result.Used, h.services.used)
+	missing := names(result.Missing, h.services.missing)
+	return h.rendered(req.ID, validUTF8(result.Output), used, missing)
 }
 
 // rendered is the reply for an output; the lists only where they changed for this template.
@@ -268,11 +273,16 @@ func validUTF8(b []byte) []byte {
 	return out
 }
 
-func names(set *dependency.Set) []string {
-	list := set.List()
-	out := make([]string, 0, len(list))
-	for _, d := range list {
+// names lists the dependencies of consul-template's set and then those of `service` calls.
+func names(set, services *dependency.Set) []string {
+	out := make([]string, 0, set.Len()+services.Len())
+	for _, d := range set.List() {
 		out = append(out, d.String())
+	}
+	for _, d := range services.List() {
+		if set.Get(d.String()) == nil {
+			out = append(out, d.String())
+		}
 	}
 	return out
 }
@@ -296,7 +306,8 @@ func (h *helper) ask(call, arg string, def *string) (string, error) {
 
 func (h *helper) extensions() map[string]any {
 	funcs := map[string]any{
-		"env": func(name string) (string, error) { return h.ask("env", name, nil) },
+		"service": h.services.call(h),
+		"env":     func(name string) (string, error) { return h.ask("env", name, nil) },
 		"envOrDefault": func(name, def string) (string, error) {
 			return h.ask("env", name, &def)
 		},
