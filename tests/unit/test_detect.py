@@ -52,6 +52,13 @@ class Seen:
         return self.snapshots[name][-1].value
 
 
+async def instances_seen(seen: Seen, name: str, count: int) -> None:
+    """Wait until ``name``'s last answer holds ``count`` instances, then for every task the
+    change set off."""
+    await eventually(lambda: len(seen.last(name)) == count, what=f"{count} of {name}")
+    await quiet()
+
+
 @pytest.fixture
 async def watched() -> AsyncIterator[tuple[FakeConsul, WatchEngine, Seen]]:
     fake = FakeConsul()
@@ -75,6 +82,14 @@ def refetched(engine: WatchEngine, before: dict[str, int]) -> set[str]:
         for w in engine.watches
         if isinstance(w.spec, HealthServiceSpec) and w.queries > before[w.spec.name]
     }
+
+
+async def refetched_when_seen(
+    engine: WatchEngine, seen: Seen, before: dict[str, int], name: str, count: int
+) -> set[str]:
+    """The services re-fetched since ``before``, once ``name`` shows ``count`` instances."""
+    await instances_seen(seen, name, count)
+    return refetched(engine, before)
 
 
 def queries(engine: WatchEngine) -> dict[str, int]:
@@ -116,14 +131,10 @@ async def test_an_instance_with_a_check_added_and_removed_is_attributed(
     fake, engine, seen = watched
     before = queries(engine)
     added = fake.add_service("s5", port=2000, node="n1")
-    await eventually(lambda: len(seen.last("s5")) == 2)
-    await quiet()
-    assert refetched(engine, before) == {"s5"}
+    assert await refetched_when_seen(engine, seen, before, "s5", 2) == {"s5"}
     before = queries(engine)
     fake.remove_service(added)
-    await eventually(lambda: len(seen.last("s5")) == 1)
-    await quiet()
-    assert refetched(engine, before) == {"s5"}
+    assert await refetched_when_seen(engine, seen, before, "s5", 1) == {"s5"}
     assert engine.detectors.sweeps == 0
 
 
@@ -232,8 +243,7 @@ async def test_writes_of_other_tables_in_between_cause_no_sweep(
     for number in range(5):
         await fake.kv_put(f"noise/{number}", b"x")
     fake.add_service("s5", port=2000, node="n1")
-    await eventually(lambda: len(seen.last("s5")) == 2)
-    await quiet()
+    await instances_seen(seen, "s5", 2)
     assert engine.detectors.sweeps == 0
 
 
@@ -309,17 +319,13 @@ async def test_a_check_less_instance_added_and_removed_is_attributed_without_a_s
     # No check: the checks table does not move, the catalog's index does, and its body
     # (names and tags) stays the same. /v1/internal/ui/services shows s5's new instance.
     await fake.register_service({"ID": "s5-extra", "Name": "s5", "Port": 2000})
-    await eventually(lambda: len(seen.last("s5")) == 2)
-    await quiet()
-    assert refetched(engine, before) == {"s5"}
+    assert await refetched_when_seen(engine, seen, before, "s5", 2) == {"s5"}
     # The checks table's index said no check was written: they were not read again.
     assert fake.calls["health_state_index"] == 1
     assert full_health_reads(fake) == full_reads
     before = queries(engine)
     await fake.deregister_service("s5-extra")  # moves the checks table, changes no check
-    await eventually(lambda: len(seen.last("s5")) == 1)
-    await quiet()
-    assert refetched(engine, before) == {"s5"}
+    assert await refetched_when_seen(engine, seen, before, "s5", 1) == {"s5"}
     assert engine.detectors.sweeps == 0
 
 
@@ -333,8 +339,7 @@ async def test_a_check_less_change_is_proven_by_the_watched_querys_own_refetch(
             await fake.register_service({"ID": f"s{number}-x", "Name": f"s{number}", "Port": 9})
         else:
             await fake.deregister_service(f"s{number}-x")
-        await eventually(lambda: len(seen.last(f"s{number}")) == instances)  # noqa: B023
-        await quiet()
+        await instances_seen(seen, f"s{number}", instances)
         # s5's index, which explains the catalog's move, is that of s5's re-fetch: the
         # service is not asked a second time for it.
         assert fake.calls["health_service"] == asked + 1
@@ -477,8 +482,7 @@ async def test_a_check_less_change_right_after_another_is_not_held_back_by_pacin
         await eventually(lambda: fake.blocking_calls["catalog_services"] == 1, timeout=10.0)
         for extra in range(3):
             await fake.register_service({"ID": f"s5-{extra}", "Name": "s5", "Port": 2000 + extra})
-            await eventually(lambda: len(seen.last("s5")) == 2 + extra)  # noqa: B023
-            await quiet()
+            await instances_seen(seen, "s5", 2 + extra)
             # Asked again at once, not `quiet_interval` after the last one.
             assert fake.blocking_calls["catalog_services"] == 2 + extra
         assert engine.detectors.sweeps == 0
